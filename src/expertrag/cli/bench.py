@@ -1,0 +1,72 @@
+"""`expertrag bench ...`: benchmarks that compare against a reference in one run and report ratios.
+
+Each benchmark lives in `expertrag.bench.<name>` as `run(...) -> dict`; with --json the dict is printed
+as the last line.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from expertrag.cli.app import app
+
+bench_app = typer.Typer(help="Benchmarks (ratios against reference implementations).", no_args_is_help=True)
+app.add_typer(bench_app, name="bench")
+
+
+def _emit(result: dict, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(result))
+    else:
+        from rich.console import Console
+        from rich.table import Table
+
+        table = Table(show_header=True, header_style="bold")
+        table.add_column("metric")
+        table.add_column("value", justify="right")
+        for key, value in result.items():
+            if isinstance(value, float):
+                value = f"{value:.4g}"
+            table.add_row(key, str(value))
+        Console().print(table)
+
+
+@bench_app.command("retrieval")
+def bench_retrieval(
+    data: Optional[Path] = typer.Option(None, help="shared data folder (corpora/, questions/); default: the packaged wiki corpus"),
+    limit: int = typer.Option(3000, help="passages to index for the build measurements"),
+    queries: int = typer.Option(200, help="search queries timed per mode"),
+    as_json: bool = typer.Option(False, "--json", help="print the result as JSON on the last line"),
+) -> None:
+    """Search latency of our retrievers vs calling bm25s/faiss directly; build throughput; peak RSS."""
+    from expertrag.bench.retrieval import run
+
+    _emit(run(data=data, limit=limit, num_queries=queries, progress=not as_json), as_json)
+
+
+@bench_app.command("moe")
+def bench_moe(
+    tokens: int = typer.Option(2048, help="tokens per forward+backward"),
+    repeats: int = typer.Option(10, help="timed repetitions"),
+    as_json: bool = typer.Option(False, "--json", help="print the result as JSON on the last line"),
+) -> None:
+    """Forward+backward throughput of our MoE layer vs transformers' Mixtral sparse MoE block."""
+    from expertrag.bench.moe import run
+
+    _emit(run(tokens=tokens, repeats=repeats), as_json)
+
+
+@bench_app.command("generate")
+def bench_generate(
+    max_new_tokens: int = typer.Option(32, help="tokens generated per prompt"),
+    prompts: int = typer.Option(4, help="number of prompts"),
+    as_json: bool = typer.Option(False, "--json", help="print the result as JSON on the last line"),
+) -> None:
+    """Generation tokens/s of our model vs transformers' generate on SmolLM2, greedy."""
+    from expertrag.bench.generate import run
+
+    _emit(run(max_new_tokens=max_new_tokens, num_prompts=prompts), as_json)

@@ -1,0 +1,41 @@
+"""Types that cross the seam between the MoE layer and the decoder model."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class PassageMemory:
+    """Retrieved passages, encoded, for the retrieval expert to read.
+
+    states: [B, P, H] passage token states (same hidden size as the decoder);
+    mask:   [B, P] bool, True where a real passage token is (False = padding / no passage).
+    A sequence whose mask is all False has no passages: the retrieval expert is masked out for it.
+    """
+
+    states: torch.Tensor
+    mask: torch.Tensor
+
+
+@dataclass
+class MoEAux:
+    """Side outputs of one MoE layer's forward pass.
+
+    router_logits:      [N, E_total] fp32 router logits for the N = B*T tokens; when the layer has a
+                        retrieval expert its logit is the LAST column (computed even when masked).
+    aux_loss, z_loss:   scalar tensors (unscaled by their coefficients).
+    tokens_per_expert:  [E_total] how many token-slots each expert received.
+    retrieval_affinity: [B, T] softmax probability of the retrieval slot over all slots (unmasked), or
+                        None when the layer has no retrieval expert. The gate reads it over question tokens.
+    dropped_tokens:     token-slots dropped by capacity (0 when dropless).
+    """
+
+    router_logits: torch.Tensor
+    aux_loss: torch.Tensor
+    z_loss: torch.Tensor
+    tokens_per_expert: torch.Tensor
+    retrieval_affinity: torch.Tensor | None = None
+    dropped_tokens: int = 0
