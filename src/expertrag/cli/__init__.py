@@ -17,7 +17,7 @@ from expertrag.errors import ExpertRAGError  # noqa: E402
 def main() -> None:
     """Console entry point: user errors become one clear line on stderr and exit code 2."""
     try:
-        app(standalone_mode=False)
+        code = app(standalone_mode=False)  # non-standalone click returns typer.Exit's code
     except ExpertRAGError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
@@ -35,6 +35,7 @@ def main() -> None:
         if isinstance(e, click.exceptions.Abort):
             sys.exit(1)
         raise
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 __all__ = ["app", "main"]

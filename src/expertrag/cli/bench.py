@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -37,7 +36,7 @@ def _emit(result: dict, as_json: bool) -> None:
 
 @bench_app.command("retrieval")
 def bench_retrieval(
-    data: Optional[Path] = typer.Option(None, help="shared data folder (corpora/, questions/); default: the packaged wiki corpus"),
+    data: Path | None = typer.Option(None, help="shared data folder (corpora/, questions/); default: the packaged wiki corpus"),
     limit: int = typer.Option(3000, help="passages to index for the build measurements"),
     queries: int = typer.Option(200, help="search queries timed per mode"),
     as_json: bool = typer.Option(False, "--json", help="print the result as JSON on the last line"),

@@ -1,0 +1,3 @@
+from expertrag.cli import main
+
+main()

