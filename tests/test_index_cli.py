@@ -167,3 +167,20 @@ def test_killed_build_leaves_previous_index_usable_and_rerun_completes(built, tm
     assert final.search("Auroras were rewritten", 1, "bm25")[0].contents.startswith("Auroras were rewritten")
     leftovers = [p.name for p in copy.iterdir() if p.name.endswith(".tmp")]
     assert leftovers == []
+
+
+def test_recall_command(built):
+    tmp, out, _ = built
+    qfile = write_jsonl(tmp / "rq.jsonl", [
+        {"id": "a", "question": "what pulls the tides?", "golden_answers": ["the Moon"]},
+        {"id": "b", "question": "icy body passing the sun", "golden_answers": ["gas"]},
+        {"id": "c", "question": "no gold here"},
+    ])
+    proc = run_cli("recall", "--index", str(out), "--dataset", str(qfile), "--k", "1,3", "--modes", "bm25,hybrid",
+                   "--json")
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["questions"] == 2 and result["skipped_without_answers"] == 1
+    assert result["modes"]["hybrid"]["recall@3"] == 1.0
+    assert 0.0 <= result["modes"]["bm25"]["recall@1"] <= result["modes"]["bm25"]["recall@3"]
+    bad = run_cli("recall", "--index", str(out), "--dataset", str(qfile), "--modes", "fuzzy", check=False)
+    assert bad.returncode == 2 and "unknown mode" in bad.stderr
