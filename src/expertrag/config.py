@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from expertrag.data.config import ChunkingConfig
 from expertrag.errors import ConfigError
+from expertrag.gate.config import GateConfig
 from expertrag.model.config import ModelConfig
 from expertrag.moe.config import MoEConfig
 from expertrag.retrieval.config import RetrievalConfig
@@ -24,6 +25,7 @@ class ExpertRAGConfig(BaseModel):
     retrieval: RetrievalConfig = Field(default_factory=RetrievalConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     moe: MoEConfig = Field(default_factory=MoEConfig)
+    gate: GateConfig = Field(default_factory=GateConfig)
 
     @classmethod
     def load(cls, path: str | Path | None) -> ExpertRAGConfig:

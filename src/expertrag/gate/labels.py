@@ -1,0 +1,173 @@
+"""Gate training labels: did this question need retrieval?
+
+Derived from the two branches' correctness (closed-book vs open-book answer):
+| closed_correct | open_correct | label       |
+| true           | any          | no_retrieve |  the model knew it: retrieval can only cost
+| false          | true         | retrieve    |  only the retrieved evidence made it right
+| false          | false        | both_wrong  |  neither branch helps (see `target`)
+
+Or from question metadata (existing annotations):
+- `needs_retrieval: true|false` (RetrievalQA) -> retrieve | no_retrieve (takes precedence);
+- `judgement` (SKR): `ir_better` -> retrieve, `ir_worse` -> no_retrieve, `same` -> no_retrieve: retrieval
+  did not change the outcome, so skipping it loses nothing and saves its cost.
+
+Label files are JSONL, one record a line:
+`{id, question, label, closed_correct, open_correct, closed_answer, open_answer, metadata}`
+(correctness/answers may be null for metadata-derived labels).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from expertrag.data.readers import _json_type, iter_jsonl_objects
+from expertrag.errors import InputError
+
+LABELS: tuple[str, ...] = ("retrieve", "no_retrieve", "both_wrong")
+JUDGEMENTS: dict[str, str] = {"ir_better": "retrieve", "ir_worse": "no_retrieve", "same": "no_retrieve"}
+BothWrongAs = Literal["retrieve", "no_retrieve", "drop"]
+
+
+def derive_label(closed_correct: bool, open_correct: bool) -> str:
+    if closed_correct:
+        return "no_retrieve"
+    return "retrieve" if open_correct else "both_wrong"
+
+
+def label_from_metadata(metadata: Mapping[str, Any], *, path: str | os.PathLike[str] | None = None,
+                        line: int | None = None) -> str | None:
+    """The label an annotated question carries (see the module doc), or None when it has none."""
+    nr = metadata.get("needs_retrieval")
+    if nr is not None:
+        if not isinstance(nr, bool):
+            raise InputError(f"must be true or false, got {_json_type(nr)}", path=path, line=line,
+                             field="metadata.needs_retrieval")
+        return "retrieve" if nr else "no_retrieve"
+    j = metadata.get("judgement")
+    if j is not None:
+        if not isinstance(j, str) or j.strip() not in JUDGEMENTS:
+            raise InputError(f"must be one of {', '.join(JUDGEMENTS)}, got {j!r}", path=path, line=line,
+                             field="metadata.judgement")
+        return JUDGEMENTS[j.strip()]
+    return None
+
+
+def target(label: str, both_wrong_as: BothWrongAs = "no_retrieve") -> int | None:
+    """Binary training target: 1 = retrieval needed, 0 = not, None = leave the question out."""
+    if label == "retrieve":
+        return 1
+    if label == "no_retrieve":
+        return 0
+    if label != "both_wrong":
+        raise ValueError(f"unknown label {label!r}; expected one of {', '.join(LABELS)}")
+    if both_wrong_as == "drop":
+        return None
+    if both_wrong_as not in ("retrieve", "no_retrieve"):
+        raise ValueError(f"both_wrong_as must be retrieve, no_retrieve or drop, got {both_wrong_as!r}")
+    return 1 if both_wrong_as == "retrieve" else 0
+
+
+def branch_rewards(label: str) -> tuple[float, float]:
+    """(closed_correct, open_correct) stand-ins for a label without measured correctness, used by the
+    end-to-end objectives: retrieve -> (0, 1), no_retrieve -> (1, 0), both_wrong -> (0, 0)."""
+    return {"retrieve": (0.0, 1.0), "no_retrieve": (1.0, 0.0), "both_wrong": (0.0, 0.0)}[label]
+
+
+@dataclass
+class LabelRecord:
+    id: str
+    question: str
+    label: str
+    closed_correct: bool | None = None
+    open_correct: bool | None = None
+    closed_answer: str | None = None
+    open_answer: str | None = None
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def records_from_metadata(questions: Iterable[Any]) -> list[LabelRecord]:
+    """Label records for the questions (expertrag.data.types.Question) whose metadata carries a label."""
+    out = []
+    for q in questions:
+        lab = label_from_metadata(q.metadata)
+        if lab is not None:
+            out.append(LabelRecord(id=q.id, question=q.question, label=lab, metadata=dict(q.metadata)))
+    return out
+
+
+def write_labels(path: str | os.PathLike[str], records: Iterable[LabelRecord]) -> int:
+    """Write records as JSONL (atomically: a temporary file renamed into place). Returns the count."""
+    import json
+
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_name(p.name + ".tmp")
+    n = 0
+    with open(tmp, "w", encoding="utf-8") as f:
+        for r in records:
+            f.write(json.dumps(r.to_dict(), ensure_ascii=False) + "\n")
+            n += 1
+    os.replace(tmp, p)
+    return n
+
+
+def _opt(obj: Mapping[str, Any], key: str, kind: type, p: Path, line: int) -> Any:
+    v = obj.get(key)
+    if v is not None and not isinstance(v, kind):
+        want = "true or false" if kind is bool else "a string"
+        raise InputError(f"must be {want} or null, got {_json_type(v)}", path=p, line=line, field=key)
+    return v
+
+
+def _record(obj: dict[str, Any], p: Path, line: int) -> LabelRecord:
+    rid = obj.get("id")
+    if isinstance(rid, int) and not isinstance(rid, bool):
+        rid = str(rid)
+    if not isinstance(rid, str) or not rid.strip():
+        raise InputError("missing or not a non-empty string", path=p, line=line, field="id")
+    question = obj.get("question")
+    if not isinstance(question, str):
+        raise InputError("missing or not a string", path=p, line=line, field="question")
+    label = obj.get("label")
+    if label not in LABELS:
+        raise InputError(f"must be one of {', '.join(LABELS)}, got {label!r}", path=p, line=line, field="label")
+    cc = _opt(obj, "closed_correct", bool, p, line)
+    oc = _opt(obj, "open_correct", bool, p, line)
+    if cc is not None and oc is not None and derive_label(cc, oc) != label:
+        raise InputError(f"label '{label}' contradicts closed_correct={cc}, open_correct={oc} "
+                         f"(expected '{derive_label(cc, oc)}')", path=p, line=line, field="label")
+    meta = obj.get("metadata")
+    if meta is None:
+        meta = {}
+    if not isinstance(meta, dict):
+        raise InputError(f"must be an object, got {_json_type(meta)}", path=p, line=line, field="metadata")
+    return LabelRecord(id=rid, question=question, label=label, closed_correct=cc, open_correct=oc,
+                       closed_answer=_opt(obj, "closed_answer", str, p, line),
+                       open_answer=_opt(obj, "open_answer", str, p, line), metadata=meta)
+
+
+def read_labels(path: str | os.PathLike[str]) -> list[LabelRecord]:
+    """All records of a label file; InputError naming file, line and field for the first bad one."""
+    p = Path(path)
+    if not p.is_file():
+        raise InputError("no such label file", path=p)
+
+    def fail(err: InputError) -> None:
+        raise err
+
+    out: list[LabelRecord] = []
+    seen: dict[str, int] = {}
+    for line, obj in iter_jsonl_objects(p, fail):
+        r = _record(obj, p, line)
+        if r.id in seen:
+            raise InputError(f"duplicate id '{r.id}' (first at line {seen[r.id]})", path=p, line=line, field="id")
+        seen[r.id] = line
+        out.append(r)
+    return out

@@ -1,0 +1,62 @@
+"""Types at the seam between the pipeline and the retrieval gate.
+
+The pipeline owns a `GateContext` per question: it computes features lazily and at most once, so a
+policy that needs only query-only features never pays for the closed-book probe.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol
+
+import numpy as np
+
+Stage = Literal["fixed", "fast", "probe", "metadata"]
+
+
+@dataclass
+class Probe:
+    """A short closed-book draft of the answer and what the model revealed while writing it.
+
+    logprobs/entropies: one per drafted token (entropy of the full next-token distribution, nats).
+    hidden: the prompt's last-token hidden state at the probe layer, or None.
+    retrieval_affinity: mean router probability of the retrieval expert over the question tokens (MoE
+    layers with a retrieval expert, averaged), or None for a model without one.
+    router_entropy: mean router entropy over the question tokens, or None for a dense model.
+    state: the generator's continuation state; a "no retrieval" answer continues from it.
+    """
+
+    text: str
+    token_ids: list[int]
+    logprobs: list[float]
+    entropies: list[float]
+    hidden: np.ndarray | None = None
+    retrieval_affinity: float | None = None
+    router_entropy: float | None = None
+    state: Any = None
+    ms: float = 0.0
+
+
+@dataclass
+class Decision:
+    retrieve: bool
+    score: float  # estimated probability that retrieval is needed (policy-specific scale for baselines)
+    stage: Stage
+    policy: str
+    features: dict[str, float] = field(default_factory=dict)
+
+
+class GateContext(Protocol):
+    """What a policy may ask about one question. Implementations cache every answer."""
+
+    question: str
+    metadata: dict[str, Any]
+
+    def query_features(self) -> dict[str, float]:
+        """Cheap, query-only features (no generation): see gate.features.query_features."""
+
+    def query_embedding(self) -> np.ndarray:
+        """The question's normalised sentence embedding."""
+
+    def probe(self) -> Probe:
+        """Run (once) the closed-book draft."""
