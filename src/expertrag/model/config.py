@@ -1,10 +1,27 @@
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class GenerationConfig(BaseModel):
+    """Default decoding settings; every call may override them."""
+
+    model_config = ConfigDict(extra="forbid")
+    max_new_tokens: int = Field(64, gt=0, description="tokens generated per call")
+    temperature: float = Field(0.0, ge=0.0, description="0 = greedy; >0 = sample from softmax(logits / T)")
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="nucleus sampling mass (1 = off)")
+    seed: int | None = Field(None, description="sampling seed; None = nondeterministic")
+    stop: list[str] = Field(default_factory=list, description="stop strings (generation ends before them)")
+    system_prompt: str | None = Field(None, description="system message for chat prompts; None = template default")
 
 
 class ModelConfig(BaseModel):
     """The decoder model and where its base weights come from. Owned by the model/ package."""
 
     model_config = ConfigDict(extra="forbid")
-    base: str = "smollm2-135m-instruct"
+    base: str = Field("smollm2-135m-instruct", description="base model name (see model.loading.BASES)")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="parameter/activation dtype")
+    device: str = Field("cpu", description="torch device for the model")
+    generation: GenerationConfig = Field(default_factory=GenerationConfig)

@@ -1,0 +1,86 @@
+"""`expertrag ask` and `expertrag label`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+
+from expertrag.cli.app import app
+from expertrag.config import ExpertRAGConfig
+
+
+def _print_answer(a) -> None:
+    decision = a.gate.get("decision")
+    print(f"Q: {a.question}")
+    print(f"A: {a.text}" + ("   (abstained)" if a.abstained else ""))
+    print(f"   decision: {decision} by {a.gate.get('policy')} (score {a.gate.get('score', 0):.3f}, "
+          f"stage {a.gate.get('stage')}); confidence {a.confidence:.2f}")
+    for c in a.citations:
+        print(f"   [{c.marker}] {c.title} ({c.id})")
+    if a.abstained and a.passages:
+        print("   best passages:")
+        for n, p in enumerate(a.passages[:3], 1):
+            print(f"   [{n}] {p['title']}: {p['contents'][:120]}...")
+    t = a.timings
+    print(f"   time: {t.total_ms:.0f} ms (gate {t.gate_ms:.0f}, probe {t.probe_ms:.0f}, retrieval "
+          f"{t.retrieval_ms:.0f}, generation {t.generation_ms:.0f}; cache {t.cache}); tokens "
+          f"{a.tokens['prompt']} in, {a.tokens['generated']} out")
+
+
+@app.command("ask")
+def ask_cmd(
+    question: str = typer.Argument(..., help="the question"),
+    index: Path = typer.Option(..., "--index", "-i", help="index directory (built by `expertrag index`)"),
+    policy: str | None = typer.Option(None, "--policy", "-p",
+                                      help="never | always | popularity | skr-knn | entropy | flare | adaptive | router"),
+    gate: Path | None = typer.Option(None, "--gate", help="gate artifacts folder (default: INDEX/gate)"),
+    group: list[str] | None = typer.Option(None, "--group", help="the asking user's access groups (repeatable)"),
+    config_path: Path | None = typer.Option(None, "--config", help="YAML config"),
+    as_json: bool = typer.Option(False, "--json", help="print the Answer as JSON"),
+) -> None:
+    """Answer a question: the gate decides whether to retrieve; the answer carries citations and timings."""
+    from expertrag.pipeline.answer import User
+    from expertrag.pipeline.build import load_pipeline
+
+    config = ExpertRAGConfig.load(config_path)
+    rag = load_pipeline(index, config, policy, gate)
+    user = User("cli", tuple(group)) if group else None
+    answer = rag.answer(question, user=user)
+    if as_json:
+        print(json.dumps(answer.to_dict(), ensure_ascii=False))
+    else:
+        _print_answer(answer)
+
+
+@app.command("label")
+def label_cmd(
+    dataset: Path = typer.Option(..., "--dataset", "-d", help="question file ({id, question, golden_answers})"),
+    index: Path = typer.Option(..., "--index", "-i", help="index for the open-book answers"),
+    out: Path = typer.Option(..., "--out", "-o", help="label file (JSONL); an existing one is resumed"),
+    limit: int | None = typer.Option(None, "--limit", help="first N questions only"),
+    from_metadata: bool = typer.Option(False, "--from-metadata",
+                                       help="take labels already in the data (metadata.judgement / needs_retrieval) "
+                                            "instead of running the model"),
+    batch_size: int = typer.Option(8, "--batch-size", help="questions generated together"),
+    config_path: Path | None = typer.Option(None, "--config", help="YAML config"),
+) -> None:
+    """Derive retrieval labels: retrieve / no_retrieve / both_wrong from closed- vs open-book correctness."""
+    from expertrag.data.questions import load_questions
+    from expertrag.gate.labels import records_from_metadata, write_labels
+
+    questions = load_questions(dataset)[:limit]
+    if from_metadata:
+        records = records_from_metadata(questions)
+        n = write_labels(out, records)
+        print(f"{n} labels taken from {dataset} metadata -> {out}")
+        return
+    from expertrag.pipeline.build import load_pipeline
+    from expertrag.pipeline.labeling import label_questions
+
+    config = ExpertRAGConfig.load(config_path)
+    rag = load_pipeline(index, config, "always")
+    counts = label_questions(rag, questions, out, batch_size=batch_size)
+    print(f"labelled {sum(counts.values())} questions -> {out}: " +
+          ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))

@@ -1,0 +1,58 @@
+"""What `ExpertRAG.answer` returns: the answer and everything needed to trust or audit it."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class User:
+    """Who asks: retrieval only returns public passages and passages of these access groups."""
+
+    name: str
+    groups: tuple[str, ...] = ()
+
+
+@dataclass
+class Citation:
+    id: str
+    title: str
+    marker: int  # the [n] the answer uses for it
+
+
+@dataclass
+class Timings:
+    gate_ms: float = 0.0  # policy decision, without the closed-book probe
+    probe_ms: float = 0.0  # closed-book draft; reused as the answer's start when not retrieving
+    retrieval_ms: float = 0.0
+    generation_ms: float = 0.0
+    total_ms: float = 0.0
+    cache: str = "miss"  # "answer" when served from the answer cache, "retrieval" when hits were cached
+
+
+@dataclass
+class Answer:
+    question: str
+    text: str
+    retrieved: bool
+    citations: list[Citation] = field(default_factory=list)
+    confidence: float = 0.0
+    abstained: bool = False
+    gate: dict[str, Any] = field(default_factory=dict)  # decision, score, stage, policy, features
+    timings: Timings = field(default_factory=Timings)
+    tokens: dict[str, int] = field(default_factory=lambda: {"prompt": 0, "generated": 0})
+    experts: dict[str, Any] = field(default_factory=dict)
+    passages: list[dict[str, Any]] = field(default_factory=list)  # what was retrieved (id, title, contents, score)
+    generated: str = ""  # the model's own words, before abstention replaced them
+    token_ids: list[int] = field(default_factory=list)  # the generated tokens (the draft's included)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Answer:
+        d = dict(d)
+        d["citations"] = [Citation(**c) for c in d.get("citations", [])]
+        d["timings"] = Timings(**d.get("timings", {}))
+        return cls(**d)

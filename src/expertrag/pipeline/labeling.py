@@ -1,0 +1,86 @@
+"""Deriving gate labels from the model itself: answer closed-book and open-book, compare with the gold.
+
+`retrieve` where only the open-book answer is right, `no_retrieve` where the closed-book one is (retrieval
+cannot help, and may hurt: SKR's ir_worse), `both_wrong` otherwise. Correctness is PopQA-style: a gold
+answer contained in the normalised prediction. Results are appended batch by batch and a rerun skips ids
+already labelled, so a long labelling run can be stopped and resumed.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from expertrag.data.types import Question
+from expertrag.eval.metrics import contains_answer
+from expertrag.gate.labels import LabelRecord, derive_label
+from expertrag.pipeline.prompts import closed_book_messages, open_book_messages
+from expertrag.pipeline.rag import ExpertRAG, PipelineGateContext
+
+
+def already_labelled(path: Path) -> set[str]:
+    if not path.exists():
+        return set()
+    done = set()
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            try:
+                done.add(json.loads(line)["id"])
+            except (json.JSONDecodeError, KeyError):
+                continue  # a torn last line from a killed run: that question is redone
+    return done
+
+
+def label_questions(rag: ExpertRAG, questions: Sequence[Question], out: Path, *, batch_size: int = 8,
+                    progress: bool | None = None) -> dict[str, int]:
+    """Label `questions` (those with gold answers) into the JSONL file `out`; returns label counts."""
+    done = already_labelled(out)
+    todo = [q for q in questions if q.golden_answers and q.id not in done]
+    cfg = rag.config
+    counts: dict[str, int] = {}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    bar = tqdm(total=len(todo), desc="label", unit="q", disable=None if progress is None else not progress)
+    with open(out, "a", encoding="utf-8") as f:
+        for i in range(0, len(todo), batch_size):
+            part = todo[i:i + batch_size]
+            hits = [PipelineGateContext(rag, q.question, dict(q.metadata), None).retrieve(cfg.k) for q in part]
+            closed = rag.generator.generate_batch([closed_book_messages(q.question) for q in part],
+                                                  max_new_tokens=cfg.max_new_tokens, stop=cfg.stop)
+            opened = rag.generator.generate_batch(
+                [open_book_messages(q.question, h, cfg.passage_max_chars) for q, h in zip(part, hits, strict=True)],
+                max_new_tokens=cfg.max_new_tokens, stop=cfg.stop)
+            for q, c, o in zip(part, closed, opened, strict=True):
+                closed_ok = bool(contains_answer(c.text, q.golden_answers))
+                open_ok = bool(contains_answer(o.text, q.golden_answers))
+                label = derive_label(closed_ok, open_ok)
+                counts[label] = counts.get(label, 0) + 1
+                record = LabelRecord(id=q.id, question=q.question, label=label, closed_correct=closed_ok,
+                                     open_correct=open_ok, closed_answer=c.text, open_answer=o.text,
+                                     metadata=dict(q.metadata))
+                f.write(json.dumps(record.to_dict(), ensure_ascii=False) + "\n")
+            f.flush()
+            bar.update(len(part))
+    bar.close()
+    return counts
+
+
+def gate_examples(rag: ExpertRAG, records: Sequence[LabelRecord], *, probe: bool = True,
+                  progress: bool | None = None) -> list:
+    """Features of each labelled question, computed exactly as at answer time (same context, same probe)."""
+    from expertrag.gate.features import probe_features
+    from expertrag.gate.train import GateExample
+
+    examples = []
+    for r in tqdm(records, desc="features", unit="q", disable=None if progress is None else not progress):
+        ctx = PipelineGateContext(rag, r.question, dict(r.metadata), None)
+        p = ctx.probe() if probe else None
+        examples.append(GateExample(
+            id=r.id, label=r.label, query_features=ctx.query_features(),
+            probe_features=probe_features(p) if p is not None else None,
+            query_embedding=ctx.query_embedding(), hidden=p.hidden if p is not None else None,
+            metadata=dict(r.metadata), closed_correct=r.closed_correct, open_correct=r.open_correct,
+        ))
+    return examples
