@@ -46,9 +46,10 @@ class GateConfig(BaseModel):
     calibration_fraction: float = Field(0.2, ge=0, lt=1, description="share of labelled questions held out for calibration")
     validation_fraction: float = Field(0.2, ge=0, lt=1, description="share held out for the reported metrics")
     both_wrong_as: Literal["retrieve", "no_retrieve", "drop"] = Field(
-        "no_retrieve",
-        description="training target for questions neither branch answers: retrieval does not change "
-                    "correctness there, so by default the cheaper branch")
+        "retrieve",
+        description="training target for questions neither branch answers. retrieve (default): the gate "
+                    "estimates whether the model already knows the answer, and it does not; no_retrieve: "
+                    "retrieval does not change correctness there, so take the cheaper branch; drop: leave out")
     seed: int = Field(0, description="seed for splits, initialisation and sampling (training is deterministic)")
 
     # --- end-to-end (gumbel / reinforce) training
