@@ -161,3 +161,26 @@ def test_every_policy_runs_through_the_pipeline_with_trained_artifacts(index, ge
         assert a.retrieved == (a.gate["decision"] == "retrieve") == bool(a.passages)
         if name == "adaptive":
             assert a.gate["stage"] in ("fast", "probe")
+
+
+def test_router_policy_and_expert_usage_with_the_upcycled_model(index, smollm2):
+    """The MoE model reports retrieval-expert affinity on the probe; the router policy decides on it and
+    the answer carries per-layer expert usage; fusion through the retrieval expert gets passage memory."""
+    import copy
+
+    from expertrag.gate.policies import RouterPolicy
+    from expertrag.model.generator import ExpertRAGGenerator
+    from expertrag.model.upcycle import DEMO_MOE, upcycle
+    from expertrag.pipeline.rag import has_retrieval_expert
+
+    model, tokenizer = smollm2
+    moe = upcycle(copy.deepcopy(model), DEMO_MOE)
+    gen = ExpertRAGGenerator(moe, tokenizer)
+    assert has_retrieval_expert(gen)
+    rag = rag_with(index, gen, RouterPolicy(threshold=0.0), fusion="both")
+    a = rag.answer("Who founded the Zorblatt Institute?")
+    assert a.retrieved and a.gate["stage"] == "probe" and 0.0 < a.gate["score"] < 1.0
+    assert a.experts["layers"] and a.experts["retrieval_expert_share"] is not None
+    assert len(next(iter(a.experts["layers"].values()))) == DEMO_MOE.num_experts + 1
+    never = rag_with(index, gen, RouterPolicy(threshold=1.0)).answer("Who founded the Zorblatt Institute?")
+    assert not never.retrieved and never.gate["score"] == pytest.approx(a.gate["score"])

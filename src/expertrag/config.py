@@ -15,6 +15,7 @@ from expertrag.data.config import ChunkingConfig
 from expertrag.errors import ConfigError
 from expertrag.gate.config import GateConfig
 from expertrag.model.config import ModelConfig
+from expertrag.model.train_lm import TrainConfig
 from expertrag.moe.config import MoEConfig
 from expertrag.pipeline.config import PipelineConfig
 from expertrag.retrieval.config import RetrievalConfig
@@ -28,6 +29,7 @@ class ExpertRAGConfig(BaseModel):
     moe: MoEConfig = Field(default_factory=MoEConfig)
     gate: GateConfig = Field(default_factory=GateConfig)
     pipeline: PipelineConfig = Field(default_factory=PipelineConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
 
     @classmethod
     def load(cls, path: str | Path | None) -> ExpertRAGConfig:

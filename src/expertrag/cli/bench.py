@@ -69,3 +69,17 @@ def bench_generate(
     from expertrag.bench.generate import run
 
     _emit(run(max_new_tokens=max_new_tokens, num_prompts=prompts), as_json)
+
+
+@bench_app.command("upcycled")
+def bench_upcycled(
+    max_new_tokens: int = typer.Option(32, help="tokens generated per prompt"),
+    prompts: int = typer.Option(4, help="number of prompts"),
+    rounds: int = typer.Option(2, help="timed rounds"),
+    checkpoint: Path | None = typer.Option(None, help="MoE checkpoint folder (default: freshly upcycled)"),
+    as_json: bool = typer.Option(False, "--json", help="print the result as JSON on the last line"),
+) -> None:
+    """Memory and generation tokens/s of the upcycled MoE configuration vs the dense model."""
+    from expertrag.bench.upcycled import run
+
+    _emit(run(max_new_tokens=max_new_tokens, num_prompts=prompts, rounds=rounds, checkpoint=checkpoint), as_json)

@@ -51,31 +51,13 @@ def train_lm_cmd(
 
 
 def load_config(path: Path | None) -> tuple[ExpertRAGConfig, TrainConfig]:
-    """The config and its `train` section. Until ExpertRAGConfig has a `train` field, that section is
-    split off the YAML and validated here."""
-    import yaml
-    from pydantic import ValidationError
-
-    from expertrag.errors import ConfigError
+    """The config and its `train` section."""
     from expertrag.model.train_lm import TrainConfig
 
     if path is None:
         return ExpertRAGConfig(), TrainConfig()
-    if "train" in ExpertRAGConfig.model_fields:
-        config = ExpertRAGConfig.load(path)
-        return config, config.train  # type: ignore[attr-defined]
-    try:
-        raw = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
-    except (OSError, yaml.YAMLError, UnicodeDecodeError):
-        return ExpertRAGConfig.load(path), TrainConfig()  # raises the usual ConfigError
-    if not isinstance(raw, dict) or "train" not in raw:
-        return ExpertRAGConfig.load(path), TrainConfig()
-    train_raw = raw.pop("train") or {}
-    try:
-        return ExpertRAGConfig.model_validate(raw), TrainConfig.model_validate(train_raw)
-    except ValidationError as e:
-        problems = "; ".join(f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in e.errors())
-        raise ConfigError(f"{path}: {problems}") from None
+    config = ExpertRAGConfig.load(path)
+    return config, config.train
 
 
 def _fmt(x: float | None, spec: str = ".4f") -> str:

@@ -350,7 +350,8 @@ class RouterPolicy(Policy):
         probe: Probe = ctx.probe()
         if probe.retrieval_affinity is None:
             raise ExpertRAGError("policy 'router' needs a model with a retrieval expert (the probe reported no "
-                                 "retrieval_affinity); pick another gate.policy")
+                                 "retrieval_affinity); set model.checkpoint to a checkpoint from `expertrag train lm`, "
+                                 "or pick another policy")
         a = float(probe.retrieval_affinity)
         return Decision(retrieve=a >= self.threshold, score=a, stage="probe", policy=self.name,
                         features=probe_features(probe))

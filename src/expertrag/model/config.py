@@ -24,4 +24,6 @@ class ModelConfig(BaseModel):
     base: str = Field("smollm2-135m-instruct", description="base model name (see model.loading.BASES)")
     dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="parameter/activation dtype")
     device: str = Field("cpu", description="torch device for the model")
+    checkpoint: str | None = Field(
+        None, description="MoE checkpoint folder from `expertrag train lm` (upcycled model); null = the dense base")
     generation: GenerationConfig = Field(default_factory=GenerationConfig)

@@ -20,6 +20,11 @@ def gate_dir(index_dir: str | Path) -> Path:
 def load_generator(config: ExpertRAGConfig) -> Any:
     from expertrag.model.generator import ExpertRAGGenerator
 
+    if config.model.checkpoint:
+        from expertrag.model.upcycle import load_moe_model
+
+        model, tokenizer = load_moe_model(config.model, None, config.model.checkpoint)
+        return ExpertRAGGenerator(model, tokenizer, config.model.generation)
     return ExpertRAGGenerator.from_config(config.model)
 
 

@@ -1,0 +1,283 @@
+"""`expertrag train lm`: overfitting, balance, exact resume, data rendering, CLI, error messages."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from expertrag.errors import ExpertRAGError, InputError
+from expertrag.model.checkpoint import read_checkpoint_config
+from expertrag.model.train_lm import (
+    Example,
+    TrainConfig,
+    TrainingData,
+    data_file_kind,
+    load_training_data,
+    micro_batch,
+    train,
+)
+from expertrag.model.upcycle import delta_parameters, upcycle
+from expertrag.moe import MoEConfig
+
+MOE = MoEConfig(num_experts=4, top_k=2, layers="all", expert_kind="lora", lora_rank=8, retrieval_expert=True,
+                retrieval_rank=8, retrieval_heads=2)
+
+
+def upcycled(tiny_llama, cfg: MoEConfig = MOE):
+    torch.manual_seed(0)
+    return upcycle(copy.deepcopy(tiny_llama), cfg)
+
+
+def synthetic(n_corpus: int, n_qa: int, seed: int = 1, length: int = 16) -> TrainingData:
+    g = torch.Generator().manual_seed(seed)
+    corpus = []
+    for _ in range(n_corpus):
+        ids = torch.randint(3, 128, (length,), generator=g).tolist()
+        corpus.append(Example(ids, list(ids), "corpus"))
+    qa = []
+    for i in range(n_qa):
+        prompt = torch.randint(3, 128, (10,), generator=g).tolist()
+        answer = torch.randint(3, 128, (3,), generator=g).tolist() + [1]
+        passages = torch.randint(3, 128, (12,), generator=g).tolist() if i % 2 else []
+        qa.append(Example(prompt + answer, [-100] * 10 + answer, "open" if passages else "closed", passages))
+    return TrainingData(corpus=corpus, qa=qa, files={})
+
+
+def cfg(**kw) -> TrainConfig:
+    base = dict(batch_size=2, warmup_steps=0, lr_schedule="constant", log_every=5, checkpoint_every=0)
+    return TrainConfig(**{**base, **kw})
+
+
+def test_overfits_a_tiny_batch(tiny_llama):
+    model = upcycled(tiny_llama)
+    s = train(model, synthetic(2, 0), MOE, cfg(steps=50, lr=1e-2), base_model="tiny", progress=False)
+    assert s["steps"] == 50
+    assert s["loss_end"] < s["loss_start"] / 10, (s["loss_start"], s["loss_end"])
+    assert s["tokens"] == 50 * 2 * 16
+    assert not any(p.requires_grad for p in model.parameters() if p.ndim and p is model.embed_tokens.weight)
+
+
+def test_aux_loss_keeps_experts_balanced(tiny_llama):
+    model = upcycled(tiny_llama)
+    s = train(model, synthetic(32, 16), MOE, cfg(steps=30, lr=3e-3, batch_size=4), base_model="tiny",
+              progress=False)
+    assert s["collapse_flags"] == []
+    assert s["balance"]["min_share_x_E"] > 0.25
+    for shares in s["token_share"].values():
+        assert len(shares) == 4 and abs(sum(shares) - 1) < 1e-6
+    r = s["retrieval"]
+    assert r["closed"]["fire_rate"] == 0.0 and r["corpus"]["fire_rate"] == 0.0  # no passages: masked
+    assert r["open"]["fire_rate"] == r["open"]["want_rate"] > 0.0
+    assert 0 < r["closed"]["want_rate"] < 1
+    assert s["aux_end"] > 0
+    assert set(s["ce_by_kind"]) == {"corpus", "closed", "open"} and s["balance_end"]["min_share_x_E"] > 0
+
+
+def test_only_chosen_groups_change(tiny_llama):
+    model = upcycled(tiny_llama)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    train(model, synthetic(4, 4), MOE, cfg(steps=3, lr=1e-2, trainable="routers"), base_model="tiny",
+          progress=False)
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert changed and all(".router." in n for n in changed)
+
+
+@pytest.mark.parametrize("save_dtype", ["float16", "float32"])
+def test_resume_is_exact(tiny_llama, tmp_path, save_dtype):
+    data = synthetic(8, 6)
+    moe = MOE.model_copy(update={"router_jitter": 0.1})  # uses the RNG: resuming must restore it
+    c = cfg(steps=6, lr=5e-3, grad_accum=2, warmup_steps=2, lr_schedule="cosine", save_dtype=save_dtype,
+            checkpoint_every=2)
+    whole = upcycled(tiny_llama, moe)
+    s_whole = train(whole, data, moe, c, base_model="tiny", out_dir=tmp_path / "a", progress=False)
+
+    first = upcycled(tiny_llama, moe)
+    train(first, data, moe, c, base_model="tiny", out_dir=tmp_path / "b", progress=False, stop_at=3)
+    assert read_checkpoint_config(tmp_path / "b")["step"] == 3
+    torch.manual_seed(999)  # a fresh model with other expert init and RNG state
+    second = upcycle(copy.deepcopy(tiny_llama), moe)
+    s_resumed = train(second, data, moe, c, base_model="tiny", out_dir=tmp_path / "b", resume=True,
+                      progress=False)
+    for (n, a), b in zip(delta_parameters(whole).items(), delta_parameters(second).values(), strict=True):
+        assert torch.equal(a, b), n
+    assert s_resumed["steps"] == s_whole["steps"] == 6
+    assert s_resumed["loss_start"] == s_whole["loss_start"] and s_resumed["loss_end"] == s_whole["loss_end"]
+    for key in ("token_share", "token_share_end", "retrieval", "retrieval_end", "ce_by_kind"):
+        assert s_resumed[key] == s_whole[key], key
+    assert (tmp_path / "b" / "train_summary.json").is_file()
+
+
+def test_resume_errors(tiny_llama, tmp_path):
+    with pytest.raises(ExpertRAGError, match="nothing to resume"):
+        train(upcycled(tiny_llama), synthetic(4, 0), MOE, cfg(steps=2), base_model="tiny", out_dir=tmp_path,
+              resume=True, progress=False)
+    train(upcycled(tiny_llama), synthetic(4, 0), MOE, cfg(steps=2), base_model="tiny", out_dir=tmp_path,
+          progress=False)
+    other = MOE.model_copy(update={"lora_rank": 4})
+    with pytest.raises(ExpertRAGError, match="does not match the checkpoint"):
+        train(upcycled(tiny_llama, other), synthetic(4, 0), other, cfg(steps=4), base_model="tiny",
+              out_dir=tmp_path, resume=True, progress=False)
+
+
+def test_micro_batches_are_deterministic_and_mixed():
+    data = synthetic(10, 6)
+    c = cfg(batch_size=4, qa_fraction=0.5)
+    a = [id(e) for m in range(8) for e in micro_batch(data, c, m)]
+    assert a == [id(e) for m in range(8) for e in micro_batch(data, c, m)]
+    kinds = [e.kind for e in micro_batch(data, c, 0)]
+    assert kinds.count("corpus") == 2
+    # every corpus example once per epoch
+    seen = [id(e) for m in range(5) for e in micro_batch(data, c, m) if e.kind == "corpus"]
+    assert len(set(seen)) == 10
+    assert TrainConfig(trainable="experts, routers").trainable == ["routers", "experts"]
+    with pytest.raises(ValueError):
+        TrainConfig(trainable="attention")
+    with pytest.raises(ValueError):
+        TrainConfig(bogus=1)
+
+
+# --------------------------------------------------------------------------------------- real data
+
+DOCS = [
+    {"id": "p1", "title": "Aurora", "contents": "An aurora is a natural light display in polar skies. " * 6},
+    {"id": "p2", "title": "Tide", "contents": "Tides are the rise and fall of sea levels caused by the Moon. " * 6},
+    {"id": "p3", "title": "Everest", "contents": "Mount Everest is Earth's highest mountain above sea level. " * 6},
+]
+QUESTIONS = [
+    {"id": "q1", "question": "What causes tides?", "golden_answers": ["the Moon"],
+     "metadata": {"context_ids": ["p2", "p1"]}},
+    {"id": "q2", "question": "What is the highest mountain?", "golden_answers": ["Mount Everest"],
+     "metadata": {"context_ids": ["missing"]}},
+    {"id": "q3", "question": "Unanswerable?", "golden_answers": []},
+]
+
+
+def write_jsonl(path: Path, rows) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def files(tmp_path):
+    return write_jsonl(tmp_path / "corpus.jsonl", DOCS), write_jsonl(tmp_path / "questions.jsonl", QUESTIONS)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(smollm2_dir):
+    from expertrag.model.loading import load_tokenizer
+
+    return load_tokenizer()
+
+
+@pytest.mark.slow
+def test_training_data_rendering(files, tokenizer):
+    corpus, questions = files
+    assert data_file_kind(corpus) == "corpus" and data_file_kind(questions) == "questions"
+    data = load_training_data([corpus, questions], tokenizer, TrainConfig(seq_len=64, passages_k=2,
+                                                                           passage_max_chars=80))
+    counts = data.counts()
+    assert counts["closed_book"] == 2 and counts["open_book"] == 1
+    assert counts["questions_without_answer"] == 1 and counts["questions_without_passages"] == 1
+    assert counts["corpus_blocks"] >= 3 and all(len(e.input_ids) <= 64 for e in data.corpus + data.qa)
+    assert all(e.labels == e.input_ids for e in data.corpus)
+    closed, open_ = data.qa[0], data.qa[1]
+    assert (closed.kind, open_.kind) == ("closed", "open") and closed.passage_ids == []
+    for ex, target in ((closed, "the Moon"), (open_, "the Moon [1]")):
+        supervised = [t for t in ex.labels if t != -100]
+        assert ex.input_ids[-len(supervised):] == supervised  # loss only on the answer at the end
+        assert tokenizer.decode(supervised) == target + tokenizer.eos_token
+    prompt = tokenizer.decode(open_.input_ids)
+    assert "[1] Tide:" in prompt and "Question: What causes tides?" in prompt
+    assert "<|im_start|>assistant\n" in prompt
+    assert 0 < len(open_.passage_ids) <= 512
+    assert tokenizer.decode(open_.passage_ids).startswith("Tide: Tides are")
+
+
+def test_data_errors(tmp_path):
+    with pytest.raises(InputError, match=f"{tmp_path / 'missing.jsonl'}: no such file"):
+        data_file_kind(tmp_path / "missing.jsonl")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("{not json\n")
+    with pytest.raises(InputError, match=f"{bad}:1: not a JSONL data file"):
+        data_file_kind(bad)
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    with pytest.raises(InputError, match="empty file"):
+        data_file_kind(empty)
+
+
+@pytest.mark.slow
+def test_data_errors_with_tokenizer(tmp_path, tokenizer):
+    q = write_jsonl(tmp_path / "q.jsonl", [{"question": "Why?", "golden_answers": []}])
+    with pytest.raises(InputError, match="no training examples"):
+        load_training_data([q], tokenizer, TrainConfig())
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text(json.dumps({"question": "ok?", "golden_answers": ["a"]}) + "\n" + "{oops\n")
+    with pytest.raises(InputError, match=f"{broken}:2: malformed JSON"):
+        load_training_data([broken], tokenizer, TrainConfig())
+
+
+def _invoke(*args: str):
+    from typer.testing import CliRunner
+
+    import expertrag.cli.train_lm  # noqa: F401  (registers `train lm`)
+    from expertrag.cli.app import app
+
+    return CliRunner().invoke(app, ["train", "lm", *args])
+
+
+def test_cli_config_errors(tmp_path):
+    from expertrag.cli.train_lm import load_config
+    from expertrag.errors import ConfigError
+
+    conf = tmp_path / "c.yaml"
+    conf.write_text("train:\n  seq_len: 64\n  trainable: routers\nmoe:\n  num_experts: 2\n  top_k: 1\n")
+    config, train_cfg = load_config(conf)
+    assert train_cfg.seq_len == 64 and train_cfg.trainable == ["routers"]
+    assert "moe" in config.model_fields_set and config.moe.num_experts == 2
+    conf.write_text("train:\n  seq_len: 64\n  nope: 1\n")
+    with pytest.raises(ConfigError, match=f"{conf}: train.nope"):
+        load_config(conf)
+    conf.write_text("model:\n  nope: 1\n")
+    with pytest.raises(ConfigError, match="model.nope"):
+        load_config(conf)
+    config, train_cfg = load_config(None)
+    assert "moe" not in config.model_fields_set and train_cfg == TrainConfig()
+
+
+def test_cli_missing_data_file(tmp_path):
+    res = _invoke("--data", str(tmp_path / "nope.jsonl"), "--out", str(tmp_path / "out"))
+    assert res.exit_code != 0
+    assert isinstance(res.exception, InputError) and "nope.jsonl: no such file" in str(res.exception)
+    res = _invoke("--data", str(tmp_path / "nope.jsonl"), "--out", str(tmp_path / "out"), "--resume")
+    assert res.exit_code != 0
+
+
+@pytest.mark.slow
+def test_cli_smoke_real_model(files, tmp_path, smollm2_dir):
+    from expertrag.model.checkpoint import checkpoint_size
+    from expertrag.model.upcycle import load_moe_model
+
+    corpus, questions = files
+    out = tmp_path / "run"
+    conf = tmp_path / "c.yaml"
+    conf.write_text("train:\n  seq_len: 96\n  batch_size: 2\n  passages_k: 1\n")
+    res = _invoke("--data", str(corpus), "--data", str(questions), "--steps", "2", "--out", str(out), "--json",
+                  "--config", str(conf))
+    assert res.exit_code == 0, (res.output, res.exception)
+    summary = json.loads(res.output.strip().splitlines()[-1])
+    assert summary["steps"] == 2 and summary["examples"]["open_book"] == 1
+    assert summary["train"]["seq_len"] == 96 and summary["moe"]["expert_kind"] == "lora"
+    assert summary["checkpoint_bytes"] == checkpoint_size(out) <= 20e6
+    meta = read_checkpoint_config(out)
+    assert meta["step"] == 2 and meta["dtype"] == "float16" and meta["layers"] == list(range(1, 30, 2))
+    model, _ = load_moe_model(None, None, out)
+    assert model.moe_layers == meta["layers"]
+    assert not any(p.requires_grad for p in model.parameters())
+    res = _invoke("--data", str(corpus), "--data", str(questions), "--steps", "2", "--out", str(out), "--resume",
+                  "--config", str(conf))
+    assert res.exit_code == 0 and "trained 2 steps" in res.output  # already done: nothing more to train
