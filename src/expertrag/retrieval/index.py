@@ -7,6 +7,7 @@ generation; readers never look at anything else, so a build in progress cannot d
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Sequence
 from functools import cached_property
 from pathlib import Path
@@ -20,10 +21,11 @@ from expertrag.retrieval.dense import DenseIndex
 from expertrag.retrieval.embedder import Embedder
 from expertrag.retrieval.fusion import reciprocal_rank_fusion
 from expertrag.retrieval.types import MODES, Filters, Hit
-from expertrag.store.docstore import DocStore
+from expertrag.store.docstore import DocStore, StoredPassage
 from expertrag.store.manifest import read_manifest, verify_files
 
 STORE_FILE = "store.sqlite"
+PASSAGE_CACHE = 4096  # passages kept in memory: they never change within a generation
 
 
 def bm25_dirname(gen: int) -> str:
@@ -52,6 +54,7 @@ class Index:
         if verify:
             self.store.check()
         self.generation = self.manifest.generation
+        self._passages: OrderedDict[int, StoredPassage] = OrderedDict()
 
     @property
     def version(self) -> str:
@@ -125,8 +128,7 @@ class Index:
         ]
 
     def hits(self, ranked: list[list[tuple[int, float]]], allowed: np.ndarray | None = None) -> list[list[Hit]]:
-        rowids = sorted({r for ranking in ranked for r, _ in ranking})
-        stored = self.store.get(rowids)
+        stored = self.passages({r for ranking in ranked for r, _ in ranking})
         allowed_set = set(allowed.tolist()) if allowed is not None else None
         out = []
         for ranking in ranked:
@@ -142,6 +144,24 @@ class Index:
                 hits.append(Hit(id=p.id, title=p.title, contents=p.contents, score=score, metadata=meta))
             out.append(hits)
         return out
+
+    def passages(self, rowids: set[int]) -> dict[int, StoredPassage]:
+        """Stored passages by rowid, from the in-memory LRU where possible."""
+        found, missing = {}, []
+        for r in rowids:
+            p = self._passages.get(r)
+            if p is None:
+                missing.append(r)
+            else:
+                self._passages.move_to_end(r)
+                found[r] = p
+        if missing:
+            fetched = self.store.get(sorted(missing))
+            found.update(fetched)
+            self._passages.update(fetched)
+            while len(self._passages) > PASSAGE_CACHE:
+                self._passages.popitem(last=False)
+        return found
 
     def close(self) -> None:
         self.store.close()
