@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from expertrag.data.config import ChunkingConfig
 from expertrag.errors import ConfigError
+from expertrag.eval.config import EvalConfig
 from expertrag.gate.config import GateConfig
 from expertrag.model.config import ModelConfig
 from expertrag.model.train_lm import TrainConfig
@@ -30,6 +31,7 @@ class ExpertRAGConfig(BaseModel):
     gate: GateConfig = Field(default_factory=GateConfig)
     pipeline: PipelineConfig = Field(default_factory=PipelineConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
 
     @classmethod
     def load(cls, path: str | Path | None) -> ExpertRAGConfig:
