@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/expertrag demo
+	$(VENV)/bin/expertrag demo --config configs/demo.yaml
 
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest -q

@@ -236,3 +236,20 @@ def test_adaptive_uses_embedding_and_hidden_when_the_specs_say_so():
         pol.decide(no_hidden)
     with pytest.raises(ExpertRAGError, match="query-only"):
         AdaptivePolicy(full, full, 0.2, 0.8)
+
+
+def test_adaptive_band_follows_the_fast_gate_threshold():
+    """With `band`, the probe band is centred on the fast gate's own tuned threshold, not [low, high]."""
+    import numpy as np
+
+    from expertrag.gate.features import FeatureSpec
+    from expertrag.gate.models import ThresholdGate
+    from expertrag.gate.policies import AdaptivePolicy
+
+    fast = ThresholdGate("q_words", threshold=0.0)
+    fast.spec = FeatureSpec.build(["q_words"])
+    full = ThresholdGate("q_words", threshold=0.0)
+    fast.decision_threshold = 0.9
+    policy = AdaptivePolicy(fast, full, low=0.2, high=0.8, band=0.05)
+    assert (policy.low, policy.high) == (pytest.approx(0.85), pytest.approx(0.95))
+    assert np.isclose(AdaptivePolicy(fast, full, low=0.2, high=0.8).high, 0.8)

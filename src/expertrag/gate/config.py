@@ -26,6 +26,10 @@ class GateConfig(BaseModel):
                     "chosen branch - retrieval_cost * retrieve, with a target-rate regulariser")
     low: float = Field(0.2, ge=0, le=1, description="fast-gate score below this: answer without retrieval")
     high: float = Field(0.8, ge=0, le=1, description="fast-gate score above this: retrieve; in between: probe")
+    band: float | None = Field(
+        None, ge=0, le=1,
+        description="when set, the fast stage's uncertain band is its own tuned threshold +- band instead of "
+                    "[low, high]: the band follows the operating point (e.g. fit_target_rate)")
     threshold: float | None = Field(
         None, ge=0, le=1,
         description="decision threshold of the full gate on its calibrated score; null = tuned on the "

@@ -393,12 +393,16 @@ class AdaptivePolicy(Policy):
 
     Stage "fast": the query-only gate scores the question; score < low -> no retrieval, score > high ->
     retrieve. Only scores in [low, high] pay for ctx.probe() (once); the full query+probe gate then
-    decides with its own threshold (stage "probe").
+    decides with its own threshold (stage "probe"). With `band` set, [low, high] is instead
+    [t - band, t + band] around the fast gate's own tuned threshold t, so the uncertain band follows the
+    operating point (e.g. a target retrieval rate) rather than fixed probabilities.
     """
 
     name = "adaptive"
 
-    def __init__(self, fast: GateModel, full: GateModel, low: float, high: float):
+    def __init__(self, fast: GateModel, full: GateModel, low: float, high: float, band: float | None = None):
+        if band is not None:
+            low, high = fast.decision_threshold - band, fast.decision_threshold + band
         if fast.spec.needs_probe:
             raise ExpertRAGError("the fast gate must use query-only features; its spec names probe features")
         if low > high:
@@ -422,4 +426,4 @@ class AdaptivePolicy(Policy):
     def from_config(cls, config, artifacts_dir):
         fast = load_gate(_artifact(artifacts_dir, "fast", cls.name))
         full = load_gate(_artifact(artifacts_dir, "full", cls.name))
-        return cls(fast, full, config.low, config.high)
+        return cls(fast, full, config.low, config.high, config.band)
