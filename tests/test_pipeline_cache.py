@@ -41,3 +41,15 @@ def test_open_book_prompt_numbers_and_cuts_passages():
     assert "[1] Tea:" in user and "[2] Moon: The Moon orbits Earth." in user
     assert user.index("[1]") < user.index("[2]") < user.index("Question: what is tea?")
     assert len(user.split("\n")[1]) < 100  # the long passage was cut at a word boundary
+
+
+def test_support_needs_the_answers_own_content_words():
+    from expertrag.pipeline.rag import supports
+
+    passage = "Brazil. Portuguese is the official and national language of Brazil."
+    q = "What is the official language of Brazil?"
+    assert supports(passage, "The official language of Brazil is Portuguese.", q)
+    assert not supports(passage, "The official language of Brazil is Spanish.", q)
+    assert not supports(passage, "The official language of Brazil.", q)  # nothing beyond the question
+    assert supports("Leonardo da Vinci painted the Mona Lisa.", "Leonardo da Vinci", "Who painted it?")
+    assert not supports("Leonardo da Vinci painted it.", "", "Who painted it?")

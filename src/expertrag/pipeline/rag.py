@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from expertrag.errors import InputError
-from expertrag.eval.metrics import contains_answer
+from expertrag.eval.metrics import contains_answer, normalize_answer
 from expertrag.gate.features import query_features
 from expertrag.gate.types import Decision, Probe
 from expertrag.pipeline.answer import Answer, Citation, Timings, User
@@ -230,7 +230,7 @@ class ExpertRAG:
         for n in dict.fromkeys(markers):  # in order of first use, once each
             if 1 <= n <= len(hits):  # only passages that were really retrieved
                 cited.append(Citation(id=hits[n - 1].id, title=hits[n - 1].title, marker=n))
-        supported = [i for i, h in enumerate(hits, 1) if clean and contains_answer(f"{h.title} {h.contents}", [clean])]
+        supported = [i for i, h in enumerate(hits, 1) if supports(f"{h.title} {h.contents}", clean, q)]
         if not cited and supported:  # no marker: cite the passages that contain the answer
             cited = [Citation(id=hits[i - 1].id, title=hits[i - 1].title, marker=i) for i in supported]
         confidence = math.exp(sum(logprobs) / len(logprobs)) if logprobs else 0.0
@@ -244,6 +244,26 @@ class ExpertRAG:
             experts=expert_usage(router), passages=[h.to_dict() for h in hits], generated=clean,
             token_ids=list(token_ids),
         )
+
+
+_STOPWORDS = frozenset(
+    "a an the is are was were be been of in on at to for from by with and or as it its this that which who whom "
+    "what when where why how i you he she they we his her their our not no yes also there here than then".split())
+
+
+def supports(passage: str, answer: str, question: str) -> bool:
+    """Does the passage back the answer? The answer's own content words (those not already in the question)
+    must occur in the passage: "The official language of Brazil is Portuguese." needs "portuguese"."""
+    if not answer:
+        return False
+    if contains_answer(passage, [answer]):
+        return True
+    asked = set(normalize_answer(question).split())
+    novel = {w for w in normalize_answer(answer).split() if w not in asked and w not in _STOPWORDS}
+    if not novel:
+        return False
+    present = set(normalize_answer(passage).split())
+    return len(novel & present) >= max(1, math.ceil(len(novel) * 2 / 3))
 
 
 def has_retrieval_expert(generator: Any) -> bool:
