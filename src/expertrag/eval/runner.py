@@ -43,7 +43,6 @@ package versions, sha256 of each dataset file, the seed and the machine.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -69,6 +68,7 @@ from expertrag.eval.metrics import (
     precision_recall_f1,
     token_f1,
 )
+from expertrag.fileio import sha256_file
 from expertrag.gate.labels import LabelRecord, target
 
 FORMAT = "expertrag-eval"
@@ -79,14 +79,6 @@ NO_RETRIEVAL, RETRIEVAL, BOTH_WRONG = "no_retrieval", "retrieval", "both_wrong"
 
 
 # ----------------------------------------------------------------------------------------- provenance
-
-
-def sha256_file(path: str | os.PathLike[str]) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def package_versions(names: Iterable[str] = PACKAGES) -> dict[str, str | None]:

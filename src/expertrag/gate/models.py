@@ -14,7 +14,6 @@ Files: `<name>.json` (format, version, kind, FeatureSpec, threshold, calibrator,
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -29,6 +28,7 @@ import numpy as np
 
 from expertrag.errors import ExpertRAGError
 from expertrag.eval.metrics import auroc
+from expertrag.fileio import sha256_file
 from expertrag.gate.features import FeatureError, FeatureSpec
 
 FORMAT = "expertrag-gate"
@@ -248,7 +248,7 @@ class GateModel(ABC):
             tmp = tpath.with_name(tpath.name + ".tmp")
             save_file({k: np.ascontiguousarray(v, dtype=np.float64) for k, v in tensors.items()}, str(tmp))
             os.replace(tmp, tpath)
-            doc["tensors"] = {"file": tpath.name, "sha256": _sha256(tpath)}
+            doc["tensors"] = {"file": tpath.name, "sha256": sha256_file(tpath)}
         write_json_atomic(path, doc)
         return path
 
@@ -547,14 +547,6 @@ def gate_from_torch(kind: Literal["logistic", "mlp"], net: Any, spec: FeatureSpe
 # ------------------------------------------------------------------------------------------------ file I/O
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def write_json_atomic(path: Path, doc: Any) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(doc, indent=1, allow_nan=False) + "\n", encoding="utf-8")
@@ -615,7 +607,7 @@ def load_gate(path: str | os.PathLike[str]) -> GateModel:
         tpath = path.parent / Path(tref["file"]).name
         if not tpath.is_file():
             raise GateArtifactError(f"{tpath}: weights of gate {path} not found")
-        if _sha256(tpath) != tref.get("sha256"):
+        if sha256_file(tpath) != tref.get("sha256"):
             raise GateArtifactError(f"{tpath}: checksum mismatch (corrupt or from another save of {path.name})")
         try:
             from safetensors.numpy import load_file

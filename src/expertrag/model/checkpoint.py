@@ -19,7 +19,6 @@ deleted afterwards. Every load problem is a `CheckpointError` naming the path.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import time
@@ -28,6 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from expertrag.errors import ExpertRAGError
+from expertrag.fileio import sha256_file
 from expertrag.moe.config import MoEConfig, moe_layer_indices
 
 if TYPE_CHECKING:
@@ -46,14 +46,6 @@ ARCH_FIELDS = ("num_experts", "top_k", "expert_kind", "lora_rank", "lora_alpha",
 
 class CheckpointError(ExpertRAGError):
     """A missing, corrupt or mismatched checkpoint (the message names the path)."""
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _arch(model: LlamaLM) -> dict[str, int]:
@@ -147,13 +139,13 @@ def save_checkpoint(
         "layers": layers,
         "dtype": dtype,
         "tensors_file": tensors_file,
-        "tensors_sha256": _sha256(folder / tensors_file),
+        "tensors_sha256": sha256_file(folder / tensors_file),
         "num_parameters": sum(p.numel() for p in params.values()),
         "parameters": {n: {"shape": list(p.shape), "part": param_part(n.split(".mlp.", 1)[1])}
                        for n, p in params.items()},
         "step": step,
         "training_state_file": state_file,
-        "training_state_sha256": _sha256(folder / state_file) if state_file else None,
+        "training_state_sha256": sha256_file(folder / state_file) if state_file else None,
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "extra": dict(extra or {}),
     }
@@ -241,7 +233,7 @@ def load_checkpoint_tensors(path: str | Path) -> tuple[dict[str, Any], dict[str,
     tpath = folder / meta["tensors_file"]
     if not tpath.is_file():
         raise CheckpointError(f"{tpath}: tensors file missing (named in {folder / CONFIG_FILE})")
-    if _sha256(tpath) != meta["tensors_sha256"]:
+    if sha256_file(tpath) != meta["tensors_sha256"]:
         raise CheckpointError(f"{tpath}: corrupt tensors file (sha256 differs from the one in {CONFIG_FILE})")
     try:
         tensors = load_file(str(tpath))
@@ -315,7 +307,7 @@ def load_training_state(path: str | Path) -> dict[str, Any]:
     spath = folder / name
     if not spath.is_file():
         raise CheckpointError(f"{spath}: training state file missing (named in {folder / CONFIG_FILE})")
-    if meta.get("training_state_sha256") and _sha256(spath) != meta["training_state_sha256"]:
+    if meta.get("training_state_sha256") and sha256_file(spath) != meta["training_state_sha256"]:
         raise CheckpointError(f"{spath}: corrupt training state (sha256 differs from the one in {CONFIG_FILE})")
     try:
         state = torch.load(spath, map_location="cpu", weights_only=True)
