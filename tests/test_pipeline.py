@@ -133,6 +133,11 @@ def test_answer_cache(index, generator):
     second = rag.answer("what is tea")  # normalised key
     assert first.timings.cache == "miss" and second.timings.cache == "answer"
     assert second.text == first.text and second.token_ids == first.token_ids
+    # retrieval cache: another policy misses the answer cache but reuses the hits
+    rag_always = rag_with(index, generator, "always", retrieval_cache_size=8, max_new_tokens=4)
+    a = rag_always.answer("What is tea?")
+    b = rag_always.answer("What is tea?")
+    assert a.timings.cache == "miss" and b.timings.cache == "retrieval" and b.passages == a.passages
 
 
 def test_every_policy_runs_through_the_pipeline_with_trained_artifacts(index, generator, tmp_path):

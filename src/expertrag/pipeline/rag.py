@@ -164,7 +164,9 @@ class ExpertRAG:
         hits: list[Hit] = []
         if decision.retrieve:
             t = time.perf_counter()
-            hits = self._retrieve(ctx, q, filters)
+            hits, cached = self._retrieve(ctx, q, filters)
+            if cached:
+                timings.cache = "retrieval"
             timings.retrieval_ms = (time.perf_counter() - t) * 1000 + ctx.retrieval_ms
             t = time.perf_counter()
             messages = (closed_book_messages(q) if self.config.fusion == "expert" and has_retrieval_expert(self.generator)
@@ -205,17 +207,18 @@ class ExpertRAG:
             self.answer_cache.put(key, answer.to_dict())
         return answer
 
-    def _retrieve(self, ctx: PipelineGateContext, q: str, filters: Filters | None) -> list[Hit]:
+    def _retrieve(self, ctx: PipelineGateContext, q: str, filters: Filters | None) -> tuple[list[Hit], bool]:
+        """The k hits for `q`, and whether they came from the retrieval cache."""
         key = cache_key(q, self.index.version, self.config.k, self.config.search_mode,
                         sorted(filters.groups) if filters else None)
         if self.retrieval_cache is not None:
             cached = self.retrieval_cache.get(key)
             if cached is not None:
-                return [Hit(**h) for h in cached]
+                return [Hit(**h) for h in cached], True
         hits = ctx.retrieve(self.config.k)
         if self.retrieval_cache is not None:
             self.retrieval_cache.put(key, [h.to_dict() for h in hits])
-        return hits
+        return hits, False
 
     def _passage_memory(self, hits: Sequence[Hit]):
         if self.config.fusion == "concat" or not hits or not has_retrieval_expert(self.generator):
