@@ -84,3 +84,45 @@ def label_cmd(
     counts = label_questions(rag, questions, out, batch_size=batch_size)
     print(f"labelled {sum(counts.values())} questions -> {out}: " +
           ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
+
+
+@app.command("split-labels")
+def split_labels_cmd(
+    labels: Path = typer.Option(..., "--labels", "-l", help="label file from `expertrag label`"),
+    out: Path = typer.Option(..., "--out", "-o", help="folder for fold<i>.jsonl (held out) and train<i>.jsonl"),
+    folds: int = typer.Option(2, "--folds", help="number of folds (cross-fitting: train on train<i>, test on fold<i>)"),
+    seed: int = typer.Option(0, "--seed", help="hash seed of the assignment"),
+    questions: Path | None = typer.Option(None, "--questions", "-q",
+                                          help="question file the labels came from: also write fold<i>.questions.jsonl "
+                                               "(the held-out questions, with gold answers, for `expertrag eval`)"),
+) -> None:
+    """Split labels into stratified folds, so gates are always evaluated on questions they never saw."""
+    from expertrag.errors import InputError
+    from expertrag.fileio import atomic_write_bytes
+    from expertrag.gate.labels import read_labels, split_folds, write_labels
+
+    if folds < 2:
+        raise InputError("--folds must be at least 2")
+    records = read_labels(labels)
+    parts = split_folds(records, folds, seed)
+    by_id = {}
+    if questions is not None:
+        from expertrag.data.questions import load_questions
+
+        by_id = {q.id: q for q in load_questions(questions)}
+        missing = [r.id for r in records if r.id not in by_id]
+        if missing:
+            raise InputError(f"{len(missing)} labelled ids are not in the question file (first: {missing[0]!r})",
+                             path=questions)
+    for i, part in enumerate(parts):
+        held = {r.id for r in part}
+        write_labels(out / f"fold{i}.jsonl", part)
+        write_labels(out / f"train{i}.jsonl", [r for r in records if r.id not in held])
+        if by_id:
+            rows = [{"id": q.id, "question": q.question, "golden_answers": q.golden_answers, "metadata": q.metadata}
+                    for q in (by_id[r.id] for r in part)]
+            atomic_write_bytes(out / f"fold{i}.questions.jsonl",
+                               "".join(json.dumps(x, ensure_ascii=False) + "\n" for x in rows).encode())
+        counts = {lab: sum(r.label == lab for r in part) for lab in sorted({r.label for r in records})}
+        print(f"fold{i}: {len(part)} held out ({', '.join(f'{k} {v}' for k, v in counts.items())}); "
+              f"train{i}: {len(records) - len(part)}")

@@ -16,7 +16,7 @@ import typer
 from expertrag.cli.app import app
 from expertrag.cli.bench import bench_app
 from expertrag.config import ExpertRAGConfig
-from expertrag.errors import InputError
+from expertrag.errors import ExpertRAGError, InputError
 
 
 def _settings(config: ExpertRAGConfig):
@@ -261,3 +261,59 @@ def bench_pipeline(
         for note in wl.notes:
             print(f"  {note}")
         _print_policies(result)
+
+
+@app.command("eval-gates")
+def eval_gates_cmd(
+    index: Path = typer.Option(..., "--index", "-i", help="index directory"),
+    labels: list[Path] = typer.Option(..., "--labels", "-l",
+                                      help="label file from `expertrag label` (repeatable); held-out questions"),
+    out: Path = typer.Option(..., "--out", "-o", help="output folder: gates.json, gates.md and figures"),
+    policies: str | None = typer.Option(None, "--policies", "-p",
+                                        help="comma-separated policies, or 'all' (default: eval.policies)"),
+    gate: Path | None = typer.Option(None, "--gate", help="gate artifacts folder (default: INDEX/gate)"),
+    limit: int | None = typer.Option(None, "--limit", help="first N labelled questions only"),
+    config_path: Path | None = typer.Option(None, "--config", help="YAML config"),
+    as_json: bool = typer.Option(False, "--json", help="print the summary as JSON on the last line"),
+) -> None:
+    """Gate quality without generating answers: each policy's decisions on labelled questions, accuracy read
+    off the labels, precision/recall/AUROC and the threshold sweep. Use labels the gate was not trained on."""
+    from expertrag.eval.gate_eval import evaluate_gates, write_gate_report
+    from expertrag.eval.runner import write_json
+    from expertrag.gate.policies import make_policy
+    from expertrag.pipeline.build import gate_dir, load_pipeline
+    from expertrag.pipeline.rag import PipelineGateContext
+
+    config = ExpertRAGConfig.load(config_path)
+    settings = _settings(config)
+    names = parse_policies(policies, settings.policies)
+    if limit is not None and limit <= 0:
+        raise InputError("--limit must be positive")
+    _check_index(index)
+    records = list(read_label_files(list(labels)).values())[:limit]
+    if not records:
+        raise InputError("the label files hold no records")
+    rag = load_pipeline(index, config, "never", generator=_generator(config))
+    artifacts = gate if gate is not None else gate_dir(index)
+    built: dict[str, Any] = {}
+    skipped: dict[str, str] = {}
+    for name in names:
+        try:
+            built[name] = make_policy(name, config.gate, artifacts)
+        except (ExpertRAGError, OSError, ValueError, KeyError) as e:
+            skipped[name] = f"{type(e).__name__}: {e}"
+    result = evaluate_gates(lambda r: PipelineGateContext(rag, r.question, dict(r.metadata), None), built, records,
+                            settings=settings, progress=None if not as_json else False,
+                            config=_provenance(config, index, gate, list(labels)))
+    result["skipped"] = skipped | result["skipped"]
+    json_path = write_json(result, out / "gates.json")
+    report_path = write_gate_report(result, out)
+    summary = {"n": result["n"], "baselines": result["baselines"], "skipped": result["skipped"],
+               "policies": {p: {k: r["overall"][k] for k in ("accuracy", "retrieval_rate", "stages")}
+                            | {k: (r["overall"]["gate_quality"] or {}).get(k) for k in ("precision", "recall", "f1", "auroc")}
+                            for p, r in result["results"].items()}}
+    if as_json:
+        print(json.dumps(summary | {"gates_json": str(json_path), "report": str(report_path)}, default=str))
+    else:
+        print(report_path.read_text(encoding="utf-8").split("## Figures")[0])
+        print(f"wrote {json_path} and {report_path}")

@@ -65,7 +65,7 @@ def _colors(names: Sequence[str]) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------- figures
 
 
-def plot_accuracy_vs_retrieval(result: Mapping[str, Any], path: Path) -> Path | None:
+def plot_accuracy_vs_retrieval(result: Mapping[str, Any], path: Path, point_label: str = "measured") -> Path | None:
     res = result.get("results") or {}
     pts = [(p, r["overall"]) for p, r in res.items()
            if r["overall"].get("accuracy") is not None and r["overall"].get("retrieval_rate") is not None]
@@ -84,7 +84,7 @@ def plot_accuracy_vs_retrieval(result: Mapping[str, Any], path: Path) -> Path | 
                     label=f"{p} sweep (labels, n={sw['n']})")
     for p, o in pts:
         ax.scatter([o["retrieval_rate"]], [o["accuracy"]], color=colors[p], s=60, zorder=3, edgecolor="black",
-                   label=f"{p} (measured)")
+                   label=f"{p} ({point_label})")
         ax.annotate(p, (o["retrieval_rate"], o["accuracy"]), textcoords="offset points", xytext=(5, 5), fontsize=8)
     ax.set_xlabel("retrieval rate")
     ax.set_ylabel("accuracy (gold answer contained)")

@@ -171,3 +171,22 @@ def read_labels(path: str | os.PathLike[str]) -> list[LabelRecord]:
         seen[r.id] = line
         out.append(r)
     return out
+
+
+def split_folds(records: Iterable[LabelRecord], folds: int, seed: int = 0) -> list[list[LabelRecord]]:
+    """Deterministic stratified folds: within each label, records are ordered by a seeded hash of their id
+    and dealt round-robin, so every fold gets its share of each label (the rare `no_retrieve` above all)
+    and a record's fold does not depend on file order. Fold i's complement is the training part for it."""
+    import hashlib
+
+    if folds < 2:
+        raise ValueError(f"need at least 2 folds, got {folds}")
+    out: list[list[LabelRecord]] = [[] for _ in range(folds)]
+    by_label: dict[str, list[LabelRecord]] = {}
+    for r in records:
+        by_label.setdefault(r.label, []).append(r)
+    for label in sorted(by_label):
+        ordered = sorted(by_label[label], key=lambda r: hashlib.sha256(f"{seed}:{r.id}".encode()).hexdigest())
+        for i, r in enumerate(ordered):
+            out[i % folds].append(r)
+    return out

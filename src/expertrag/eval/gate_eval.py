@@ -1,0 +1,187 @@
+"""Gate-only evaluation: every policy's decision on labelled questions, without generating answers.
+
+The end-to-end runner (`expertrag.eval.runner`) answers each question with each policy, which costs one or
+two generations per policy per question. Gate quality needs none of that: the labels already hold both
+branches' correctness (closed_correct / open_correct from `expertrag label`). So `evaluate_gates` builds one
+gate context per question (query features, rankings, and the closed-book probe when a policy asks for it:
+computed once and shared by all policies, as in one real answer) and asks each policy for its decision.
+
+Per policy it reports what `runner.summarize` reports about the gate: precision/recall/F1 of "retrieve"
+against the label's need, AUROC of the score, a reliability table, the retrieval rate, the share decided per
+stage, and the threshold sweep; plus `accuracy`, read off the labels at the policy's decisions (open_correct
+where it retrieves, closed_correct where not). That accuracy equals a real run's as long as the labels were
+made with the same model, prompts, k and greedy decoding; `runner`'s `operating_point` checks it on the
+questions answered end to end. No latency is reported here: the probe is shared between policies, so
+per-policy gate time would be wrong; latency comes from `expertrag eval` / `bench pipeline`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping, Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from expertrag.errors import ExpertRAGError, InputError
+from expertrag.eval.config import EvalConfig
+from expertrag.eval.runner import (
+    FORMAT,
+    VERSION,
+    _mean,
+    gate_quality,
+    json_safe,
+    machine_info,
+    package_versions,
+    threshold_sweep,
+)
+from expertrag.gate.labels import LabelRecord
+
+
+def _source(r: LabelRecord) -> str:
+    return str(r.metadata.get("source") or r.id.split("_")[0])
+
+
+def policy_summary(records: Sequence[Mapping[str, Any]], both_wrong_as: str = "retrieve", bins: int = 10,
+                   sweep_points: int = 101) -> dict[str, Any]:
+    """Label-read accuracy, retrieval rate, stage shares, gate quality and sweep of one policy's decisions."""
+    known = [r for r in records if r["label_accuracy"] is not None]
+    stages: dict[str, int] = {}
+    for r in records:
+        stages[str(r["stage"])] = stages.get(str(r["stage"]), 0) + 1
+    return {
+        "n": len(records), "n_known": len(known),
+        "accuracy": _mean([float(r["label_accuracy"]) for r in known]),
+        "retrieval_rate": _mean([float(r["retrieved"]) for r in records]),
+        "stages": {k: v / len(records) for k, v in sorted(stages.items())} if records else {},
+        "gate_quality": gate_quality(records, both_wrong_as, bins),
+        "sweep": threshold_sweep(records, sweep_points),
+    }
+
+
+def evaluate_gates(context: Callable[[LabelRecord], Any], policies: Mapping[str, Any],
+                   labels: Sequence[LabelRecord], *, settings: EvalConfig | None = None,
+                   progress: bool | None = None, config: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Decisions of each policy (name -> Policy) on each labelled question; `context(record)` returns the
+    question's GateContext. A policy that raises an ExpertRAGError (other than InputError) is skipped with
+    the reason; an InputError on one question is that question's error."""
+    settings = settings or EvalConfig()
+    started = time.perf_counter()
+    live = dict(policies)
+    skipped: dict[str, str] = {}
+    records: dict[str, list[dict[str, Any]]] = {p: [] for p in live}
+    errors: list[dict[str, str]] = []
+    for r in tqdm(labels, desc="gates", unit="q", disable=None if progress is None else not progress):
+        try:
+            ctx = context(r)
+        except InputError as e:
+            errors.append({"id": r.id, "error": str(e)})
+            continue
+        for name in list(live):
+            try:
+                d = live[name].decide(ctx)
+            except InputError as e:
+                errors.append({"id": r.id, "policy": name, "error": str(e)})
+                continue
+            except ExpertRAGError as e:
+                skipped[name] = f"{type(e).__name__}: {e}"
+                live.pop(name)
+                records.pop(name)
+                continue
+            known = r.closed_correct is not None and r.open_correct is not None
+            records[name].append({
+                "id": r.id, "source": _source(r), "policy": name, "retrieved": bool(d.retrieve),
+                "score": float(d.score), "stage": d.stage, "label": r.label,
+                "closed_correct": r.closed_correct, "open_correct": r.open_correct,
+                "label_accuracy": (r.open_correct if d.retrieve else r.closed_correct) if known else None,
+            })
+    kw = {"both_wrong_as": settings.both_wrong_as, "bins": settings.reliability_bins,
+          "sweep_points": settings.sweep_points}
+    results: dict[str, Any] = {}
+    for name, recs in records.items():
+        by_source: dict[str, list[dict[str, Any]]] = {}
+        for rec in recs:
+            by_source.setdefault(rec["source"], []).append(rec)
+        overall = policy_summary(recs, **kw)
+        results[name] = {
+            "overall": overall, "sweep": overall.pop("sweep"),
+            "sources": {s: {k: v for k, v in policy_summary(rs, **kw).items() if k != "sweep"}
+                        for s, rs in sorted(by_source.items())},
+        }
+    known = [r for r in labels if r.closed_correct is not None and r.open_correct is not None]
+    return json_safe({
+        "format": FORMAT + "-gates", "version": VERSION, "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "duration_s": time.perf_counter() - started, "n": len(labels),
+        "labels": {lab: sum(r.label == lab for r in labels) for lab in sorted({r.label for r in labels})},
+        "baselines": {
+            "never_accuracy": _mean([float(r.closed_correct) for r in known]),
+            "always_accuracy": _mean([float(r.open_correct) for r in known]),
+            "oracle_accuracy": _mean([float(r.closed_correct or r.open_correct) for r in known]),
+        },
+        "settings": settings.model_dump(mode="json"), "results": results, "skipped": skipped, "errors": errors,
+        "records": [rec for recs in records.values() for rec in recs],
+        "packages": package_versions(), "machine": machine_info(), "config": dict(config or {}),
+    })
+
+
+def render_gate_markdown(result: Mapping[str, Any], figures: Mapping[str, str]) -> str:
+    from expertrag.eval.report import _fmt, _table
+
+    res = result.get("results") or {}
+    b = result.get("baselines") or {}
+    lines = ["# ExpertRAG gate evaluation", "",
+             f"Created {result.get('created')}; {result.get('n')} labelled questions ("
+             + ", ".join(f"{k} {v}" for k, v in (result.get("labels") or {}).items())
+             + f") in {_fmt(result.get('duration_s'), 0)} s. No answers were generated: accuracy is read off the "
+             "labels at each policy's decisions (open-book correctness where it retrieves, closed-book where not).",
+             "", f"From the labels: never-retrieve {_fmt(b.get('never_accuracy'))}, always-retrieve "
+             f"{_fmt(b.get('always_accuracy'))}, oracle {_fmt(b.get('oracle_accuracy'))}.", ""]
+    for p, why in (result.get("skipped") or {}).items():
+        lines.append(f"- skipped **{p}**: {why}")
+    rows = []
+    for p, r in res.items():
+        o, g = r["overall"], r["overall"].get("gate_quality") or {}
+        rows.append([p, o["n"], _fmt(o["accuracy"]), _fmt(o["retrieval_rate"]), _fmt(g.get("precision")),
+                     _fmt(g.get("recall")), _fmt(g.get("f1")), _fmt(g.get("auroc")),
+                     ", ".join(f"{s} {v:.0%}" for s, v in o["stages"].items())])
+    lines += ["## Policies", ""]
+    lines += _table(["policy", "n", "acc (labels)", "retrieval", "precision", "recall", "F1", "AUROC", "stages"], rows)
+    sw_rows = []
+    for p, r in res.items():
+        sw = r.get("sweep")
+        if sw:
+            best = sw["best"]
+            sw_rows.append([p, sw["n"], f"t={_fmt(best['threshold'])}: {_fmt(best['retrieval_rate'])} → "
+                            f"{_fmt(best['accuracy'])}"])
+    if sw_rows:
+        lines += ["## Threshold sweep (best point; full curve in the JSON and the figure)", ""]
+        lines += _table(["policy", "n", "best: retrieval rate → accuracy"], sw_rows)
+    sources = sorted({s for r in res.values() for s in r["sources"]})
+    if sources:
+        lines += ["## By source (accuracy / retrieval rate)", ""]
+        lines += _table(["policy"] + sources, [[p] + [
+            f"{_fmt(r['sources'].get(s, {}).get('accuracy'))} / {_fmt(r['sources'].get(s, {}).get('retrieval_rate'))}"
+            for s in sources] for p, r in res.items()])
+    if figures:
+        lines += ["## Figures", ""] + [f"![{t}]({n})\n" for t, n in figures.items()]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def write_gate_report(result: Mapping[str, Any], out_dir: Any, name: str = "gates.md") -> Any:
+    """`out_dir/name` with the accuracy-vs-retrieval and reliability figures beside it."""
+    from pathlib import Path
+
+    from expertrag.eval.report import plot_accuracy_vs_retrieval, plot_reliability
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    figures: dict[str, str] = {}
+    if plot_accuracy_vs_retrieval(result, out / "gates_accuracy_vs_retrieval.png",
+                                  point_label="labels, at its threshold") is not None:
+        figures["Accuracy vs retrieval rate"] = "gates_accuracy_vs_retrieval.png"
+    if plot_reliability(result, out / "gates_reliability.png") is not None:
+        figures["Gate reliability"] = "gates_reliability.png"
+    path = out / name
+    path.write_text(render_gate_markdown(result, figures), encoding="utf-8")
+    return path

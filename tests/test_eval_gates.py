@@ -1,0 +1,152 @@
+"""Gate-only evaluation (`expertrag eval-gates`) and stratified label folds (`expertrag split-labels`)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import pytest
+
+from expertrag.errors import ExpertRAGError, InputError
+from expertrag.eval.gate_eval import evaluate_gates
+from expertrag.gate.labels import LabelRecord, read_labels, split_folds
+from expertrag.gate.policies import make_policy
+from expertrag.gate.types import Decision
+
+
+def labels(n_no: int = 4, n_ret: int = 6, n_bw: int = 10) -> list[LabelRecord]:
+    out = [LabelRecord(f"n{i}", f"known {i}", "no_retrieve", True, i % 2 == 0) for i in range(n_no)]
+    out += [LabelRecord(f"r{i}", f"unknown {i}", "retrieve", False, True) for i in range(n_ret)]
+    out += [LabelRecord(f"b{i}", f"hopeless {i}", "both_wrong", False, False) for i in range(n_bw)]
+    return out
+
+
+def test_split_folds_is_stratified_disjoint_and_order_free():
+    recs = labels(5, 7, 11)
+    folds = split_folds(recs, 2, seed=0)
+    ids = [[r.id for r in f] for f in folds]
+    assert sorted(ids[0] + ids[1]) == sorted(r.id for r in recs) and not set(ids[0]) & set(ids[1])
+    for lab, total in (("no_retrieve", 5), ("retrieve", 7), ("both_wrong", 11)):
+        counts = sorted(sum(r.label == lab for r in f) for f in folds)
+        assert counts == [total // 2, total - total // 2]
+    again = split_folds(list(reversed(recs)), 2, seed=0)
+    assert [sorted(r.id for r in f) for f in again] == [sorted(i) for i in ids]
+    other = split_folds(recs, 2, seed=1)
+    assert [sorted(r.id for r in f) for f in other] != [sorted(i) for i in ids]
+    assert sum(len(f) for f in split_folds(recs, 3)) == len(recs)
+    with pytest.raises(ValueError):
+        split_folds(recs, 1)
+
+
+@dataclass
+class Ctx:
+    question: str
+    metadata: dict
+
+
+class KnownWordGate:
+    """Scores 0.2 for questions with 'known' in them, else 0.9; retrieves at >= 0.5."""
+
+    def decide(self, ctx: Ctx) -> Decision:
+        s = 0.2 if "known" in ctx.question and "unknown" not in ctx.question else 0.9
+        return Decision(s >= 0.5, s, "fast", "known-word")
+
+
+class Broken:
+    def decide(self, ctx: Ctx) -> Decision:
+        raise ExpertRAGError("needs a model with a retrieval expert")
+
+
+def test_evaluate_gates_reads_accuracy_off_the_labels():
+    recs = labels(4, 6, 10) + [LabelRecord("m0", "unknown meta", "retrieve")]  # no branch correctness
+    policies = {"never": make_policy("never"), "always": make_policy("always"), "kw": KnownWordGate(),
+                "broken": Broken()}
+    res = evaluate_gates(lambda r: Ctx(r.question, dict(r.metadata)), policies, recs, progress=False)
+    json.dumps(res, allow_nan=False)
+    assert set(res["results"]) == {"never", "always", "kw"} and "retrieval expert" in res["skipped"]["broken"]
+    never, always, kw = (res["results"][p]["overall"] for p in ("never", "always", "kw"))
+    # 20 questions with both branches known: closed right 4, open right 2 (of the 4 known) + 6
+    assert never["n"] == 21 and never["n_known"] == 20
+    assert never["accuracy"] == pytest.approx(4 / 20) and always["accuracy"] == pytest.approx(8 / 20)
+    assert kw["accuracy"] == pytest.approx(10 / 20)  # closed on the 4 known, open on the 6 that need it
+    assert kw["retrieval_rate"] == pytest.approx(17 / 21) and kw["stages"] == {"fast": 1.0}
+    g = kw["gate_quality"]  # need = not closed_correct: the 17 others (m0 included)
+    assert (g["tp"], g["fp"], g["fn"], g["tn"]) == (17, 0, 0, 4) and g["auroc"] == 1.0
+    assert res["baselines"] == pytest.approx({"never_accuracy": 0.2, "always_accuracy": 0.4, "oracle_accuracy": 0.5})
+    assert res["results"]["kw"]["sweep"]["best"]["accuracy"] == pytest.approx(0.5)
+    assert res["results"]["never"]["sweep"] is None  # a constant score has no curve
+    assert res["results"]["kw"]["sources"]["n0"]["n"] == 1  # source falls back to the id's prefix
+    assert res["labels"] == {"both_wrong": 10, "no_retrieve": 4, "retrieve": 7}
+
+
+# ------------------------------------------------------------------------------------------ commands
+
+
+def run_cli(args: list[str]):
+    from typer.testing import CliRunner
+
+    import expertrag.cli.ask  # noqa: F401
+    import expertrag.cli.eval_cmd  # noqa: F401
+    from expertrag.cli.app import app
+
+    return CliRunner().invoke(app, args)
+
+
+def test_split_labels_command(tmp_path):
+    from expertrag.gate.labels import write_labels
+
+    src = tmp_path / "labels.jsonl"
+    write_labels(src, labels())
+    r = run_cli(["split-labels", "--labels", str(src), "--out", str(tmp_path / "folds"), "--folds", "2"])
+    assert r.exit_code == 0, r.output
+    f0, t0 = read_labels(tmp_path / "folds" / "fold0.jsonl"), read_labels(tmp_path / "folds" / "train0.jsonl")
+    f1 = read_labels(tmp_path / "folds" / "fold1.jsonl")
+    assert {r.id for r in t0} == {r.id for r in f1} and len(f0) + len(t0) == 20
+    qfile = tmp_path / "q.jsonl"
+    qfile.write_text("".join(json.dumps({"id": r.id, "question": r.question, "golden_answers": ["a"]}) + "\n"
+                             for r in labels()))
+    r = run_cli(["split-labels", "--labels", str(src), "--out", str(tmp_path / "fq"), "--questions", str(qfile)])
+    assert r.exit_code == 0, r.output
+    from expertrag.data.questions import load_questions
+
+    assert [q.id for q in load_questions(tmp_path / "fq" / "fold1.questions.jsonl")] == [r.id for r in f1]
+    qfile.write_text(json.dumps({"id": "other", "question": "?", "golden_answers": ["a"]}) + "\n")
+    r = run_cli(["split-labels", "--labels", str(src), "--out", str(tmp_path / "fx"), "--questions", str(qfile)])
+    assert isinstance(r.exception, InputError) and "not in the question file" in str(r.exception)
+    r = run_cli(["split-labels", "--labels", str(src), "--out", str(tmp_path / "x"), "--folds", "1"])
+    assert isinstance(r.exception, InputError) and "--folds" in str(r.exception)
+    r = run_cli(["eval-gates", "--index", str(tmp_path / "none"), "--labels", str(src), "--out", str(tmp_path / "o")])
+    assert isinstance(r.exception, InputError) and "index" in str(r.exception)
+
+
+@pytest.mark.slow
+def test_eval_gates_command_with_smollm2(tmp_path, monkeypatch, smollm2):
+    import expertrag.cli.eval_cmd as ec
+    from expertrag.data.types import Document
+    from expertrag.gate.labels import write_labels
+    from expertrag.model.generator import ExpertRAGGenerator
+    from expertrag.retrieval import build_index
+
+    monkeypatch.setattr(ec, "_generator", lambda config: ExpertRAGGenerator(*smollm2))
+    index = tmp_path / "index"
+    build_index(index, [Document("fr", "France", "Paris is the capital of France."),
+                        Document("moon", "Moon", "The Moon is Earth's only natural satellite.")], progress=False)
+    lab = tmp_path / "l.jsonl"
+    write_labels(lab, [LabelRecord("fr", "What is the capital of France?", "no_retrieve", True, True),
+                       LabelRecord("mo", "What is Earth's only natural satellite?", "retrieve", False, True),
+                       LabelRecord("zo", "Who founded the Zorblatt Institute?", "both_wrong", False, False)])
+    conf = tmp_path / "c.yaml"
+    conf.write_text("pipeline:\n  probe_tokens: 4\n")
+    out = tmp_path / "out"
+    r = run_cli(["eval-gates", "--index", str(index), "--labels", str(lab), "--out", str(out),
+                 "--policies", "never,always,flare,skr-knn", "--config", str(conf), "--json"])
+    assert r.exit_code == 0, r.output
+    s = json.loads(r.stdout.strip().splitlines()[-1])
+    assert set(s["policies"]) == {"never", "always", "flare"} and "skr-knn" in s["skipped"]
+    assert s["policies"]["never"]["accuracy"] == pytest.approx(1 / 3)
+    assert s["policies"]["always"]["accuracy"] == pytest.approx(2 / 3)
+    assert s["policies"]["flare"]["retrieval_rate"] in (0.0, 1 / 3, 2 / 3, 1.0)
+    doc = json.loads((out / "gates.json").read_text())
+    flare = [x for x in doc["records"] if x["policy"] == "flare"]
+    assert len(flare) == 3 and all(0.0 <= x["score"] <= 1.0 for x in flare)
+    assert (out / "gates.md").is_file()
