@@ -150,3 +150,40 @@ def test_eval_gates_command_with_smollm2(tmp_path, monkeypatch, smollm2):
     flare = [x for x in doc["records"] if x["policy"] == "flare"]
     assert len(flare) == 3 and all(0.0 <= x["score"] <= 1.0 for x in flare)
     assert (out / "gates.md").is_file()
+
+
+def test_merged_folds_equal_one_run_over_all_questions(tmp_path):
+    from expertrag.eval.gate_eval import merge_gate_results
+
+    recs = labels(4, 6, 10)
+    folds = split_folds(recs, 2)
+    pol = {"never": make_policy("never"), "kw": KnownWordGate()}
+
+    def ctx(r):
+        return Ctx(r.question, dict(r.metadata))
+
+    whole = evaluate_gates(ctx, pol, recs, progress=False)
+    parts = [evaluate_gates(ctx, pol, f, progress=False) for f in folds]
+    merged = merge_gate_results(parts)
+    assert merged["n"] == 20 and merged["merged_from"] == 2
+    assert merged["baselines"] == whole["baselines"] and merged["labels"] == whole["labels"]
+    for p in pol:
+        a, b = merged["results"][p]["overall"], whole["results"][p]["overall"]
+        assert a["accuracy"] == pytest.approx(b["accuracy"]) and a["gate_quality"] == b["gate_quality"]
+    with pytest.raises(ValueError, match="disjoint"):
+        merge_gate_results([parts[0], parts[0]])
+    # the command: both formats, and clear errors for anything else
+    for i, part in enumerate(parts):
+        (tmp_path / f"g{i}.json").write_text(json.dumps(part))
+    r = run_cli(["merge-results", str(tmp_path / "g0.json"), str(tmp_path / "g1.json"), "--out", str(tmp_path / "m"),
+                 "--json"])
+    assert r.exit_code == 0, r.output
+    s = json.loads(r.stdout.strip().splitlines()[-1])
+    assert s["n"] == 20 and s["policies"]["kw"]["accuracy"] == pytest.approx(0.5)
+    assert (tmp_path / "m" / "gates.md").is_file()
+    (tmp_path / "bad.json").write_text('{"format": "other"}')
+    r = run_cli(["merge-results", str(tmp_path / "bad.json"), "--out", str(tmp_path / "m2")])
+    assert isinstance(r.exception, InputError) and "bad.json" in str(r.exception)
+    (tmp_path / "broken.json").write_text('{"format": ')
+    r = run_cli(["merge-results", str(tmp_path / "broken.json"), "--out", str(tmp_path / "m2")])
+    assert isinstance(r.exception, InputError) and "not a JSON" in str(r.exception)

@@ -404,3 +404,25 @@ def test_evaluate_end_to_end_with_smollm2(index_dir, data_dir, smollm2):
     assert all(r["retrieved"] == (r["policy"] == "always") and r["generated_tokens"] <= 8 for r in recs)
     assert res["context_dilution"]["1"]["n"] == 3
     assert res["summary"]["policies"]["always"]["speedup_vs_always"] == pytest.approx(1.0)
+
+
+def test_merge_results_pools_disjoint_runs():
+    from expertrag.eval.runner import merge_results
+
+    qs = stub_questions(8)
+    pols = ["never", "always", "scored"]
+    whole = evaluate(stub_factory([]), qs, pols, labels=stub_labels(8), progress=False)
+    parts = [evaluate(stub_factory([]), part, pols, labels=stub_labels(8), progress=False)
+             for part in (qs[:3], qs[3:])]
+    merged = merge_results(parts)
+    json.dumps(merged, allow_nan=False)
+    for p in pols:
+        a, b = merged["results"][p]["overall"], whole["results"][p]["overall"]
+        for key in ("n", "accuracy", "retrieval_rate", "latency_ms_mean", "latency_ms_p95"):
+            assert a[key] == pytest.approx(b[key]), (p, key)
+        for key in ("tp", "fp", "fn", "tn", "auroc"):
+            assert a["gate_quality"][key] == pytest.approx(b["gate_quality"][key], nan_ok=True), (p, key)
+    assert merged["summary"]["policies"]["scored"]["speedup_vs_always"] == pytest.approx(
+        whole["summary"]["policies"]["scored"]["speedup_vs_always"])
+    with pytest.raises(ValueError, match="disjoint"):
+        merge_results([parts[1], parts[1]])

@@ -38,6 +38,8 @@ from expertrag.eval.runner import (
 )
 from expertrag.gate.labels import LabelRecord
 
+GATES_FORMAT = FORMAT + "-gates"
+
 
 def _source(r: LabelRecord) -> str:
     return str(r.metadata.get("source") or r.id.split("_")[0])
@@ -96,11 +98,23 @@ def evaluate_gates(context: Callable[[LabelRecord], Any], policies: Mapping[str,
                 "closed_correct": r.closed_correct, "open_correct": r.open_correct,
                 "label_accuracy": (r.open_correct if d.retrieve else r.closed_correct) if known else None,
             })
+    return json_safe({
+        "format": GATES_FORMAT, "version": VERSION, "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "duration_s": time.perf_counter() - started, "n": len(labels),
+        **gate_results(records, settings), "skipped": skipped, "errors": errors,
+        "records": [rec for recs in records.values() for rec in recs],
+        "packages": package_versions(), "machine": machine_info(), "config": dict(config or {}),
+    })
+
+
+def gate_results(records: Mapping[str, Sequence[Mapping[str, Any]]], settings: EvalConfig) -> dict[str, Any]:
+    """Label counts, never/always/oracle accuracy from the labels, and each policy's summary, overall and per
+    source (`policy_summary`), from per-policy decision records."""
     kw = {"both_wrong_as": settings.both_wrong_as, "bins": settings.reliability_bins,
           "sweep_points": settings.sweep_points}
     results: dict[str, Any] = {}
     for name, recs in records.items():
-        by_source: dict[str, list[dict[str, Any]]] = {}
+        by_source: dict[str, list[Mapping[str, Any]]] = {}
         for rec in recs:
             by_source.setdefault(rec["source"], []).append(rec)
         overall = policy_summary(recs, **kw)
@@ -109,19 +123,49 @@ def evaluate_gates(context: Callable[[LabelRecord], Any], policies: Mapping[str,
             "sources": {s: {k: v for k, v in policy_summary(rs, **kw).items() if k != "sweep"}
                         for s, rs in sorted(by_source.items())},
         }
-    known = [r for r in labels if r.closed_correct is not None and r.open_correct is not None]
-    return json_safe({
-        "format": FORMAT + "-gates", "version": VERSION, "created": datetime.now(UTC).isoformat(timespec="seconds"),
-        "duration_s": time.perf_counter() - started, "n": len(labels),
-        "labels": {lab: sum(r.label == lab for r in labels) for lab in sorted({r.label for r in labels})},
+    questions: dict[str, Mapping[str, Any]] = {}
+    for recs in records.values():
+        for rec in recs:
+            questions.setdefault(rec["id"], rec)
+    known = [r for r in questions.values() if r["closed_correct"] is not None and r["open_correct"] is not None]
+    return {
+        "labels": {lab: sum(r["label"] == lab for r in questions.values())
+                   for lab in sorted({r["label"] for r in questions.values()})},
         "baselines": {
-            "never_accuracy": _mean([float(r.closed_correct) for r in known]),
-            "always_accuracy": _mean([float(r.open_correct) for r in known]),
-            "oracle_accuracy": _mean([float(r.closed_correct or r.open_correct) for r in known]),
+            "never_accuracy": _mean([float(r["closed_correct"]) for r in known]),
+            "always_accuracy": _mean([float(r["open_correct"]) for r in known]),
+            "oracle_accuracy": _mean([float(r["closed_correct"] or r["open_correct"]) for r in known]),
         },
-        "settings": settings.model_dump(mode="json"), "results": results, "skipped": skipped, "errors": errors,
-        "records": [rec for recs in records.values() for rec in recs],
-        "packages": package_versions(), "machine": machine_info(), "config": dict(config or {}),
+        "settings": settings.model_dump(mode="json"), "results": results,
+    }
+
+
+def merge_gate_results(parts: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """One gate evaluation from several over disjoint labelled questions (cross-fitted folds, each with the
+    gate trained on the other folds): decision records pooled, every aggregate recomputed."""
+    if not parts:
+        raise ValueError("nothing to merge")
+    records: dict[str, list[Mapping[str, Any]]] = {}
+    skipped: dict[str, str] = {}
+    for part in parts:
+        skipped.update(part.get("skipped") or {})
+        for r in part.get("records") or []:
+            records.setdefault(r["policy"], []).append(r)
+    for p, recs in records.items():
+        ids = [str(r["id"]) for r in recs]
+        if len(ids) != len(set(ids)):
+            raise ValueError(f"policy {p!r} has a question in more than one part: the parts must be disjoint")
+    records = {p: rs for p, rs in records.items() if p not in skipped}
+    settings = EvalConfig.model_validate(parts[0].get("settings") or {})
+    n = len({str(r["id"]) for rs in records.values() for r in rs})
+    return json_safe({
+        "format": GATES_FORMAT, "version": VERSION, "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "merged_from": len(parts), "duration_s": sum(float(p.get("duration_s") or 0) for p in parts), "n": n,
+        **gate_results(records, settings), "skipped": skipped,
+        "errors": [e for part in parts for e in part.get("errors") or []],
+        "records": [r for rs in records.values() for r in rs],
+        "packages": parts[0].get("packages"), "machine": parts[0].get("machine"),
+        "config": {"parts": [part.get("config") for part in parts]},
     })
 
 

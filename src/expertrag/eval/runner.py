@@ -499,6 +499,40 @@ def evaluate(rag_factory: Callable[[str], Any],
                 bar.update(1)
     bar.close()
 
+    results, summary = aggregate(records, policies, settings, skipped)
+    agg = dict(both_wrong_as=settings.both_wrong_as, bins=settings.reliability_bins,
+               dominant_above=settings.collapse_dominant_above)
+    dilution = {}
+    for k, name in dilution_runs.items():
+        if name not in records:
+            continue
+        s = summarize(records[name], **agg)
+        dilution[str(k)] = {
+            "accuracy": s["accuracy"], "em": s["em"], "f1": s["f1"], "n": s["n"],
+            "latency_ms_mean": s["latency_ms_mean"], "mean_prompt_tokens": s["mean_prompt_tokens"],
+            "datasets": {ds: summarize(rs, **agg)["accuracy"] for ds, rs in _split(records[name], "dataset").items()},
+        }
+
+    out_records = [r for p in policies if p in records for r in records[p]]
+    return json_safe({
+        "format": FORMAT, "version": VERSION,
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "seed": seed, "limit": limit, "policies": policies, "k_sweep": ks,
+        "settings": settings.model_dump(mode="json"), "config": dict(config or {}),
+        "datasets": {ds: {"questions": len(given[ds]), "evaluated": len(qs),
+                          "labelled": sum(q.id in labels for q in qs),
+                          **({"path": str(files[ds]), "sha256": sha256_file(files[ds])}
+                             if files and ds in files else {})}
+                     for ds, qs in datasets.items()},
+        "packages": package_versions(), "machine": machine_info(),
+        "summary": summary, "results": results, "skipped": skipped, "context_dilution": dilution,
+        "records": out_records, "duration_s": time.perf_counter() - started,
+    })
+
+
+def aggregate(records: Mapping[str, Sequence[Mapping[str, Any]]], policies: Sequence[str], settings: EvalConfig,
+              skipped: Mapping[str, str]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Per-policy results (overall, per dataset, per group, sweep, speed-ups) and the summary, from records."""
     agg = dict(both_wrong_as=settings.both_wrong_as, bins=settings.reliability_bins,
                dominant_above=settings.collapse_dominant_above)
     results: dict[str, Any] = {}
@@ -517,18 +551,6 @@ def evaluate(rag_factory: Callable[[str], Any],
         res["speedup_vs_always"] = speedup(ref and ref["overall"], res["overall"])
         res["speedup_vs_always_no_retrieval"] = speedup(
             ref and ref["groups"].get(NO_RETRIEVAL), res["groups"].get(NO_RETRIEVAL))
-
-    dilution = {}
-    for k, name in dilution_runs.items():
-        if name not in records:
-            continue
-        s = summarize(records[name], **agg)
-        dilution[str(k)] = {
-            "accuracy": s["accuracy"], "em": s["em"], "f1": s["f1"], "n": s["n"],
-            "latency_ms_mean": s["latency_ms_mean"], "mean_prompt_tokens": s["mean_prompt_tokens"],
-            "datasets": {ds: summarize(rs, **agg)["accuracy"] for ds, rs in _split(records[name], "dataset").items()},
-        }
-
     ad = settings.adaptive_policy
     summary = {
         "policies": {p: {key: r["overall"][key] for key in (
@@ -540,18 +562,44 @@ def evaluate(rag_factory: Callable[[str], Any],
         "adaptive_policy": ad,
         "skipped": dict(skipped),
     }
-    out_records = [r for p in policies if p in records for r in records[p]]
+    return results, summary
+
+
+def merge_results(parts: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """One result from several `evaluate` results over disjoint questions (cross-fitted folds, each run with
+    its own gate): records are pooled and every aggregate recomputed from them. Expert utilisation is not
+    kept in the JSON records, so it is absent from the merge; context dilution is not merged."""
+    if not parts:
+        raise ValueError("nothing to merge")
+    policies = list(dict.fromkeys(p for part in parts for p in part.get("policies") or []))
+    skipped: dict[str, str] = {}
+    for part in parts:
+        skipped.update(part.get("skipped") or {})
+    records: dict[str, list[Mapping[str, Any]]] = {}
+    for part in parts:
+        for r in part.get("records") or []:
+            records.setdefault(r["policy"], []).append(r)
+    seen: dict[tuple[str, str], int] = {}
+    for p, recs in records.items():
+        for r in recs:
+            key = (p, str(r["id"]))
+            if key in seen:
+                raise ValueError(f"question {r['id']!r} is in more than one part: the parts must be disjoint")
+            seen[key] = 1
+    policies = [p for p in policies if p in records and p not in skipped]
+    settings = EvalConfig.model_validate(parts[0].get("settings") or {})
+    results, summary = aggregate(records, policies, settings, skipped)
+    first = parts[0]
     return json_safe({
-        "format": FORMAT, "version": VERSION,
-        "created": datetime.now(UTC).isoformat(timespec="seconds"),
-        "seed": seed, "limit": limit, "policies": policies, "k_sweep": ks,
-        "settings": settings.model_dump(mode="json"), "config": dict(config or {}),
-        "datasets": {ds: {"questions": len(given[ds]), "evaluated": len(qs),
-                          "labelled": sum(q.id in labels for q in qs),
-                          **({"path": str(files[ds]), "sha256": sha256_file(files[ds])}
-                             if files and ds in files else {})}
-                     for ds, qs in datasets.items()},
-        "packages": package_versions(), "machine": machine_info(),
-        "summary": summary, "results": results, "skipped": skipped, "context_dilution": dilution,
-        "records": out_records, "duration_s": time.perf_counter() - started,
+        "format": FORMAT, "version": VERSION, "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "merged_from": len(parts), "seed": first.get("seed"), "limit": first.get("limit"), "policies": policies,
+        "k_sweep": [], "settings": settings.model_dump(mode="json"),
+        "config": {"parts": [part.get("config") for part in parts]},
+        "datasets": {f"{ds}#{i}": d for i, part in enumerate(parts) for ds, d in (part.get("datasets") or {}).items()},
+        **({"workload": [part["workload"] for part in parts if part.get("workload")]}
+           if any(part.get("workload") for part in parts) else {}),
+        "packages": first.get("packages"), "machine": first.get("machine"),
+        "summary": summary, "results": results, "skipped": skipped, "context_dilution": {},
+        "records": [r for p in policies for r in records[p]],
+        "duration_s": sum(float(part.get("duration_s") or 0) for part in parts),
     })
