@@ -72,6 +72,8 @@ def test_evaluate_gates_reads_accuracy_off_the_labels():
     assert kw["retrieval_rate"] == pytest.approx(17 / 21) and kw["stages"] == {"fast": 1.0}
     g = kw["gate_quality"]  # need = not closed_correct: the 17 others (m0 included)
     assert (g["tp"], g["fp"], g["fn"], g["tn"]) == (17, 0, 0, 4) and g["auroc"] == 1.0
+    dec = kw["gate_quality_decisive"]  # retrieve vs no_retrieve only: 7 need it, 4 do not
+    assert (dec["n"], dec["positives"], dec["auroc"]) == (11, 7, 1.0)
     assert res["baselines"] == pytest.approx({"never_accuracy": 0.2, "always_accuracy": 0.4, "oracle_accuracy": 0.5})
     assert res["results"]["kw"]["sweep"]["best"]["accuracy"] == pytest.approx(0.5)
     assert res["results"]["never"]["sweep"] is None  # a constant score has no curve

@@ -58,6 +58,8 @@ def policy_summary(records: Sequence[Mapping[str, Any]], both_wrong_as: str = "r
         "retrieval_rate": _mean([float(r["retrieved"]) for r in records]),
         "stages": {k: v / len(records) for k, v in sorted(stages.items())} if records else {},
         "gate_quality": gate_quality(records, both_wrong_as, bins),
+        # only where the decision changes the outcome (retrieve vs no_retrieve; both_wrong left out)
+        "gate_quality_decisive": gate_quality(records, "drop", bins),
         "sweep": threshold_sweep(records, sweep_points),
     }
 
@@ -186,11 +188,17 @@ def render_gate_markdown(result: Mapping[str, Any], figures: Mapping[str, str]) 
     rows = []
     for p, r in res.items():
         o, g = r["overall"], r["overall"].get("gate_quality") or {}
+        d = r["overall"].get("gate_quality_decisive") or {}
         rows.append([p, o["n"], _fmt(o["accuracy"]), _fmt(o["retrieval_rate"]), _fmt(g.get("precision")),
                      _fmt(g.get("recall")), _fmt(g.get("f1")), _fmt(g.get("auroc")),
+                     f"{_fmt(d.get('auroc'))} (n={d.get('n', 0)})",
                      ", ".join(f"{s} {v:.0%}" for s, v in o["stages"].items())])
-    lines += ["## Policies", ""]
-    lines += _table(["policy", "n", "acc (labels)", "retrieval", "precision", "recall", "F1", "AUROC", "stages"], rows)
+    lines += ["## Policies", "", "Need = the label's target (both_wrong counted as "
+              f"{(result.get('settings') or {}).get('both_wrong_as', 'retrieve')}); precision/recall/F1 of deciding "
+              "to retrieve. AUROC decisive: the score's AUROC on the questions where the decision changes the "
+              "outcome (labels retrieve vs no_retrieve).", ""]
+    lines += _table(["policy", "n", "acc (labels)", "retrieval", "precision", "recall", "F1", "AUROC",
+                     "AUROC decisive", "stages"], rows)
     sw_rows = []
     for p, r in res.items():
         sw = r.get("sweep")

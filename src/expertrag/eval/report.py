@@ -82,6 +82,10 @@ def plot_accuracy_vs_retrieval(result: Mapping[str, Any], path: Path, point_labe
             order = np.argsort(xs, kind="stable")
             ax.plot(np.asarray(xs)[order], np.asarray(ys)[order], "-", color=colors[p], alpha=0.6, lw=1.2,
                     label=f"{p} sweep (labels, n={sw['n']})")
+    chord = next((r["sweep"] for r in res.values() if r.get("sweep")), None)
+    if chord:  # a gate that retrieves for a random share r of questions scores on this line on average
+        ax.plot([0, 1], [chord["never_accuracy"], chord["always_accuracy"]], "--", color="grey", lw=1,
+                label="random gate (expected)")
     for p, o in pts:
         ax.scatter([o["retrieval_rate"]], [o["accuracy"]], color=colors[p], s=60, zorder=3, edgecolor="black",
                    label=f"{p} ({point_label})")
