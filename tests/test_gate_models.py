@@ -186,3 +186,21 @@ def test_load_as_wrong_class(tmp_path):
     with pytest.raises(GateArtifactError, match="holds a 'threshold' gate, expected 'logistic'"):
         LogisticGate.load(tmp_path / "t.json")
     assert isinstance(ThresholdGate.load(tmp_path / "t.json"), ThresholdGate)
+
+
+def test_platt_never_inverts_the_ranking():
+    from expertrag.gate.models import Calibrator
+
+    rng = np.random.default_rng(2)
+    z = rng.normal(size=69)
+    y = (z < -1.0).astype(int)  # a small split that ranks against the model: best slope is negative
+    y[:3] = [1, 1, 1]
+    c = Calibrator.fit(z, y, "platt")
+    assert c.a == 1.0  # slope kept, only the base rate is fitted
+    p = c(z)
+    assert np.all(np.diff(p[np.argsort(z)]) > 0)  # strictly increasing in z
+    n_pos = int(y.sum())
+    t = np.where(y == 1, (n_pos + 1) / (n_pos + 2), 1 / (len(y) - n_pos + 2))
+    assert p.mean() == pytest.approx(t.mean(), abs=1e-6)  # the offset matches the smoothed base rate
+    same = Calibrator.fit(z, (z > 0).astype(int), "platt")  # a split agreeing with the model: fitted slope
+    assert same.a > 1.0

@@ -3,7 +3,9 @@
 Every model computes raw log-odds z(x); the uncalibrated score is sigmoid(z). `calibrate(X, y)` fits a map
 from z to a probability on held-out data:
 - "platt" (default): sigmoid(a*z + b) fitted by logistic regression with Platt's smoothed targets. It is
-  strictly monotone (for a > 0), so it never changes the ranking (AUROC) and works on small splits;
+  strictly monotone (a > 0), so it never changes the ranking (AUROC) and works on small splits; where the
+  split's best slope is <= 0 (it ranks against the model: seen with ~3 positives in 69 rows) the slope is
+  fixed at 1 and only the offset is fitted, rather than inverting the ranking learned on the training rows;
 - "isotonic": a monotone step-linear map (can merge nearby scores into ties; needs more data).
 Calibration keeps decisions: the decision threshold is mapped through the calibrator too. Use
 `tune_threshold` afterwards to choose a new one.
@@ -90,6 +92,21 @@ def best_threshold(values: Any, y: Any, target_rate: float | None = None) -> flo
 # ---------------------------------------------------------------------------------------------- calibration
 
 
+def _fit_offset(z: np.ndarray, t: np.ndarray, steps: int = 50) -> float:
+    """b minimising the log loss of sigmoid(z + b) against soft targets t (Newton's method; convex in b)."""
+    b = 0.0
+    for _ in range(steps):
+        p = sigmoid(z + b)
+        h = float(np.sum(p * (1 - p)))
+        if h < 1e-12:
+            break
+        step = float(np.sum(p - t)) / h
+        b -= float(np.clip(step, -5.0, 5.0))
+        if abs(step) < 1e-10:
+            break
+    return b
+
+
 @dataclass
 class Calibrator:
     """Maps raw log-odds to a calibrated probability (see the module doc)."""
@@ -115,7 +132,12 @@ class Calibrator:
             lab = np.concatenate([np.ones_like(yy), np.zeros_like(yy)])
             w = np.concatenate([t, 1 - t])
             lr = LogisticRegression(C=1e6, max_iter=1000).fit(xx, lab, sample_weight=w)
-            return cls("platt", a=float(lr.coef_[0, 0]), b=float(lr.intercept_[0]))
+            a, b = float(lr.coef_[0, 0]), float(lr.intercept_[0])
+            if a <= 0:
+                # The split ranks against the model (small splits with few positives do): a negative slope
+                # would invert the ranking learned on the training rows. Keep the ranking; fit the base rate.
+                a, b = 1.0, _fit_offset(z, t)
+            return cls("platt", a=a, b=b)
         if method == "isotonic":
             from sklearn.isotonic import IsotonicRegression
 
