@@ -426,3 +426,9 @@ def test_merge_results_pools_disjoint_runs():
         whole["summary"]["policies"]["scored"]["speedup_vs_always"])
     with pytest.raises(ValueError, match="disjoint"):
         merge_results([parts[1], parts[1]])
+    parts[0]["workload"] = {"size": 3, "requested": 4, "available": {"retrieve": 2}, "used": {"retrieve": 1}}
+    parts[1]["workload"] = {"size": 5, "requested": 6, "available": {"retrieve": 3}, "used": {"retrieve": 2},
+                            "notes": ["short"]}
+    wl = merge_results(parts)["workload"]
+    assert (wl["size"], wl["requested"], wl["available"], wl["used"]) == (8, 10, {"retrieve": 5}, {"retrieve": 3})
+    assert wl["notes"] == ["part 1: short"]

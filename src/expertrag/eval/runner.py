@@ -596,10 +596,23 @@ def merge_results(parts: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         "k_sweep": [], "settings": settings.model_dump(mode="json"),
         "config": {"parts": [part.get("config") for part in parts]},
         "datasets": {f"{ds}#{i}": d for i, part in enumerate(parts) for ds, d in (part.get("datasets") or {}).items()},
-        **({"workload": [part["workload"] for part in parts if part.get("workload")]}
+        **({"workload": _merge_workloads([part["workload"] for part in parts if part.get("workload")])}
            if any(part.get("workload") for part in parts) else {}),
         "packages": first.get("packages"), "machine": first.get("machine"),
         "summary": summary, "results": results, "skipped": skipped, "context_dilution": {},
         "records": [r for p in policies for r in records[p]],
         "duration_s": sum(float(part.get("duration_s") or 0) for part in parts),
     })
+
+
+def _merge_workloads(parts: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Sizes and per-kind counts added up; notes kept, each prefixed with its part."""
+    out: dict[str, Any] = {"size": 0, "requested": 0, "available": {}, "used": {}, "notes": []}
+    for i, w in enumerate(parts):
+        out["size"] += int(w.get("size") or 0)
+        out["requested"] += int(w.get("requested") or 0)
+        for key in ("available", "used"):
+            for k, v in (w.get(key) or {}).items():
+                out[key][k] = out[key].get(k, 0) + int(v)
+        out["notes"] += [f"part {i}: {n}" for n in w.get("notes") or []]
+    return out
