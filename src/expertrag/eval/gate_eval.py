@@ -34,6 +34,7 @@ from expertrag.eval.runner import (
     json_safe,
     machine_info,
     package_versions,
+    pool_records,
     threshold_sweep,
 )
 from expertrag.gate.labels import LabelRecord
@@ -145,18 +146,7 @@ def gate_results(records: Mapping[str, Sequence[Mapping[str, Any]]], settings: E
 def merge_gate_results(parts: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     """One gate evaluation from several over disjoint labelled questions (cross-fitted folds, each with the
     gate trained on the other folds): decision records pooled, every aggregate recomputed."""
-    if not parts:
-        raise ValueError("nothing to merge")
-    records: dict[str, list[Mapping[str, Any]]] = {}
-    skipped: dict[str, str] = {}
-    for part in parts:
-        skipped.update(part.get("skipped") or {})
-        for r in part.get("records") or []:
-            records.setdefault(r["policy"], []).append(r)
-    for p, recs in records.items():
-        ids = [str(r["id"]) for r in recs]
-        if len(ids) != len(set(ids)):
-            raise ValueError(f"policy {p!r} has a question in more than one part: the parts must be disjoint")
+    records, skipped = pool_records(parts)
     records = {p: rs for p, rs in records.items() if p not in skipped}
     settings = EvalConfig.model_validate(parts[0].get("settings") or {})
     n = len({str(r["id"]) for rs in records.values() for r in rs})

@@ -115,7 +115,7 @@ def retrieval_routing(rag: Any, questions: Sequence[Question], labels: Mapping[s
                       progress: bool | None = None) -> dict[str, Any]:
     """Closed- and open-book routing of the retrieval expert over `questions` (module doc). `rag` is an
     ExpertRAG whose generator is an MoE model with a retrieval expert; its config gives k and passage length."""
-    from expertrag.pipeline.rag import PipelineGateContext
+    from expertrag.pipeline.rag import PipelineGateContext, memory_text
 
     gen = rag.generator
     if not _moe_layers(gen.model):
@@ -125,7 +125,7 @@ def retrieval_routing(rag: Any, questions: Sequence[Question], labels: Mapping[s
         c = _prompt_routing(gen, closed_book_messages(q.question), {"question": q.question}, None)
         hits = PipelineGateContext(rag, q.question, {}, None).retrieve(rag.config.k)
         block = format_passages(hits, rag.config.passage_max_chars)
-        memory = gen.encode_passages([" ".join(f"{h.title}. {h.contents}" for h in hits)]) if hits else None
+        memory = gen.encode_passages([memory_text(hits)]) if hits else None
         o = _prompt_routing(gen, open_book_messages(q.question, hits, rag.config.passage_max_chars),
                             {"passages": block, "question": q.question}, memory)
         closed_rows.append(c)

@@ -565,27 +565,32 @@ def aggregate(records: Mapping[str, Sequence[Mapping[str, Any]]], policies: Sequ
     return results, summary
 
 
+def pool_records(parts: Sequence[Mapping[str, Any]]) -> tuple[dict[str, list[Mapping[str, Any]]], dict[str, str]]:
+    """Per-policy records of several results over disjoint questions, and every part's skipped policies.
+    ValueError when there is nothing to pool or a policy saw one question in two parts."""
+    if not parts:
+        raise ValueError("nothing to merge")
+    records: dict[str, list[Mapping[str, Any]]] = {}
+    skipped: dict[str, str] = {}
+    for part in parts:
+        skipped.update(part.get("skipped") or {})
+        for r in part.get("records") or []:
+            records.setdefault(r["policy"], []).append(r)
+    for recs in records.values():
+        seen: set[str] = set()
+        for r in recs:
+            if str(r["id"]) in seen:
+                raise ValueError(f"question {r['id']!r} is in more than one part: the parts must be disjoint")
+            seen.add(str(r["id"]))
+    return records, skipped
+
+
 def merge_results(parts: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     """One result from several `evaluate` results over disjoint questions (cross-fitted folds, each run with
     its own gate): records are pooled and every aggregate recomputed from them. Expert utilisation is not
     kept in the JSON records, so it is absent from the merge; context dilution is not merged."""
-    if not parts:
-        raise ValueError("nothing to merge")
+    records, skipped = pool_records(parts)
     policies = list(dict.fromkeys(p for part in parts for p in part.get("policies") or []))
-    skipped: dict[str, str] = {}
-    for part in parts:
-        skipped.update(part.get("skipped") or {})
-    records: dict[str, list[Mapping[str, Any]]] = {}
-    for part in parts:
-        for r in part.get("records") or []:
-            records.setdefault(r["policy"], []).append(r)
-    seen: dict[tuple[str, str], int] = {}
-    for p, recs in records.items():
-        for r in recs:
-            key = (p, str(r["id"]))
-            if key in seen:
-                raise ValueError(f"question {r['id']!r} is in more than one part: the parts must be disjoint")
-            seen[key] = 1
     policies = [p for p in policies if p in records and p not in skipped]
     settings = EvalConfig.model_validate(parts[0].get("settings") or {})
     results, summary = aggregate(records, policies, settings, skipped)

@@ -223,7 +223,7 @@ class ExpertRAG:
     def _passage_memory(self, hits: Sequence[Hit]):
         if self.config.fusion == "concat" or not hits or not has_retrieval_expert(self.generator):
             return None
-        return self.generator.encode_passages([" ".join(f"{h.title}. {h.contents}" for h in hits)])
+        return self.generator.encode_passages([memory_text(hits)])
 
     def _finish(self, q: str, text: str, token_ids: list[int], logprobs: list[float], hits: list[Hit],
                 decision: Decision, timings: Timings, router: Any, prompt_tokens: int) -> Answer:
@@ -267,6 +267,11 @@ def supports(passage: str, answer: str, question: str) -> bool:
         return False
     present = set(normalize_answer(passage).split())
     return len(novel & present) >= max(1, math.ceil(len(novel) * 2 / 3))
+
+
+def memory_text(hits: Sequence[Hit]) -> str:
+    """What the retrieval expert reads for these hits: every passage, titled, in one memory."""
+    return " ".join(f"{h.title}. {h.contents}" for h in hits)
 
 
 def has_retrieval_expert(generator: Any) -> bool:
