@@ -63,7 +63,7 @@ def demo_cmd(
     """Adaptive retrieval end to end on the packaged Wikipedia corpus, against always-retrieve."""
     from expertrag.data.questions import load_questions
     from expertrag.data.wiki_offline import iter_wiki_offline_documents
-    from expertrag.eval.metrics import contains_answer
+    from expertrag.answers import contains_answer
     from expertrag.gate.policies import make_policy
     from expertrag.pipeline.build import gate_dir, load_generator
     from expertrag.pipeline.rag import ExpertRAG

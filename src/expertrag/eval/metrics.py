@@ -1,27 +1,18 @@
 """Answer, retrieval, ranking and latency metrics as pure functions (tested against hand-computed cases).
 
-Answer normalisation follows the SQuAD v1.1 evaluation script: lower case, drop punctuation, drop the
-articles a/an/the, collapse whitespace.
+Answer normalisation and "contains the answer" live in `expertrag.answers`, AUROC and precision/recall in
+`expertrag.classification` (leaves that the pipeline and the gate import too); they are re-exported here.
 """
 
 from __future__ import annotations
 
-import re
-import string
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
-_ARTICLES = re.compile(r"\b(a|an|the)\b")
-_PUNCT = set(string.punctuation)
-
-
-def normalize_answer(text: str) -> str:
-    text = text.lower()
-    text = "".join(ch for ch in text if ch not in _PUNCT)
-    text = _ARTICLES.sub(" ", text)
-    return " ".join(text.split())
+from expertrag.answers import contains_answer, normalize_answer
+from expertrag.classification import auroc, precision_recall_f1
 
 
 def exact_match(prediction: str, golds: Sequence[str]) -> float:
@@ -45,52 +36,9 @@ def token_f1(prediction: str, golds: Sequence[str]) -> float:
     return max((_f1(prediction, g) for g in golds), default=0.0)
 
 
-def contains_answer(text: str, golds: Sequence[str]) -> float:
-    """PopQA-style accuracy: a normalised gold answer occurs in the normalised text (on word boundaries)."""
-    t = f" {normalize_answer(text)} "
-    return float(any(n and f" {n} " in t for n in (normalize_answer(g) for g in golds)))
-
-
 def answer_recall_at_k(passages: Sequence[str], golds: Sequence[str], k: int) -> float:
     """1 if a gold answer occurs in one of the first k passages (SQuAD-normalised), else 0."""
     return float(any(contains_answer(p, golds) for p in passages[:k]))
-
-
-def auroc(labels: Sequence[int] | np.ndarray, scores: Sequence[float] | np.ndarray) -> float:
-    """Area under the ROC curve = P(score of a random positive > score of a random negative), ties 1/2.
-    NaN when only one class is present."""
-    y = np.asarray(labels, dtype=bool)
-    s = np.asarray(scores, dtype=float)
-    pos, neg = s[y], s[~y]
-    if len(pos) == 0 or len(neg) == 0:
-        return float("nan")
-    # rank-sum (Mann-Whitney U) with average ranks for ties
-    order = np.argsort(np.concatenate([pos, neg]), kind="mergesort")
-    allv = np.concatenate([pos, neg])[order]
-    ranks = np.empty(len(allv))
-    i = 0
-    while i < len(allv):
-        j = i
-        while j + 1 < len(allv) and allv[j + 1] == allv[i]:
-            j += 1
-        ranks[i:j + 1] = (i + j) / 2 + 1
-        i = j + 1
-    rank_of = np.empty(len(allv))
-    rank_of[order] = ranks
-    u = rank_of[: len(pos)].sum() - len(pos) * (len(pos) + 1) / 2
-    return float(u / (len(pos) * len(neg)))
-
-
-def precision_recall_f1(labels: Iterable[bool], predictions: Iterable[bool]) -> dict[str, float]:
-    tp = fp = fn = 0
-    for y, p in zip(labels, predictions, strict=True):
-        tp += bool(y and p)
-        fp += bool(p and not y)
-        fn += bool(y and not p)
-    precision = tp / (tp + fp) if tp + fp else 0.0
-    recall = tp / (tp + fn) if tp + fn else 0.0
-    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-    return {"precision": precision, "recall": recall, "f1": f1}
 
 
 def percentile(values: Sequence[float], q: float) -> float:
@@ -107,3 +55,9 @@ def latency_summary(ms: Sequence[float]) -> dict[str, float]:
         "latency_ms_p95": percentile(ms, 95),
         "latency_ms_p99": percentile(ms, 99),
     }
+
+
+__all__ = [
+    "answer_recall_at_k", "auroc", "contains_answer", "exact_match", "latency_summary", "normalize_answer",
+    "percentile", "precision_recall_f1", "token_f1",
+]

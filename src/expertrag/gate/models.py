@@ -29,7 +29,7 @@ from typing import Any, ClassVar, Literal
 import numpy as np
 
 from expertrag.errors import ExpertRAGError
-from expertrag.eval.metrics import auroc
+from expertrag.classification import auroc
 from expertrag.fileio import sha256_file
 from expertrag.gate.features import FeatureError, FeatureSpec
 

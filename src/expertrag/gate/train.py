@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from expertrag.errors import ExpertRAGError
-from expertrag.eval.metrics import auroc, precision_recall_f1
+from expertrag.classification import auroc, precision_recall_f1
 from expertrag.gate.config import GateConfig
 from expertrag.gate.features import (
     OPTIONAL_PROBE_FEATURES,

@@ -13,7 +13,7 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
-from expertrag.eval.metrics import normalize_answer
+from expertrag.answers import normalize_answer
 
 
 def cache_key(query: str, *parts: Any) -> str:

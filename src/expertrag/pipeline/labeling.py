@@ -15,7 +15,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from expertrag.data.types import Question
-from expertrag.eval.metrics import contains_answer
+from expertrag.answers import contains_answer
 from expertrag.gate.labels import LabelRecord, derive_label
 from expertrag.pipeline.prompts import closed_book_messages, open_book_messages
 from expertrag.pipeline.rag import ExpertRAG, PipelineGateContext

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from expertrag.errors import InputError
-from expertrag.eval.metrics import contains_answer, normalize_answer
+from expertrag.answers import contains_answer, normalize_answer
 from expertrag.gate.features import query_features
 from expertrag.gate.types import Decision, Probe
 from expertrag.pipeline.answer import Answer, Citation, Timings, User
