@@ -63,7 +63,12 @@ def test_always_retrieves_and_cites_only_retrieved_passages(index, generator):
     assert a.retrieved and len(a.passages) == 2 and a.passages[0]["id"] == "zorbl"
     retrieved = {p["id"] for p in a.passages}
     assert {c.id for c in a.citations} <= retrieved
-    assert "Quenton" in a.text or a.abstained  # the passage holds the answer
+    # the passage holds the answer: the model must give it, and cite that passage
+    assert not a.abstained and "Quenton" in a.text
+    assert "zorbl" in {c.id for c in a.citations}
+    t = a.timings  # the parts partition the total
+    assert t.retrieval_ms > 0 and t.generation_ms > 0
+    assert t.gate_ms + t.probe_ms + t.retrieval_ms + t.generation_ms + t.other_ms == pytest.approx(t.total_ms)
 
 
 def test_citation_markers_outside_the_retrieved_set_are_dropped(index, generator):
@@ -111,6 +116,9 @@ def test_no_retrieval_answer_continues_the_probe_token_for_token(index, generato
     reused = rag_with(index, generator, ProbeThenSkip()).answer(q)
     assert reused.token_ids == plain.token_ids and reused.generated == plain.generated
     assert reused.timings.probe_ms > 0 and reused.gate["stage"] == "probe"
+    t = reused.timings  # the draft is counted once, in probe_ms, not again in generation_ms
+    assert t.gate_ms + t.probe_ms + t.retrieval_ms + t.generation_ms + t.other_ms == pytest.approx(t.total_ms)
+    assert t.generation_ms < plain.timings.generation_ms
 
 
 def test_access_groups_reach_retrieval(index, generator):

@@ -14,7 +14,7 @@ from expertrag.data.types import Document
 from expertrag.errors import IndexFormatError, InputError
 from expertrag.retrieval import Filters, Index, RetrievalConfig, build_index
 from expertrag.retrieval.bm25 import tokenize
-from expertrag.retrieval.fusion import reciprocal_rank_fusion
+from expertrag.retrieval.rrf import reciprocal_rank_fusion
 
 CORPUS = [
     ("volcano", "Volcanoes", "A volcano is a rupture in the crust of a planet where lava, ash and gases escape.", {}),

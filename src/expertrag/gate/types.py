@@ -23,7 +23,8 @@ class Probe:
     retrieval_affinity: mean router probability of the retrieval expert over the question tokens (MoE
     layers with a retrieval expert, averaged), or None for a model without one.
     router_entropy: mean router entropy over the question tokens, or None for a dense model.
-    state: the generator's continuation state; a "no retrieval" answer continues from it.
+    draft: the generator's `Generation` of this draft (its `.state` holds the KV cache and tokens); a
+    "no retrieval" answer continues from it instead of starting again.
     """
 
     text: str
@@ -33,7 +34,7 @@ class Probe:
     hidden: np.ndarray | None = None
     retrieval_affinity: float | None = None
     router_entropy: float | None = None
-    state: Any = None
+    draft: Any = None
     ms: float = 0.0
 
 

@@ -23,12 +23,19 @@ class Citation:
 
 @dataclass
 class Timings:
+    """Where one answer's time went. The five parts partition the total: gate + probe + retrieval +
+    generation + other == total (other: validation, cache look-ups, citations)."""
+
     gate_ms: float = 0.0  # policy decision, without the closed-book probe
     probe_ms: float = 0.0  # closed-book draft; reused as the answer's start when not retrieving
     retrieval_ms: float = 0.0
-    generation_ms: float = 0.0
+    generation_ms: float = 0.0  # generation after the gate (the probe's continuation counts here, not the draft)
+    other_ms: float = 0.0
     total_ms: float = 0.0
     cache: str = "miss"  # "answer" when served from the answer cache, "retrieval" when hits were cached
+
+    def parts_ms(self) -> float:
+        return self.gate_ms + self.probe_ms + self.retrieval_ms + self.generation_ms
 
 
 @dataclass

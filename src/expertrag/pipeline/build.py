@@ -1,12 +1,20 @@
-"""Assemble an `ExpertRAG` from an index directory and the config: the one place that wires parts."""
+"""Assemble an `ExpertRAG` from an index directory and the config: the one place that wires parts.
+
+It reads only the sections it needs (`PipelineSettings`): the root `expertrag.config.ExpertRAGConfig`,
+which composes every part's section (eval's included), sits above the pipeline and is never imported here.
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
-from expertrag.config import ExpertRAGConfig
+from expertrag.gate.config import GateConfig
+from expertrag.model.config import ModelConfig
+from expertrag.pipeline.config import PipelineConfig
 from expertrag.pipeline.rag import ExpertRAG
+from expertrag.retrieval.config import RetrievalConfig
 from expertrag.retrieval.index import Index
 
 GATE_DIR = "gate"
@@ -17,7 +25,26 @@ def gate_dir(index_dir: str | Path) -> Path:
     return Path(index_dir) / GATE_DIR
 
 
-def load_generator(config: ExpertRAGConfig) -> Any:
+class PipelineSettings(Protocol):
+    """The config sections a pipeline is built from; `ExpertRAGConfig` is one."""
+
+    retrieval: RetrievalConfig
+    model: ModelConfig
+    gate: GateConfig
+    pipeline: PipelineConfig
+
+
+@dataclass
+class PipelineSections:
+    """The default `PipelineSettings` (every section at its defaults)."""
+
+    retrieval: RetrievalConfig = field(default_factory=RetrievalConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    gate: GateConfig = field(default_factory=GateConfig)
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+
+
+def load_generator(config: PipelineSettings) -> Any:
     from expertrag.model.generator import ExpertRAGGenerator
 
     if config.model.checkpoint:
@@ -28,12 +55,12 @@ def load_generator(config: ExpertRAGConfig) -> Any:
     return ExpertRAGGenerator.from_config(config.model)
 
 
-def load_pipeline(index_dir: str | Path, config: ExpertRAGConfig | None = None, policy: str | None = None,
+def load_pipeline(index_dir: str | Path, config: PipelineSettings | None = None, policy: str | None = None,
                   gate: str | Path | None = None, generator: Any = None) -> ExpertRAG:
     """Index + generator + policy. The policy's artifacts come from `gate` or the index's gate folder."""
     from expertrag.gate.policies import make_policy
 
-    config = config or ExpertRAGConfig()
+    config = config or PipelineSections()
     index = Index(index_dir, config.retrieval)
     name = policy or config.gate.policy
     pol = make_policy(name, config.gate, artifacts_dir=gate or gate_dir(index_dir))

@@ -25,7 +25,6 @@ from expertrag.pipeline.answer import Answer, Citation, Timings, User
 from expertrag.pipeline.cache import LRUCache, cache_key
 from expertrag.pipeline.config import PipelineConfig
 from expertrag.pipeline.prompts import closed_book_messages, open_book_messages
-from expertrag.retrieval.fusion import reciprocal_rank_fusion
 from expertrag.retrieval.index import Index
 from expertrag.retrieval.types import Filters, Hit
 
@@ -68,15 +67,16 @@ class PipelineGateContext:
         return self._embedding
 
     def rankings(self) -> tuple[list[tuple[int, float]], list[tuple[int, float]]]:
-        """(bm25, dense) rankings of rowids at the fusion depth, computed once."""
+        """(bm25, dense) rankings of rowids at the fusion depth, computed once: the gate's query features
+        read their top hits and retrieval fuses them, so a retrieving answer pays for one index lookup."""
         if self._rankings is None:
             t = time.perf_counter()
-            index, cfg = self.rag.index, self.rag.index.config
-            depth = max(self.rag.config.k, cfg.candidates)
+            index = self.rag.index
+            depth = max(self.rag.config.k, index.config.candidates)
             self._allowed = index.allowed(self.filters)
-            bm25 = index.bm25.search(self.question, depth, self._allowed)
-            dense = index.dense.search(self.query_embedding()[None, :], depth, self._allowed)[0]
-            self._rankings = (bm25, dense)
+            sparse, dense = index.component_rankings([self.question], depth, self._allowed,
+                                                     query_vectors=self.query_embedding()[None, :])
+            self._rankings = (sparse[0], dense[0])
             self.retrieval_ms += (time.perf_counter() - t) * 1000
         return self._rankings
 
@@ -98,15 +98,7 @@ class PipelineGateContext:
 
     def retrieve(self, k: int) -> list[Hit]:
         bm25, dense = self.rankings()
-        mode = self.rag.config.search_mode
-        if mode == "bm25":
-            ranked = bm25[:k]
-        elif mode == "dense":
-            ranked = dense[:k]
-        else:
-            cfg = self.rag.index.config
-            ranked = reciprocal_rank_fusion([[r for r, _ in bm25], [r for r, _ in dense]],
-                                            (cfg.weight_bm25, cfg.weight_dense), cfg.rrf_k)[:k]
+        ranked = self.rag.index.fuse(bm25, dense, k, self.rag.config.search_mode)
         return self.rag.index.hits([ranked], self._allowed)[0]
 
 
@@ -135,8 +127,9 @@ class ExpertRAG:
         )
         return Probe(
             text=g.text, token_ids=list(g.token_ids), logprobs=list(g.logprobs), entropies=list(g.entropies),
-            hidden=None if g.hidden is None else g.hidden.float().reshape(-1).numpy(), retrieval_affinity=_mean_affinity(g.router), router_entropy=_mean_router_entropy(g.router),
-            state=g, ms=(time.perf_counter() - t) * 1000,
+            hidden=None if g.hidden is None else g.hidden.float().reshape(-1).numpy(),
+            retrieval_affinity=_mean_affinity(g.router), router_entropy=_mean_router_entropy(g.router),
+            draft=g, ms=(time.perf_counter() - t) * 1000,
         )
 
     # ---- answering -------------------------------------------------------------------------------------
@@ -150,7 +143,8 @@ class ExpertRAG:
             cached = self.answer_cache.get(key)
             if cached is not None:
                 answer = Answer.from_dict(cached)
-                answer.timings = Timings(total_ms=(time.perf_counter() - started) * 1000, cache="answer")
+                ms = (time.perf_counter() - started) * 1000
+                answer.timings = Timings(other_ms=ms, total_ms=ms, cache="answer")
                 return answer
 
         ctx = PipelineGateContext(self, q, dict(metadata or {}), filters)
@@ -159,7 +153,8 @@ class ExpertRAG:
         decide_ms = (time.perf_counter() - t) * 1000
         probe = ctx.probed
         probe_ms = probe.ms if probe is not None else 0.0
-        timings = Timings(gate_ms=max(decide_ms - probe_ms - ctx.retrieval_ms, 0.0), probe_ms=probe_ms)
+        ranked_for_gate_ms = ctx.retrieval_ms  # index lookups the policy triggered (query features)
+        timings = Timings(gate_ms=max(decide_ms - probe_ms - ranked_for_gate_ms, 0.0), probe_ms=probe_ms)
 
         hits: list[Hit] = []
         if decision.retrieve:
@@ -167,7 +162,8 @@ class ExpertRAG:
             hits, cached = self._retrieve(ctx, q, filters)
             if cached:
                 timings.cache = "retrieval"
-            timings.retrieval_ms = (time.perf_counter() - t) * 1000 + ctx.retrieval_ms
+            # the lookups the gate already paid for are retrieval work too (its rankings are reused)
+            timings.retrieval_ms = (time.perf_counter() - t) * 1000 + ranked_for_gate_ms
             t = time.perf_counter()
             messages = (closed_book_messages(q) if self.config.fusion == "expert" and has_retrieval_expert(self.generator)
                         else open_book_messages(q, hits, self.config.passage_max_chars))
@@ -180,10 +176,10 @@ class ExpertRAG:
             token_ids, logprobs = list(gen.token_ids), list(gen.logprobs)
             text, router, prompt_tokens = gen.text, gen.router, gen.prompt_tokens
         else:
-            timings.gate_ms += ctx.retrieval_ms  # query features were gate work, not retrieval
+            timings.gate_ms += ranked_for_gate_ms  # query features were gate work, not retrieval
             t = time.perf_counter()
             if probe is not None:  # continue the draft from its KV cache: nothing recomputed
-                first = probe.state
+                first = probe.draft
                 rest_budget = self.config.max_new_tokens - len(first.token_ids)
                 token_ids, logprobs = list(first.token_ids), list(first.logprobs)
                 text = first.text
@@ -199,10 +195,13 @@ class ExpertRAG:
                                               stop=self.config.stop, return_router=True)
                 token_ids, logprobs = list(gen.token_ids), list(gen.logprobs)
                 text, router, prompt_tokens = gen.text, gen.router, gen.prompt_tokens
-            timings.generation_ms = (time.perf_counter() - t) * 1000 + probe_ms
+            # The draft's own time stays in probe_ms: the parts of Timings partition the total.
+            timings.generation_ms = (time.perf_counter() - t) * 1000
 
         answer = self._finish(q, text, token_ids, logprobs, hits, decision, timings, router, prompt_tokens)
-        answer.timings.total_ms = (time.perf_counter() - started) * 1000
+        total = (time.perf_counter() - started) * 1000
+        answer.timings.total_ms = total
+        answer.timings.other_ms = max(total - answer.timings.parts_ms(), 0.0)
         if self.answer_cache is not None and metadata is None:
             self.answer_cache.put(key, answer.to_dict())
         return answer

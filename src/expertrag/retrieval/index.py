@@ -19,7 +19,7 @@ from expertrag.retrieval.bm25 import BM25Index
 from expertrag.retrieval.config import RetrievalConfig
 from expertrag.retrieval.dense import DenseIndex
 from expertrag.retrieval.embedder import Embedder
-from expertrag.retrieval.fusion import reciprocal_rank_fusion
+from expertrag.retrieval.rrf import reciprocal_rank_fusion
 from expertrag.retrieval.types import MODES, Filters, Hit
 from expertrag.store.docstore import DocStore, StoredPassage
 from expertrag.store.manifest import read_manifest, verify_files
@@ -113,19 +113,34 @@ class Index:
                   ) -> list[list[tuple[int, float]]]:
         """(rowid, score) lists, best first; no store access."""
         depth = max(k, self.config.candidates) if mode == "hybrid" else k
-        sparse = [self.bm25.search(q, depth, allowed) for q in queries] if mode != "dense" else None
-        dense = None
+        sparse, dense = self.component_rankings(queries, depth, allowed, mode=mode)
+        return [self.fuse(s, d, k, mode) for s, d in zip(sparse, dense, strict=True)]
+
+    def component_rankings(self, queries: Sequence[str], depth: int, allowed: np.ndarray | None, *,
+                           mode: str = "hybrid", query_vectors: np.ndarray | None = None
+                           ) -> tuple[list[list[tuple[int, float]] | None], list[list[tuple[int, float]] | None]]:
+        """Per query, the BM25 and the dense ranking at `depth` (None for a retriever `mode` leaves out).
+
+        The pipeline computes these once per question (the gate's query features read them) and fuses them
+        later with `fuse`; `query_vectors` lets it pass the embedding it already has."""
+        n = len(queries)
+        sparse: list = [self.bm25.search(q, depth, allowed) for q in queries] if mode != "dense" else [None] * n
+        dense: list = [None] * n
         if mode != "bm25":
-            dense = self.dense.search(self.embedder.encode(list(queries)), depth, allowed)
+            vectors = self.embedder.encode(list(queries)) if query_vectors is None else query_vectors
+            dense = self.dense.search(vectors, depth, allowed)
+        return sparse, dense
+
+    def fuse(self, sparse: list[tuple[int, float]] | None, dense: list[tuple[int, float]] | None, k: int,
+             mode: str) -> list[tuple[int, float]]:
+        """The top k of one query for `mode`: a single retriever's ranking, or RRF of both (hybrid)."""
         if mode == "bm25":
-            return sparse
+            return sparse[:k]
         if mode == "dense":
-            return dense
+            return dense[:k]
         weights = (self.config.weight_bm25, self.config.weight_dense)
-        return [
-            reciprocal_rank_fusion([[r for r, _ in s], [r for r, _ in d]], weights, self.config.rrf_k)[:k]
-            for s, d in zip(sparse, dense, strict=True)
-        ]
+        return reciprocal_rank_fusion([[r for r, _ in sparse], [r for r, _ in dense]], weights,
+                                      self.config.rrf_k)[:k]
 
     def hits(self, ranked: list[list[tuple[int, float]]], allowed: np.ndarray | None = None) -> list[list[Hit]]:
         stored = self.passages({r for ranking in ranked for r, _ in ranking})
