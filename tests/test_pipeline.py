@@ -197,3 +197,47 @@ def test_router_policy_and_expert_usage_with_the_upcycled_model(index, smollm2):
     assert len(next(iter(a.experts["layers"].values()))) == DEMO_MOE.num_experts + 1
     never = rag_with(index, gen, RouterPolicy(threshold=1.0)).answer("Who founded the Zorblatt Institute?")
     assert not never.retrieved and never.gate["score"] == pytest.approx(a.gate["score"])
+
+
+def test_answer_many_batches_and_matches_one_at_a_time(index, generator):
+    from expertrag.pipeline.rag import AnswerRequest
+
+    rag = rag_with(index, generator, "always", max_new_tokens=12)
+    questions = ["Who founded the Zorblatt Institute?", "What is the capital of France?"]
+    alone = [rag.answer(q) for q in questions]
+    events: list[list[str]] = [[], []]
+    batched = rag.answer_many([
+        AnswerRequest(questions[0], on_event=lambda e: events[0].append(e.kind)),
+        AnswerRequest("", on_event=lambda e: events[1].append(e.kind)),  # bad input: its error, not a crash
+        AnswerRequest(questions[1], k=1),
+    ])
+    assert batched[0].token_ids == alone[0].token_ids and batched[0].citations == alone[0].citations
+    assert isinstance(batched[1], InputError)
+    assert len(batched[2].passages) == 1 and batched[2].text == rag_with(index, generator, "always", k=1,
+                                                                         max_new_tokens=12).answer(questions[1]).text
+    assert events[0][:2] == ["decision", "passages"] and events[0][-1] == "answer" and "token" in events[0]
+
+
+def test_streamed_tokens_add_up_to_the_answer(index, generator):
+    rag = rag_with(index, generator, "never", max_new_tokens=12)
+    pieces: list[str] = []
+    a = rag.answer("Which planet is known as the Red Planet?",
+                   on_event=lambda e: pieces.append(e.data["text"]) if e.kind == "token" else None)
+    assert "".join(pieces).strip() == a.generated
+
+
+def test_a_cancelled_request_stops(index, generator):
+    from expertrag.pipeline.rag import AnswerRequest, RequestCancelled
+
+    rag = rag_with(index, generator, "never", max_new_tokens=24)
+    seen: list[str] = []
+    stop = {"now": False}
+
+    def on_event(e):
+        if e.kind == "token":
+            seen.append(e.data["text"])
+            stop["now"] = True  # the client leaves after its first token
+
+    out = rag.answer_many([AnswerRequest("Which planet is known as the Red Planet?", on_event=on_event,
+                                         cancelled=lambda: stop["now"])])
+    assert isinstance(out[0], RequestCancelled) and len(seen) == 1

@@ -29,7 +29,8 @@ class MoEAux:
     aux_loss, z_loss:   scalar tensors (unscaled by their coefficients).
     tokens_per_expert:  [E_total] how many token-slots each expert received.
     retrieval_affinity: [B, T] softmax probability of the retrieval slot over all slots (unmasked), or
-                        None when the layer has no retrieval expert. The gate reads it over question tokens.
+                        None when the layer has no retrieval expert. The pipeline's probe averages it over
+                        every prompt token (chat template included), not only the question's.
     dropped_tokens:     token-slots dropped by capacity (0 when dropless).
     """
 

@@ -12,15 +12,17 @@ from __future__ import annotations
 import math
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from expertrag.errors import InputError
+from expertrag.errors import ExpertRAGError, InputError
 from expertrag.answers import contains_answer, normalize_answer
 from expertrag.gate.features import query_features
 from expertrag.gate.types import Decision, Probe
+from expertrag.model.generation import TokenEvent
 from expertrag.pipeline.answer import Answer, Citation, Timings, User
 from expertrag.pipeline.cache import LRUCache, cache_key
 from expertrag.pipeline.config import PipelineConfig
@@ -29,6 +31,71 @@ from expertrag.retrieval.index import Index
 from expertrag.retrieval.types import Filters, Hit
 
 ABSTAIN_TEXT = "I don't know."
+
+
+@dataclass
+class AnswerEvent:
+    """What a streaming caller receives, in order: "decision" (the gate's), "passages" (when it
+    retrieves), "token" (text as it is generated, any number), "answer" (the final `Answer`)."""
+
+    kind: str
+    data: dict[str, Any]
+
+
+@dataclass
+class AnswerRequest:
+    """One question for `ExpertRAG.answer_many`. policy: a policy object to use instead of the pipeline's;
+    k / max_new_tokens: per-request overrides of the pipeline config; on_event: receive `AnswerEvent`s;
+    cancelled: polled while generating, True stops this request's decoding."""
+
+    question: str
+    user: User | None = None
+    metadata: dict[str, Any] | None = None
+    policy: Any = None
+    k: int | None = None
+    max_new_tokens: int | None = None
+    on_event: Callable[[AnswerEvent], None] | None = None
+    cancelled: Callable[[], bool] | None = None
+
+
+class _Cancelled(Exception):
+    """Raised from a token callback to stop decoding when every caller of a batch has gone."""
+
+
+class RequestCancelled(ExpertRAGError):
+    """In place of an answer whose caller cancelled it while it was being generated."""
+
+
+@dataclass
+class _Job:
+    """One request between its gate decision and its answer."""
+
+    question: str
+    config: PipelineConfig
+    decision: Decision
+    policy_name: str
+    started: float
+    timings: Timings
+    cache_key: str | None = None
+    on_event: Callable[[AnswerEvent], None] | None = None
+    is_cancelled: Callable[[], bool] | None = None
+    hits: list[Hit] = field(default_factory=list)
+    messages: Any = None  # the prompt of a fresh generation
+    memory: Any = None  # passage memory for the retrieval expert
+    draft: Any = None  # the probe's Generation, continued instead of a fresh prompt
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    router: Any = None
+    prompt_tokens: int = 0
+    error: Exception | None = None
+
+    def emit(self, event: AnswerEvent) -> None:
+        if self.on_event is not None:
+            self.on_event(event)
+
+    def cancelled(self) -> bool:
+        return self.is_cancelled is not None and self.is_cancelled()
 _MARKER = re.compile(r"\s*\[(\d{1,2})\]")
 
 
@@ -49,8 +116,10 @@ def validate_question(question: Any, max_chars: int) -> str:
 class PipelineGateContext:
     """Lazily computed, cached facts about one question, for the policy to draw on."""
 
-    def __init__(self, rag: ExpertRAG, question: str, metadata: dict[str, Any], filters: Filters | None):
+    def __init__(self, rag: ExpertRAG, question: str, metadata: dict[str, Any], filters: Filters | None,
+                 config: PipelineConfig | None = None):
         self.rag = rag
+        self.config = config or rag.config  # this question's settings (a request may override k)
         self.question = question
         self.metadata = metadata
         self.filters = filters
@@ -72,7 +141,7 @@ class PipelineGateContext:
         if self._rankings is None:
             t = time.perf_counter()
             index = self.rag.index
-            depth = max(self.rag.config.k, index.config.candidates)
+            depth = max(self.config.k, index.config.candidates)
             self._allowed = index.allowed(self.filters)
             sparse, dense = index.component_rankings([self.question], depth, self._allowed,
                                                      query_vectors=self.query_embedding()[None, :])
@@ -98,7 +167,7 @@ class PipelineGateContext:
 
     def retrieve(self, k: int) -> list[Hit]:
         bm25, dense = self.rankings()
-        ranked = self.rag.index.fuse(bm25, dense, k, self.rag.config.search_mode)
+        ranked = self.rag.index.fuse(bm25, dense, k, self.config.search_mode)
         return self.rag.index.hits([ranked], self._allowed)[0]
 
 
@@ -133,88 +202,200 @@ class ExpertRAG:
         )
 
     # ---- answering -------------------------------------------------------------------------------------
-    def answer(self, question: str, user: User | None = None, metadata: dict[str, Any] | None = None) -> Answer:
+    def answer(self, question: str, user: User | None = None, metadata: dict[str, Any] | None = None, *,
+               policy: Any = None, k: int | None = None, max_new_tokens: int | None = None,
+               on_event: Callable[[AnswerEvent], None] | None = None) -> Answer:
+        """Answer one question (see `answer_many` for the arguments)."""
+        request = AnswerRequest(question, user, metadata, policy=policy, k=k, max_new_tokens=max_new_tokens,
+                                on_event=on_event)
+        result = self.answer_many([request])[0]
+        if isinstance(result, BaseException):
+            raise result
+        return result
+
+    def answer_many(self, requests: Sequence[AnswerRequest]) -> list[Answer | Exception]:
+        """Answer several questions, batching their generation where it is exact to do so.
+
+        Each request is gated and retrieved on its own (the gate's probe is per question); the fresh
+        generations that follow (open-book answers, closed-book answers without a draft) run as one
+        left-padded batch on a dense model (the same tokens as one at a time, up to float rounding). A request's bad input comes back as its `InputError` in place
+        of its answer and does not disturb the others."""
+        jobs: list[_Job | Answer | Exception] = []
+        for req in requests:
+            try:
+                jobs.append(self._begin(req))
+            except InputError as e:
+                jobs.append(e)
+            else:
+                if isinstance(jobs[-1], _Job) and jobs[-1].cancelled():
+                    jobs[-1].error = RequestCancelled("the caller went away before generation")
+        pending = [j for j in jobs if isinstance(j, _Job)]
+        self._generate(pending)
+        out: list[Answer | Exception] = []
+        for j in jobs:
+            if not isinstance(j, _Job):
+                out.append(j)
+                continue
+            if j.error is not None:
+                out.append(j.error)
+                continue
+            answer = self._finish(j.question, j.text, j.token_ids, j.logprobs, j.hits, j.decision, j.timings,
+                                  j.router, j.prompt_tokens, policy_name=j.policy_name)
+            total = (time.perf_counter() - j.started) * 1000
+            answer.timings.total_ms = total
+            answer.timings.other_ms = max(total - answer.timings.parts_ms(), 0.0)
+            if self.answer_cache is not None and j.cache_key is not None:
+                self.answer_cache.put(j.cache_key, answer.to_dict())
+            j.emit(AnswerEvent("answer", {"answer": answer}))
+            out.append(answer)
+        return out
+
+    def filters_for(self, user: User | None) -> Filters | None:
+        """The retrieval filter of a caller (None: the local, unrestricted CLI user)."""
+        return Filters(groups=tuple(user.groups)) if user is not None else None
+
+    def _begin(self, req: AnswerRequest) -> _Job | Answer:
+        """Everything before generation: validate, answer cache, gate decision, retrieval, the prompt."""
         started = time.perf_counter()
-        q = validate_question(question, self.config.max_query_chars)
-        filters = Filters(groups=tuple(user.groups)) if user is not None else None
-        key = cache_key(q, self.index.version, self.policy_name, self.config.model_dump(),
-                        sorted(filters.groups) if filters else None)
-        if self.answer_cache is not None and metadata is None:
+        cfg = self.config
+        overrides = {name: v for name, v in (("k", req.k), ("max_new_tokens", req.max_new_tokens)) if v is not None}
+        if overrides:
+            cfg = PipelineConfig.model_validate({**cfg.model_dump(), **overrides})
+        policy = req.policy if req.policy is not None else self.policy
+        policy_name = self.policy_name if req.policy is None else getattr(policy, "name", type(policy).__name__)
+        q = validate_question(req.question, cfg.max_query_chars)
+        filters = self.filters_for(req.user)
+        key = None
+        if self.answer_cache is not None and req.metadata is None:
+            key = cache_key(q, self.index.version, policy_name, cfg.model_dump(),
+                            sorted(filters.groups) if filters and filters.groups is not None else None)
             cached = self.answer_cache.get(key)
             if cached is not None:
                 answer = Answer.from_dict(cached)
                 ms = (time.perf_counter() - started) * 1000
                 answer.timings = Timings(other_ms=ms, total_ms=ms, cache="answer")
+                if req.on_event is not None:
+                    req.on_event(AnswerEvent("decision", {"gate": answer.gate}))
+                    if answer.retrieved:
+                        req.on_event(AnswerEvent("passages", {"passages": answer.passages}))
+                    req.on_event(AnswerEvent("token", {"text": answer.text}))
+                    req.on_event(AnswerEvent("answer", {"answer": answer}))
                 return answer
 
-        ctx = PipelineGateContext(self, q, dict(metadata or {}), filters)
+        ctx = PipelineGateContext(self, q, dict(req.metadata or {}), filters, cfg)
         t = time.perf_counter()
-        decision: Decision = self.policy.decide(ctx)
+        decision: Decision = policy.decide(ctx)
         decide_ms = (time.perf_counter() - t) * 1000
         probe = ctx.probed
         probe_ms = probe.ms if probe is not None else 0.0
         ranked_for_gate_ms = ctx.retrieval_ms  # index lookups the policy triggered (query features)
-        timings = Timings(gate_ms=max(decide_ms - probe_ms - ranked_for_gate_ms, 0.0), probe_ms=probe_ms)
-
-        hits: list[Hit] = []
+        job = _Job(question=q, config=cfg, decision=decision, policy_name=policy_name, started=started,
+                   cache_key=key, on_event=req.on_event, is_cancelled=req.cancelled,
+                   timings=Timings(gate_ms=max(decide_ms - probe_ms - ranked_for_gate_ms, 0.0), probe_ms=probe_ms))
+        job.emit(AnswerEvent("decision", {"gate": {
+            "decision": "retrieve" if decision.retrieve else "no_retrieve", "score": decision.score,
+            "stage": decision.stage, "policy": policy_name}}))
         if decision.retrieve:
             t = time.perf_counter()
-            hits, cached = self._retrieve(ctx, q, filters)
+            job.hits, cached = self._retrieve(ctx, q, filters, cfg)
             if cached:
-                timings.cache = "retrieval"
+                job.timings.cache = "retrieval"
             # the lookups the gate already paid for are retrieval work too (its rankings are reused)
-            timings.retrieval_ms = (time.perf_counter() - t) * 1000 + ranked_for_gate_ms
-            t = time.perf_counter()
-            messages = (closed_book_messages(q) if self.config.fusion == "expert" and has_retrieval_expert(self.generator)
-                        else open_book_messages(q, hits, self.config.passage_max_chars))
-            gen = self.generator.generate(
-                messages,
-                max_new_tokens=self.config.max_new_tokens, stop=self.config.stop,
-                passages=self._passage_memory(hits), return_router=True,
-            )
-            timings.generation_ms = (time.perf_counter() - t) * 1000
-            token_ids, logprobs = list(gen.token_ids), list(gen.logprobs)
-            text, router, prompt_tokens = gen.text, gen.router, gen.prompt_tokens
+            job.timings.retrieval_ms = (time.perf_counter() - t) * 1000 + ranked_for_gate_ms
+            job.emit(AnswerEvent("passages", {"passages": [h.to_dict() for h in job.hits]}))
+            job.messages = (closed_book_messages(q) if cfg.fusion == "expert" and has_retrieval_expert(self.generator)
+                            else open_book_messages(q, job.hits, cfg.passage_max_chars))
+            job.memory = self._passage_memory(job.hits)
         else:
-            timings.gate_ms += ranked_for_gate_ms  # query features were gate work, not retrieval
-            t = time.perf_counter()
-            if probe is not None:  # continue the draft from its KV cache: nothing recomputed
-                first = probe.draft
-                rest_budget = self.config.max_new_tokens - len(first.token_ids)
-                token_ids, logprobs = list(first.token_ids), list(first.logprobs)
-                text = first.text
-                if first.finish_reason == "length" and rest_budget > 0:
-                    more = self.generator.generate(None, state=first.state, max_new_tokens=rest_budget,
-                                                   stop=self.config.stop)
-                    token_ids += list(more.token_ids)
-                    logprobs += list(more.logprobs)
-                    text = first.text + more.text  # byte-level BPE: pieces decode independently
-                router, prompt_tokens = first.router, first.prompt_tokens
+            job.timings.gate_ms += ranked_for_gate_ms  # query features were gate work, not retrieval
+            if probe is not None:
+                job.draft = probe.draft
             else:
-                gen = self.generator.generate(closed_book_messages(q), max_new_tokens=self.config.max_new_tokens,
-                                              stop=self.config.stop, return_router=True)
-                token_ids, logprobs = list(gen.token_ids), list(gen.logprobs)
-                text, router, prompt_tokens = gen.text, gen.router, gen.prompt_tokens
-            # The draft's own time stays in probe_ms: the parts of Timings partition the total.
-            timings.generation_ms = (time.perf_counter() - t) * 1000
+                job.messages = closed_book_messages(q)
+        return job
 
-        answer = self._finish(q, text, token_ids, logprobs, hits, decision, timings, router, prompt_tokens)
-        total = (time.perf_counter() - started) * 1000
-        answer.timings.total_ms = total
-        answer.timings.other_ms = max(total - answer.timings.parts_ms(), 0.0)
-        if self.answer_cache is not None and metadata is None:
-            self.answer_cache.put(key, answer.to_dict())
-        return answer
+    def _generate(self, jobs: Sequence[_Job]) -> None:
+        """Generate for every job: continuations of drafts one by one, fresh prompts batched."""
+        jobs = [j for j in jobs if j.error is None]
+        fresh = [j for j in jobs if j.draft is None]
+        # A batch shares one router output (MoEAux sums over rows) and one passage memory layout, so only a
+        # dense model's memory-free prompts batch; everything else runs alone.
+        batchable = [j for j in fresh if j.memory is None] if not has_moe_layers(self.generator) else []
+        groups: dict[int, list[_Job]] = {}
+        for j in batchable:
+            groups.setdefault(j.config.max_new_tokens, []).append(j)
+        singles = [[j] for j in jobs if j not in batchable]
+        for group in [*groups.values(), *singles]:
+            try:
+                if group[0].draft is not None:
+                    self._continue_draft(group[0])
+                else:
+                    self._generate_fresh(group)
+            except _Cancelled:
+                for j in group:
+                    j.error = RequestCancelled("the caller went away; decoding stopped")
 
-    def _retrieve(self, ctx: PipelineGateContext, q: str, filters: Filters | None) -> tuple[list[Hit], bool]:
-        """The k hits for `q`, and whether they came from the retrieval cache."""
-        key = cache_key(q, self.index.version, self.config.k, self.config.search_mode,
-                        sorted(filters.groups) if filters else None)
+    def _generate_fresh(self, group: Sequence[_Job]) -> None:
+        cfg = group[0].config
+        t = time.perf_counter()
+
+        def on_token(ev: TokenEvent) -> None:
+            if all(j.cancelled() for j in group):
+                raise _Cancelled  # every caller has gone: stop decoding
+            if ev.text:
+                group[ev.row].emit(AnswerEvent("token", {"text": ev.text}))
+
+        streaming = any(j.on_event is not None for j in group)
+        if len(group) == 1:
+            j = group[0]
+            gens = [self.generator.generate(j.messages, max_new_tokens=cfg.max_new_tokens, stop=cfg.stop,
+                                            passages=j.memory, return_router=True,
+                                            on_token=on_token if streaming else None)]
+        else:
+            gens = self.generator.generate_batch([j.messages for j in group], max_new_tokens=cfg.max_new_tokens,
+                                                 stop=cfg.stop, return_router=True,
+                                                 on_token=on_token if streaming else None)
+        ms = (time.perf_counter() - t) * 1000  # each row waited for the whole batch
+        for j, g in zip(group, gens, strict=True):
+            j.timings.generation_ms = ms
+            j.token_ids, j.logprobs, j.text = list(g.token_ids), list(g.logprobs), g.text
+            j.router, j.prompt_tokens = g.router, g.prompt_tokens
+
+    def _continue_draft(self, j: _Job) -> None:
+        """Continue the probe's draft from its KV cache: nothing recomputed. The draft's own time stays in
+        probe_ms, so the parts of Timings partition the total."""
+        t = time.perf_counter()
+        first = j.draft
+        j.token_ids, j.logprobs, j.text = list(first.token_ids), list(first.logprobs), first.text
+        if first.text:
+            j.emit(AnswerEvent("token", {"text": first.text}))
+        rest_budget = j.config.max_new_tokens - len(first.token_ids)
+        if first.finish_reason == "length" and rest_budget > 0:
+            def on_token(ev: TokenEvent) -> None:
+                if j.cancelled():
+                    raise _Cancelled
+                if ev.text:
+                    j.emit(AnswerEvent("token", {"text": ev.text}))
+
+            more = self.generator.generate(None, state=first.state, max_new_tokens=rest_budget,
+                                           stop=j.config.stop, on_token=on_token if j.on_event else None)
+            j.token_ids += list(more.token_ids)
+            j.logprobs += list(more.logprobs)
+            j.text = first.text + more.text  # byte-level BPE: pieces decode independently
+        j.router, j.prompt_tokens = first.router, first.prompt_tokens
+        j.timings.generation_ms = (time.perf_counter() - t) * 1000
+
+    def _retrieve(self, ctx: PipelineGateContext, q: str, filters: Filters | None, cfg: PipelineConfig
+                  ) -> tuple[list[Hit], bool]:
+        """The k hits for `q`, and whether they came from the retrieval cache (keyed by the caller's
+        groups: hits computed for one group are never served to another)."""
+        key = cache_key(q, self.index.version, cfg.k, cfg.search_mode,
+                        sorted(filters.groups) if filters and filters.groups is not None else None)
         if self.retrieval_cache is not None:
             cached = self.retrieval_cache.get(key)
             if cached is not None:
                 return [Hit(**h) for h in cached], True
-        hits = ctx.retrieve(self.config.k)
+        hits = ctx.retrieve(cfg.k)
         if self.retrieval_cache is not None:
             self.retrieval_cache.put(key, [h.to_dict() for h in hits])
         return hits, False
@@ -225,7 +406,8 @@ class ExpertRAG:
         return self.generator.encode_passages([memory_text(hits)])
 
     def _finish(self, q: str, text: str, token_ids: list[int], logprobs: list[float], hits: list[Hit],
-                decision: Decision, timings: Timings, router: Any, prompt_tokens: int) -> Answer:
+                decision: Decision, timings: Timings, router: Any, prompt_tokens: int, *,
+                policy_name: str | None = None) -> Answer:
         markers = [int(m) for m in _MARKER.findall(text)]
         clean = _MARKER.sub("", text).strip()
         cited: list[Citation] = []
@@ -241,7 +423,7 @@ class ExpertRAG:
             question=q, text=ABSTAIN_TEXT if abstained else clean, retrieved=decision.retrieve,
             citations=[] if abstained else cited, confidence=confidence, abstained=abstained,
             gate={"decision": "retrieve" if decision.retrieve else "no_retrieve", "score": decision.score,
-                  "stage": decision.stage, "policy": self.policy_name, "features": decision.features},
+                  "stage": decision.stage, "policy": policy_name or self.policy_name, "features": decision.features},
             timings=timings, tokens={"prompt": int(prompt_tokens), "generated": len(token_ids)},
             experts=expert_usage(router), passages=[h.to_dict() for h in hits], generated=clean,
             token_ids=list(token_ids),
@@ -271,6 +453,11 @@ def supports(passage: str, answer: str, question: str) -> bool:
 def memory_text(hits: Sequence[Hit]) -> str:
     """What the retrieval expert reads for these hits: every passage, titled, in one memory."""
     return " ".join(f"{h.title}. {h.contents}" for h in hits)
+
+
+def has_moe_layers(generator: Any) -> bool:
+    model = getattr(generator, "model", None)
+    return any(getattr(layer.mlp, "router", None) is not None for layer in getattr(model, "layers", []))
 
 
 def has_retrieval_expert(generator: Any) -> bool:
