@@ -20,6 +20,7 @@ from expertrag.model.train_lm import TrainConfig
 from expertrag.moe.config import MoEConfig
 from expertrag.pipeline.config import PipelineConfig
 from expertrag.retrieval.config import RetrievalConfig
+from expertrag.serve.config import ServeConfig
 
 
 class ExpertRAGConfig(BaseModel):
@@ -32,6 +33,7 @@ class ExpertRAGConfig(BaseModel):
     pipeline: PipelineConfig = Field(default_factory=PipelineConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    serve: ServeConfig = Field(default_factory=ServeConfig)
 
     @classmethod
     def load(cls, path: str | Path | None) -> ExpertRAGConfig:

@@ -13,4 +13,4 @@ app = typer.Typer(
 )
 
 # Each module adds its commands to `app` (or a sub-app) on import.
-from expertrag.cli import ask, bench, demo, eval_cmd, evaluate, index, train, train_lm  # noqa: E402,F401
+from expertrag.cli import ask, bench, demo, eval_cmd, evaluate, index, serve, train, train_lm  # noqa: E402,F401

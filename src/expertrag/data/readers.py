@@ -471,3 +471,9 @@ def iter_documents(
                 seen[doc.id] = (file_index, doc.line)
                 rep.record_document(str(path))
                 yield doc
+
+
+def document_from_record(obj: dict[str, Any], where: str, number: int) -> Document:
+    """One JSONL-style record `{id, title?, contents, metadata?}` as a Document, validated exactly as a
+    corpus file's line is (`where`/`number` locate it in errors: a file and line, or a request and index)."""
+    return _document_from_json(obj, Path(where), number)

@@ -187,6 +187,12 @@ class ExpertRAG:
         self.retrieval_cache = LRUCache(self.config.retrieval_cache_size, path, "retrieval") \
             if self.config.retrieval_cache_size else None
 
+    def set_index(self, index: Index) -> None:
+        """Answer from another generation of the index from now on (the old one is closed)."""
+        old, self.index = self.index, index
+        if old is not index:
+            old.close()
+
     # ---- the closed-book probe -----------------------------------------------------------------------
     def probe(self, question: str) -> Probe:
         t = time.perf_counter()

@@ -160,6 +160,12 @@ class Index:
             out.append(hits)
         return out
 
+    def document_passages(self, doc_id: str, filters: Filters | None = None) -> list[Hit]:
+        """A document's passages in order, those the filters allow (none: the caller may not see it)."""
+        rowids = self.store.document_rowids(doc_id, self.generation)
+        allowed = self.allowed(filters)
+        return self.hits([[(r, 0.0) for r in rowids]], allowed)[0]
+
     def passages(self, rowids: set[int]) -> dict[int, StoredPassage]:
         """Stored passages by rowid, from the in-memory LRU where possible."""
         found, missing = {}, []

@@ -333,3 +333,9 @@ class DocStore:
     def live_ids(self, gen: int) -> list[str]:
         return [r[0] for r in self.conn.execute(
             f"SELECT id FROM passages WHERE {_live()} ORDER BY rowid", {"gen": gen})]
+
+    def document_rowids(self, doc_id: str, gen: int) -> list[int]:
+        """Rowids of a document's passages visible at `gen`, in document order."""
+        return [r[0] for r in self.conn.execute(
+            f"SELECT rowid FROM passages WHERE doc_id = :doc AND {_live()} ORDER BY start, rowid",
+            {"doc": doc_id, "gen": gen})]

@@ -1,0 +1,27 @@
+"""The `serve:` config section: where the service listens and the limits it enforces."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class ServeConfig(BaseModel):
+    """`expertrag serve`. Command-line options override host and port."""
+
+    model_config = ConfigDict(extra="forbid")
+    host: str = Field("127.0.0.1", description="bind address (loopback by default: expose it deliberately)")
+    port: int = Field(8000, ge=0, le=65535, description="TCP port (0 = any free port)")
+    keys_file: str | None = Field(None, description="API keys file (null = INDEX/keys.json)")
+    max_body_bytes: int = Field(2_000_000, gt=0, description="largest request body accepted (413 above)")
+    max_tokens_cap: int = Field(256, gt=0, description="largest max_tokens a request may ask for")
+    max_k: int = Field(20, gt=0, description="largest k a request may ask for")
+    max_documents: int = Field(1000, gt=0, description="documents per POST /v1/documents")
+    rate_limit_per_minute: float = Field(
+        600.0, ge=0, description="requests per minute per API key (token bucket; 0 = no limit)")
+    rate_limit_burst: int = Field(30, gt=0, description="requests a key may send at once before the rate applies")
+    queue_size: int = Field(64, gt=0, description="answers waiting for the model; a full queue answers 503 at once")
+    batch_max: int = Field(8, gt=0, description="most answers generated together in one batch")
+    batch_wait_ms: float = Field(5.0, ge=0, description="how long the worker waits for a batch to fill")
+    request_timeout_s: float = Field(120.0, gt=0, description="an answer not done by then gets 504")
+    drain_timeout_s: float = Field(30.0, ge=0, description="on SIGTERM, how long in-flight requests may finish")
+    recent_latencies: int = Field(1000, gt=0, description="answers kept for the page's p50/p95 latency")
