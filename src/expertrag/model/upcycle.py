@@ -51,11 +51,8 @@ def upcycle(model: LlamaLM, moe_cfg: MoEConfig, *, noise_std: float = 0.0,
     already = model.moe_layers
     if already:
         raise ValueError(f"model already has MoE layers {already}; upcycle a dense model")
-    if noise_std > 0:
-        for i in layers:
-            model.set_ffn(i, MoELayer.from_dense(model.layers[i].mlp, moe_cfg, noise_std=noise_std))
-    else:
-        model.use_moe(layers, moe_cfg)
+    for i in layers:
+        model.set_ffn(i, MoELayer.from_dense(model.layers[i].mlp, moe_cfg, noise_std=noise_std))
     set_trainable(model, trainable)
     return model
 
