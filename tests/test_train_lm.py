@@ -260,7 +260,7 @@ def test_cli_missing_data_file(tmp_path):
 @pytest.mark.slow
 def test_cli_smoke_real_model(files, tmp_path, smollm2_dir):
     from expertrag.model.checkpoint import checkpoint_size
-    from expertrag.model.upcycle import load_moe_model
+    from expertrag.model.moe_model import load_moe_model
 
     corpus, questions = files
     out = tmp_path / "run"
