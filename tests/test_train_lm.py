@@ -11,15 +11,11 @@ import torch
 
 from expertrag.errors import ExpertRAGError, InputError
 from expertrag.model.checkpoint import read_checkpoint_config
-from expertrag.model.train_lm import (
-    Example,
-    TrainConfig,
-    TrainingData,
-    data_file_kind,
-    load_training_data,
-    micro_batch,
-    train,
-)
+from expertrag.model.train.batches import micro_batch
+from expertrag.model.train.config import TrainConfig
+from expertrag.model.train.data import TrainingData, data_file_kind, load_training_data
+from expertrag.model.train.examples import Example
+from expertrag.model.train.loop import train
 from expertrag.model.upcycle import delta_parameters, upcycle
 from expertrag.moe import MoEConfig
 
