@@ -33,7 +33,7 @@ from expertrag.model.train.data import TrainingData
 from expertrag.model.train.examples import KINDS
 from expertrag.model.train.schedule import lr_at
 from expertrag.model.train.summary import summarize
-from expertrag.model.train.tally import RoutingTally
+from expertrag.model.train.tally import RoutingTally, tally_routing
 from expertrag.model.upcycle import set_trainable
 from expertrag.moe.config import MoEConfig
 from expertrag.moe.losses import total_router_loss
@@ -47,7 +47,7 @@ SUMMARY_FILE = "train_summary.json"
 def micro_step(model: LlamaLM, batch: Batch, moe_cfg: MoEConfig, sinks: Sequence[RoutingTally]
                ) -> tuple[torch.Tensor, dict[str, float]]:
     """Forward one micro-batch: (total loss, {ce, aux, z, tokens, targets, ce_sum/n per kind}); the routing
-    stats are added to every sink."""
+    counts are added to every sink (see `tally_routing`)."""
     passages = None
     has = torch.tensor([bool(p) for p in batch.passage_ids], device=batch.ids.device)
     if bool(has.any()):
@@ -68,30 +68,11 @@ def micro_step(model: LlamaLM, batch: Batch, moe_cfg: MoEConfig, sinks: Sequence
     router = total_router_loss(auxes, moe_cfg.aux_loss_coef, moe_cfg.z_loss_coef) if auxes else ce.new_zeros(())
     total = ce + router
 
-    e, k = moe_cfg.num_experts, moe_cfg.top_k
-    flat_mask = batch.mask.reshape(-1)
-    B, T = batch.ids.shape
-    with torch.no_grad():
-        kind_rows = {kd: torch.tensor([x == kd for x in batch.kinds], device=batch.ids.device) for kd in KINDS}
-        for li, a in enumerate(auxes):
-            rl = a.router_logits
-            top = rl[:, :e].topk(k, dim=-1)
-            counts = torch.bincount(top.indices[flat_mask].reshape(-1), minlength=e).double().cpu()
-            for st in sinks:
-                st.counts[li] += counts
-            if rl.shape[1] > e:
-                want = (rl[:, e] > top.values[:, -1]).view(B, T)
-                fire = want & has[:, None]
-                aff = torch.softmax(rl.float(), -1)[:, e].view(B, T)
-                for kd, rows in kind_rows.items():
-                    m = batch.mask & rows[:, None]
-                    if bool(m.any()):
-                        add = (float(m.sum()), float((fire & m).sum()), float((want & m).sum()),
-                               float((aff * m).sum()))
-                        for st in sinks:
-                            st.retr[kd] = [x + y for x, y in zip(st.retr[kd], add, strict=True)]
+    kind_rows = {kd: torch.tensor([x == kd for x in batch.kinds], device=batch.ids.device) for kd in KINDS}
+    tally_routing(sinks, auxes, batch.mask, kind_rows, has, moe_cfg.num_experts, moe_cfg.top_k)
     info = {"ce": float(ce.detach()), "aux": float(aux.detach()), "z": float(z.detach()),
             "tokens": float(batch.mask.sum()), "targets": float(sel.sum())}
+    B, T = batch.ids.shape
     with torch.no_grad():
         row_of = torch.arange(B, device=sel.device)[:, None].expand(B, T - 1)[sel]
         for kd, rows in kind_rows.items():
