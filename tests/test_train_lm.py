@@ -203,6 +203,21 @@ def test_training_data_rendering(files, tokenizer):
     assert tokenizer.decode(open_.passage_ids).startswith("Tide: Tides are")
 
 
+@pytest.mark.slow
+def test_citation_needs_the_answer_as_words(tokenizer):
+    """The open-book target cites the first passage holding the answer, judged as evaluation judges it
+    (`answers.contains_answer`, word boundaries): "cat" is not in "cathedral"."""
+    from expertrag.data.types import Question
+    from expertrag.model.train.examples import qa_examples
+    from expertrag.retrieval.types import Hit
+
+    q = Question(id="q", question="Which animal?", golden_answers=["cat"])
+    hits = [Hit("a", "Church", "A cathedral is a large church.", 0.0),
+            Hit("b", "Pets", "The cat sat on the mat.", 0.0)]
+    _, open_ = qa_examples(q, hits, tokenizer, TrainConfig(seq_len=128))
+    assert tokenizer.decode([t for t in open_.labels if t != -100]) == "cat [2]" + tokenizer.eos_token
+
+
 def test_data_errors(tmp_path):
     with pytest.raises(InputError, match=f"{tmp_path / 'missing.jsonl'}: no such file"):
         data_file_kind(tmp_path / "missing.jsonl")
