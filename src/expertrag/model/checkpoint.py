@@ -13,9 +13,8 @@ A checkpoint is a folder:
                                     master weights when the tensors file is lower precision, extras
 
 Files are written through `fileio.atomic_path` (temporary name, fsync, rename, fsync of the folder);
-moe.json is replaced last, so a reader sees either
-the previous checkpoint or the new one, never half of one. Files that moe.json no longer names are
-deleted afterwards. Every load problem is a `CheckpointError` naming the path.
+moe.json is replaced last, so a reader sees either the previous checkpoint or the new one, never half of
+one. Files that moe.json no longer names are deleted afterwards. Every load problem is a `CheckpointError` naming the path.
 """
 
 from __future__ import annotations
