@@ -54,7 +54,7 @@ def test_config_defaults_and_passages(smollm2, generators):
     dense = model.layers[0].mlp
 
     class Spy(torch.nn.Module):
-        def forward(self, x, passages=None):
+        def forward(self, x, passages=None, attention_mask=None):
             seen.append(passages)
             return dense(x)
 

@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 
-from expertrag.model.llama import KVCache, LlamaArgs, LlamaLM, SwiGLU
+from expertrag.model.llama import DenseFFN, KVCache, LlamaArgs, LlamaLM
 from expertrag.moe.types import MoEAux, PassageMemory
 
 ATOL = 1e-4
@@ -81,7 +81,7 @@ def test_pluggable_ffn_and_passages(tiny_llama):
             super().__init__()
             self.dense = dense
 
-        def forward(self, x, passages=None):
+        def forward(self, x, passages=None, attention_mask=None):
             calls.append(passages)
             y, _ = self.dense(x)
             n = x.shape[0] * x.shape[1]
@@ -95,7 +95,7 @@ def test_pluggable_ffn_and_passages(tiny_llama):
     with torch.inference_mode():
         dense = tiny_llama(ids, passages=memory)
         assert dense.aux == [None, None]
-        assert isinstance(tiny_llama.layers[1].mlp, SwiGLU)
+        assert isinstance(tiny_llama.layers[1].mlp, DenseFFN)
         tiny_llama.set_ffn(1, Spy(tiny_llama.layers[1].mlp))
         plugged = tiny_llama(ids, passages=memory)
     assert tiny_llama.moe_layers == [1]

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from expertrag.model.prompts import open_book_messages
 from expertrag.pipeline.cache import LRUCache, cache_key
-from expertrag.pipeline.prompts import open_book_messages
 from expertrag.retrieval.types import Hit
 
 

@@ -11,15 +11,11 @@ import torch
 
 from expertrag.errors import ExpertRAGError, InputError
 from expertrag.model.checkpoint import read_checkpoint_config
-from expertrag.model.train_lm import (
-    Example,
-    TrainConfig,
-    TrainingData,
-    data_file_kind,
-    load_training_data,
-    micro_batch,
-    train,
-)
+from expertrag.model.train.batches import micro_batch
+from expertrag.model.train.config import TrainConfig
+from expertrag.model.train.data import TrainingData, data_file_kind, load_training_data
+from expertrag.model.train.examples import Example
+from expertrag.model.train.loop import train
 from expertrag.model.upcycle import delta_parameters, upcycle
 from expertrag.moe import MoEConfig
 
@@ -58,7 +54,17 @@ def test_overfits_a_tiny_batch(tiny_llama):
     assert s["steps"] == 50
     assert s["loss_end"] < s["loss_start"] / 10, (s["loss_start"], s["loss_end"])
     assert s["tokens"] == 50 * 2 * 16
-    assert not any(p.requires_grad for p in model.parameters() if p.ndim and p is model.embed_tokens.weight)
+
+
+def test_base_stays_frozen_and_every_moe_parameter_trains(tiny_llama):
+    model = upcycled(tiny_llama)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    train(model, synthetic(4, 4), MOE, cfg(steps=4, lr=1e-2), base_model="tiny", progress=False)
+    deltas = set(delta_parameters(model))
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == deltas
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert changed == deltas  # every router, LoRA and retrieval-expert tensor moved; nothing else did
+    assert {n.split(".mlp.")[1].split(".")[0] for n in deltas} == {"router", "experts", "retrieval"}
 
 
 def test_aux_loss_keeps_experts_balanced(tiny_llama):
@@ -197,6 +203,21 @@ def test_training_data_rendering(files, tokenizer):
     assert tokenizer.decode(open_.passage_ids).startswith("Tide: Tides are")
 
 
+@pytest.mark.slow
+def test_citation_needs_the_answer_as_words(tokenizer):
+    """The open-book target cites the first passage holding the answer, judged as evaluation judges it
+    (`answers.contains_answer`, word boundaries): "cat" is not in "cathedral"."""
+    from expertrag.data.types import Question
+    from expertrag.model.train.examples import qa_examples
+    from expertrag.retrieval.types import Hit
+
+    q = Question(id="q", question="Which animal?", golden_answers=["cat"])
+    hits = [Hit("a", "Church", "A cathedral is a large church.", 0.0),
+            Hit("b", "Pets", "The cat sat on the mat.", 0.0)]
+    _, open_ = qa_examples(q, hits, tokenizer, TrainConfig(seq_len=128))
+    assert tokenizer.decode([t for t in open_.labels if t != -100]) == "cat [2]" + tokenizer.eos_token
+
+
 def test_data_errors(tmp_path):
     with pytest.raises(InputError, match=f"{tmp_path / 'missing.jsonl'}: no such file"):
         data_file_kind(tmp_path / "missing.jsonl")
@@ -249,18 +270,29 @@ def test_cli_config_errors(tmp_path):
     assert "moe" not in config.model_fields_set and train_cfg == TrainConfig()
 
 
-def test_cli_missing_data_file(tmp_path):
-    res = _invoke("--data", str(tmp_path / "nope.jsonl"), "--out", str(tmp_path / "out"))
-    assert res.exit_code != 0
-    assert isinstance(res.exception, InputError) and "nope.jsonl: no such file" in str(res.exception)
-    res = _invoke("--data", str(tmp_path / "nope.jsonl"), "--out", str(tmp_path / "out"), "--resume")
-    assert res.exit_code != 0
+def _main(monkeypatch, capsys, *args: str) -> tuple[int, str]:
+    """Run the console entry point (`expertrag train lm ...`): (exit code, stderr)."""
+    from expertrag.cli import main
+
+    monkeypatch.setattr("sys.argv", ["expertrag", "train", "lm", *args])
+    with pytest.raises(SystemExit) as exit_:
+        main()
+    return exit_.value.code, capsys.readouterr().err
+
+
+def test_cli_user_errors_exit_2(tmp_path, monkeypatch, capsys, files):
+    missing = tmp_path / "nope.jsonl"
+    code, err = _main(monkeypatch, capsys, "--data", str(missing), "--out", str(tmp_path / "out"))
+    assert code == 2 and err == f"error: {missing}: no such file or directory\n"
+    corpus, _ = files  # a real data file, but nothing in --out to resume from (fails before loading a model)
+    code, err = _main(monkeypatch, capsys, "--data", str(corpus), "--out", str(tmp_path / "out"), "--resume")
+    assert code == 2 and err == f"error: {tmp_path / 'out'}: nothing to resume (no checkpoint there)\n"
 
 
 @pytest.mark.slow
 def test_cli_smoke_real_model(files, tmp_path, smollm2_dir):
     from expertrag.model.checkpoint import checkpoint_size
-    from expertrag.model.upcycle import load_moe_model
+    from expertrag.model.moe_model import load_moe_model
 
     corpus, questions = files
     out = tmp_path / "run"

@@ -84,3 +84,18 @@ def test_smollm2_upcycled_equals_dense_and_transformers(smollm2, hf_smollm2, kin
     assert fired > 0
     torch.testing.assert_close(with_passages.logits, dense, atol=1e-4, rtol=1e-4)
     assert (moe.argmax(-1) == hf.argmax(-1)).all()
+
+
+def test_router_losses_ignore_left_padding(tiny_llama):
+    """The decoder hands the attention mask to each MoE layer, so padding is not counted in the
+    load-balancing or z-loss: a left-padded row has the losses of the same row unpadded."""
+    model = upcycle(copy.deepcopy(tiny_llama), tiny_cfg("lora", router_init_std=0.3)).eval()
+    ids = torch.randint(2, 128, (1, 7), generator=torch.Generator().manual_seed(3))
+    padded = torch.cat([torch.zeros(1, 4, dtype=torch.long), ids], dim=1)
+    mask = torch.cat([torch.zeros(1, 4, dtype=torch.bool), torch.ones(1, 7, dtype=torch.bool)], dim=1)
+    with torch.no_grad():
+        plain = model(ids).aux
+        left = model(padded, attention_mask=mask).aux
+    for a, b in zip(plain, left, strict=True):
+        torch.testing.assert_close(b.aux_loss, a.aux_loss, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(b.z_loss, a.z_loss, atol=1e-6, rtol=1e-5)

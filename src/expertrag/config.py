@@ -16,7 +16,7 @@ from expertrag.errors import ConfigError
 from expertrag.eval.config import EvalConfig
 from expertrag.gate.config import GateConfig
 from expertrag.model.config import ModelConfig
-from expertrag.model.train_lm import TrainConfig
+from expertrag.model.train.config import TrainConfig
 from expertrag.moe.config import MoEConfig
 from expertrag.pipeline.config import PipelineConfig
 from expertrag.retrieval.config import RetrievalConfig

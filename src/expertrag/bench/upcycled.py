@@ -13,6 +13,7 @@ import copy
 import os
 import platform
 import resource
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,8 @@ def run(max_new_tokens: int = 32, num_prompts: int = 4, rounds: int = 2,
         checkpoint: str | Path | None = None) -> dict[str, Any]:
     import torch
 
+    from expertrag.model.checkpoint import checkpoint_size, save_checkpoint
+    from expertrag.model.config import ModelConfig
     from expertrag.model.generation import encode_prompts, generate
     from expertrag.model.loading import load_model
     from expertrag.model.upcycle import DEMO_MOE, delta_parameters, parameter_bytes, upcycle
@@ -51,6 +54,9 @@ def run(max_new_tokens: int = 32, num_prompts: int = 4, rounds: int = 2,
     rss_moe = _rss()
     deltas = delta_parameters(moe)
     delta_numel = sum(p.numel() for p in deltas.values())
+    with tempfile.TemporaryDirectory() as tmp:  # what an fp16 checkpoint of these deltas takes on disk
+        save_checkpoint(moe, tmp, moe_cfg, base_model=ModelConfig().base, dtype="float16")
+        checkpoint_bytes_fp16 = checkpoint_size(tmp)
     for p in moe.parameters():
         p.requires_grad_(False)
     moe.eval()
@@ -90,7 +96,7 @@ def run(max_new_tokens: int = 32, num_prompts: int = 4, rounds: int = 2,
         "upcycled_trainable_params": delta_numel,
         "upcycled_trainable_bytes": sum(p.numel() * p.element_size() for p in deltas.values()),
         "dense_trainable_bytes": dense_bytes,  # full fine-tuning trains everything
-        "checkpoint_bytes_fp16": 2 * delta_numel,
+        "checkpoint_bytes_fp16": checkpoint_bytes_fp16,  # moe.json + tensors file, as written
         "rss_dense_load_bytes": rss_dense - rss0,
         "rss_upcycled_copy_bytes": rss_moe - rss_dense,
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,

@@ -1,4 +1,4 @@
-"""`expertrag train lm`: continued training of the upcycled MoE model (see expertrag.model.train_lm)."""
+"""`expertrag train lm`: continued training of the upcycled MoE model (see expertrag.model.train)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from expertrag.cli.train import train_app
 from expertrag.config import ExpertRAGConfig
 
 if TYPE_CHECKING:
-    from expertrag.model.train_lm import TrainConfig
+    from expertrag.model.train.config import TrainConfig
 
 
 @train_app.command("lm")
@@ -34,7 +34,8 @@ def train_lm_cmd(
     """
     import logging
 
-    from expertrag.model.train_lm import TrainConfig, run_train_lm
+    from expertrag.model.train.config import TrainConfig
+    from expertrag.model.train.run import run_train_lm
     from expertrag.model.upcycle import DEMO_MOE
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -42,8 +43,8 @@ def train_lm_cmd(
     if steps is not None:
         train_cfg = TrainConfig.model_validate({**train_cfg.model_dump(), "steps": steps})
     moe_cfg = config.moe if "moe" in config.model_fields_set else DEMO_MOE
-    summary = run_train_lm(data, config=config, train_cfg=train_cfg, moe_cfg=moe_cfg, index=index, out_dir=out,
-                           resume=resume, progress=None if not as_json else False)
+    summary = run_train_lm(data, model_cfg=config.model, train_cfg=train_cfg, moe_cfg=moe_cfg, index=index,
+                           out_dir=out, resume=resume, progress=None if not as_json else False)
     if as_json:
         print(json.dumps(summary, default=str))
         return
@@ -52,7 +53,7 @@ def train_lm_cmd(
 
 def load_config(path: Path | None) -> tuple[ExpertRAGConfig, TrainConfig]:
     """The config and its `train` section."""
-    from expertrag.model.train_lm import TrainConfig
+    from expertrag.model.train.config import TrainConfig
 
     if path is None:
         return ExpertRAGConfig(), TrainConfig()

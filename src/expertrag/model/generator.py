@@ -1,9 +1,11 @@
 """The small interface the pipeline talks to: `Generator.generate(prompt, ...) -> Generation`.
 
 `ExpertRAGGenerator` runs our decoder (dense or with MoE layers, reading passages through the retrieval
-expert); `HFGenerator` wraps any transformers causal LM (SmolLM2, Mixtral, OLMoE, Qwen-MoE, ...) through
-its own `generate`. Both return the same `Generation`, continue from a returned `state`, and agree token
-for token when greedy on the same weights.
+expert); it is what the pipeline builds (`pipeline.build.load_generator`). `HFGenerator` wraps a
+transformers causal LM through its own `generate`; it is the reference our decoder is checked against on
+SmolLM2 (the only base `model.loading` knows), not yet a backend the pipeline can be configured to use,
+and no other model family is loaded or tested through it. Both return the same `Generation`, continue
+from a returned `state`, and agree token for token when greedy on the same weights.
 """
 
 from __future__ import annotations
@@ -147,12 +149,14 @@ class _Streamer:
 
 
 class HFGenerator:
-    """Any transformers causal LM behind the `Generator` interface, via its own `generate`.
+    """A transformers causal LM behind the `Generator` interface, via its own `generate` (used with
+    SmolLM2 as the reference for our decoder; the pipeline does not build it).
 
     Log-probs/entropies come from the raw logits of each step (`output_logits`), i.e. the model's
-    full distribution before temperature/top-p, as for our model. `passages` are not supported (these
-    models have no retrieval expert: put passages in the prompt). Router outputs, when asked, come from
-    one extra prompt forward with `output_router_logits=True` (MoE models only; else None).
+    full distribution before temperature/top-p, as for our model. `passages` are not supported (the
+    model has no retrieval expert: put passages in the prompt). Router outputs, when asked, come from
+    one extra prompt forward with `output_router_logits=True` for a model that accepts it; for SmolLM2
+    (dense) they are None.
     """
 
     def __init__(self, model: Any, tokenizer: Any, cfg: GenerationConfig | None = None):

@@ -6,9 +6,11 @@
 Module and parameter names follow Hugging Face's Llama (`layers.3.self_attn.q_proj.weight`, ...), so a
 transformers state dict loads after stripping its `model.` prefix.
 
-The FFN of every layer is pluggable: any module with `forward(x, passages=None) -> (y, MoEAux | None)`
-can replace `layers[i].mlp` (see `LlamaLM.use_moe`). Passages (`PassageMemory`) are handed unchanged to
-every FFN; the dense FFN ignores them.
+The FFN of every layer is pluggable: any module with
+`forward(x, passages=None, attention_mask=None) -> (y, MoEAux | None)` can replace `layers[i].mlp` (see
+`LlamaLM.set_ffn`; `model.upcycle.upcycle` does it for MoE layers). Passages (`PassageMemory`) and the [B, T]
+mask of the current tokens are handed unchanged to every FFN (an MoE layer keeps padding out of its router
+losses with the mask); the dense FFN ignores both.
 
 Padding is on the left. Padded key positions are never attended to; each query always sees itself,
 so padded queries stay finite (their outputs are meaningless and ignored).
@@ -17,7 +19,7 @@ so padded queries stay finite (their outputs are meaningless and ignored).
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -301,8 +303,9 @@ class Attention(nn.Module):
         return project(self, y.transpose(1, 2).reshape(B, T, self.h * self.d), "o_proj")[0]
 
 
-class SwiGLU(nn.Module):
-    """The dense FFN: down(silu(gate(x)) * up(x)). Same forward contract as an MoE layer."""
+class DenseFFN(nn.Module):
+    """The decoder's dense SwiGLU FFN, down(silu(gate(x)) * up(x)), with the FFN-slot contract of an MoE layer:
+    it returns (y, None), None standing for the MoEAux a dense layer does not have."""
 
     def __init__(self, hidden_size: int, intermediate_size: int, bias: bool = False):
         super().__init__()
@@ -310,7 +313,8 @@ class SwiGLU(nn.Module):
         self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=bias)
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=bias)
 
-    def forward(self, x: torch.Tensor, passages: PassageMemory | None = None) -> tuple[torch.Tensor, None]:
+    def forward(self, x: torch.Tensor, passages: PassageMemory | None = None,
+                attention_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, None]:
         gate, up = project(self, x, "gate_proj", "up_proj")
         return project(self, F.silu(gate) * up, "down_proj")[0], None
 
@@ -321,11 +325,13 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         self.self_attn = Attention(args, layer_idx)
         self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
-        self.mlp: nn.Module = SwiGLU(args.hidden_size, args.intermediate_size, args.mlp_bias)
+        self.mlp: nn.Module = DenseFFN(args.hidden_size, args.intermediate_size, args.mlp_bias)
 
-    def forward(self, x, cos, sin, mask, is_causal, cache, passages) -> tuple[torch.Tensor, MoEAux | None]:
+    def forward(self, x, cos, sin, mask, is_causal, cache, passages, token_mask=None
+                ) -> tuple[torch.Tensor, MoEAux | None]:
+        """token_mask: [B, T] bool of the current tokens (None = all real), for the FFN's router losses."""
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, is_causal, cache)
-        y, aux = self.mlp(self.post_attention_layernorm(x), passages=passages)
+        y, aux = self.mlp(self.post_attention_layernorm(x), passages=passages, attention_mask=token_mask)
         return x + y, aux
 
 
@@ -406,19 +412,13 @@ class LlamaLM(nn.Module):
     # ----------------------------------------------------------------------------------- plugging
 
     def set_ffn(self, layer: int, module: nn.Module) -> None:
-        """Replace layer `layer`'s FFN by any module with `forward(x, passages=None) -> (y, aux)`."""
+        """Replace layer `layer`'s FFN by any module with
+        `forward(x, passages=None, attention_mask=None) -> (y, aux)`."""
         self.layers[layer].mlp = module
-
-    def use_moe(self, layers: Iterable[int], moe_cfg: Any) -> None:
-        """Turn the dense FFNs of `layers` into MoE layers initialised from them (upcycling)."""
-        from expertrag.moe.layer import MoELayer
-
-        for i in layers:
-            self.set_ffn(i, MoELayer.from_dense(self.layers[i].mlp, moe_cfg))
 
     @property
     def moe_layers(self) -> list[int]:
-        return [i for i, layer in enumerate(self.layers) if not isinstance(layer.mlp, SwiGLU)]
+        return [i for i, layer in enumerate(self.layers) if not isinstance(layer.mlp, DenseFFN)]
 
     # ----------------------------------------------------------------------------------- passages
 
@@ -484,7 +484,7 @@ class LlamaLM(nn.Module):
         hidden = [x] if output_hidden_states else None
         aux: list[MoEAux | None] = []
         for layer in self.layers:
-            x, a = layer(x, cos, sin, mask, is_causal, cache, passages)
+            x, a = layer(x, cos, sin, mask, is_causal, cache, passages, new_mask)
             aux.append(a)
             if hidden is not None:
                 hidden.append(x)

@@ -2,8 +2,8 @@
 
 The GGUF (SmolLM2-135M-Instruct, Q4_1) takes ~30-40 s to dequantise through transformers+gguf, so the
 first call converts it to a plain Hugging Face folder under `cache_dir()/models/<base>`; later loads
-read safetensors in well under a second. The conversion writes to a temporary folder and renames it
-into place, so a killed conversion never leaves a half-written cache.
+read safetensors in well under a second. The conversion writes to a temporary folder, renames it into
+place and fsyncs the parent folder, so a killed conversion never leaves a half-written cache.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from expertrag.errors import ExpertRAGError
+from expertrag.fileio import fsync_dir
 from expertrag.model.config import ModelConfig
 from expertrag.paths import cache_dir
 
@@ -127,7 +128,10 @@ def ensure_base_model(base: str = "smollm2-135m-instruct", *, verbose: bool = Fa
             if target.exists():  # a stale, unmarked folder from an older layout
                 shutil.rmtree(target)
             os.chmod(tmp, 0o755)  # mkdtemp makes it private
+            # A folder cannot go through fileio.atomic_path (a file writer): rename the finished folder
+            # into place and fsync the parent so the rename survives a crash.
             os.replace(tmp, target)
+            fsync_dir(target.parent)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         if verbose:

@@ -1,9 +1,11 @@
-"""Sparse upcycling of our decoder, which parameters of the result train, and loading a trained one.
+"""Sparse upcycling of our decoder, and which parameters of the result train.
 
     upcycle(model, moe_cfg)            dense FFNs of the chosen layers -> MoE layers (in place), base frozen
     set_trainable(model, parts)        which MoE parameter groups train: routers / experts / retrieval
     delta_parameters(model)            the MoE parameters that are not the frozen pretrained FFN, by name
-    load_moe_model(model_cfg, moe_cfg, checkpoint)   base model -> upcycled -> checkpoint deltas applied
+
+Loading a trained one (base + upcycle + checkpoint deltas) is `model.moe_model.load_moe_model`; the
+checkpoint format (`model.checkpoint`) builds on this module, never the other way round.
 
 At upcycling every expert equals the dense FFN, routers start near zero and the retrieval expert is an
 exact no-op, so the upcycled model computes what the dense one does (up to float rounding).
@@ -12,8 +14,7 @@ exact no-op, so the upcycled model computes what the dense one does (up to float
 from __future__ import annotations
 
 from collections.abc import Iterable
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Literal
 
 from expertrag.moe.config import MoEConfig, moe_layer_indices
 
@@ -21,7 +22,6 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
-    from expertrag.model.config import ModelConfig
     from expertrag.model.llama import LlamaLM
 
 Part = Literal["routers", "experts", "retrieval"]
@@ -51,11 +51,8 @@ def upcycle(model: LlamaLM, moe_cfg: MoEConfig, *, noise_std: float = 0.0,
     already = model.moe_layers
     if already:
         raise ValueError(f"model already has MoE layers {already}; upcycle a dense model")
-    if noise_std > 0:
-        for i in layers:
-            model.set_ffn(i, MoELayer.from_dense(model.layers[i].mlp, moe_cfg, noise_std=noise_std))
-    else:
-        model.use_moe(layers, moe_cfg)
+    for i in layers:
+        model.set_ffn(i, MoELayer.from_dense(model.layers[i].mlp, moe_cfg, noise_std=noise_std))
     set_trainable(model, trainable)
     return model
 
@@ -124,37 +121,3 @@ def parameter_bytes(model: nn.Module, trainable_only: bool = False) -> int:
         seen.add(id(p))
         total += p.numel() * p.element_size()
     return total
-
-
-def load_moe_model(model_cfg: ModelConfig | None = None, moe_cfg: MoEConfig | None = None,
-                   checkpoint: str | Path | None = None) -> tuple[LlamaLM, Any]:
-    """(upcycled model, tokenizer): base weights of `model_cfg.base`, upcycled with `moe_cfg`, then the
-    deltas of `checkpoint` (a folder written by `expertrag train lm` / `save_checkpoint`) applied.
-
-    With a checkpoint, `moe_cfg` may be None (the checkpoint's own MoE config is used); if given, its
-    architecture must match the checkpoint's. Without one, `moe_cfg` None means `DEMO_MOE`. The model
-    is returned in eval mode with every parameter frozen.
-    """
-    from expertrag.model.checkpoint import check_moe_config, read_checkpoint_config
-    from expertrag.model.config import ModelConfig
-    from expertrag.model.loading import load_model
-
-    model_cfg = model_cfg or ModelConfig()
-    meta = None
-    if checkpoint is not None:
-        meta = read_checkpoint_config(checkpoint)  # fail fast, before loading any weights
-        saved = MoEConfig.model_validate(meta["moe"])
-        if moe_cfg is None:
-            moe_cfg = saved
-        else:
-            check_moe_config(moe_cfg, saved, checkpoint)
-    moe_cfg = moe_cfg or DEMO_MOE
-    model, tokenizer = load_model(model_cfg)
-    upcycle(model, moe_cfg)
-    if checkpoint is not None:
-        from expertrag.model.checkpoint import apply_checkpoint
-
-        apply_checkpoint(model, checkpoint, base_model=model_cfg.base)
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return model.eval(), tokenizer

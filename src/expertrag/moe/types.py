@@ -26,8 +26,11 @@ class MoEAux:
 
     router_logits:      [N, E_total] fp32 router logits for the N = B*T tokens; when the layer has a
                         retrieval expert its logit is the LAST column (computed even when masked).
-    aux_loss, z_loss:   scalar tensors (unscaled by their coefficients).
-    tokens_per_expert:  [E_total] how many token-slots each expert received.
+    aux_loss, z_loss:   scalar tensors (unscaled by their coefficients), over the real tokens only when the
+                        layer was given an attention mask (the decoder always passes it), so padding does
+                        not count.
+    tokens_per_expert:  [E_total] how many token-slots each expert received, padding included: it is the
+                        work the experts did (dispatch counts), not a routing statistic of the text.
     retrieval_affinity: [B, T] softmax probability of the retrieval slot over all slots (unmasked), or
                         None when the layer has no retrieval expert. The pipeline's probe averages it over
                         every prompt token (chat template included), not only the question's.

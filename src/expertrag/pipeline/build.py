@@ -48,7 +48,7 @@ def load_generator(config: PipelineSettings) -> Any:
     from expertrag.model.generator import ExpertRAGGenerator
 
     if config.model.checkpoint:
-        from expertrag.model.upcycle import load_moe_model
+        from expertrag.model.moe_model import load_moe_model
 
         model, tokenizer = load_moe_model(config.model, None, config.model.checkpoint)
         return ExpertRAGGenerator(model, tokenizer, config.model.generation)

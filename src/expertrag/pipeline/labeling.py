@@ -14,10 +14,10 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from expertrag.data.types import Question
 from expertrag.answers import contains_answer
+from expertrag.data.types import Question
 from expertrag.gate.labels import LabelRecord, derive_label
-from expertrag.pipeline.prompts import closed_book_messages, open_book_messages
+from expertrag.model.prompts import closed_book_messages, open_book_messages
 from expertrag.pipeline.rag import ExpertRAG, PipelineGateContext
 
 

@@ -18,15 +18,15 @@ from typing import Any
 
 import numpy as np
 
-from expertrag.errors import ExpertRAGError, InputError
 from expertrag.answers import contains_answer, normalize_answer
+from expertrag.errors import ExpertRAGError, InputError
 from expertrag.gate.features import query_features
 from expertrag.gate.types import Decision, Probe
 from expertrag.model.generation import TokenEvent
+from expertrag.model.prompts import closed_book_messages, open_book_messages
 from expertrag.pipeline.answer import Answer, Citation, Timings, User
 from expertrag.pipeline.cache import LRUCache, cache_key
 from expertrag.pipeline.config import PipelineConfig
-from expertrag.pipeline.prompts import closed_book_messages, open_book_messages
 from expertrag.retrieval.index import Index
 from expertrag.retrieval.types import Filters, Hit
 
