@@ -1,6 +1,6 @@
 """The package's parts import downward only (DESIGN.md, "Layers"), function-local imports included.
 
-data/store <- retrieval <- moe/model <- gate <- pipeline <- eval/bench <- config <- cli/serve, with the
+data/store <- retrieval <- moe/model <- gate <- pipeline <- eval/bench/serve <- config <- cli, with the
 standard-library-only leaves (errors, fileio, paths, answers, classification) below everything. Parts on one
 layer may import each other, but no two parts may import each other in a cycle.
 """
@@ -21,9 +21,9 @@ LAYERS: list[set[str]] = [
     {"moe", "model"},
     {"gate"},
     {"pipeline"},
-    {"eval", "bench"},
+    {"eval", "bench", "serve"},  # serve reads the sections it needs, never the root config
     {"config"},  # composes every part's config section, so only the top layer may import it
-    {"cli", "serve", "__main__"},
+    {"cli", "__main__"},
 ]
 RANK = {part: i for i, layer in enumerate(LAYERS) for part in layer}
 
