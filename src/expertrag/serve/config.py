@@ -24,4 +24,7 @@ class ServeConfig(BaseModel):
     batch_wait_ms: float = Field(5.0, ge=0, description="how long the worker waits for a batch to fill")
     request_timeout_s: float = Field(120.0, gt=0, description="an answer not done by then gets 504")
     drain_timeout_s: float = Field(30.0, ge=0, description="on SIGTERM, how long in-flight requests may finish")
+    torch_threads: int | None = Field(
+        None, gt=0, description="intra-op threads of the model (null = torch's default; on a small shared "
+                                "machine 1 is often faster than 2)")
     recent_latencies: int = Field(1000, gt=0, description="answers kept for the page's p50/p95 latency")

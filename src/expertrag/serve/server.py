@@ -38,6 +38,10 @@ def run(service: Service, host: str, port: int) -> None:
     config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False,
                             timeout_graceful_shutdown=max(1, int(service.cfg.drain_timeout_s)))
     server = DrainingServer(config, service)
+    if service.cfg.torch_threads:
+        import torch
+
+        torch.set_num_threads(service.cfg.torch_threads)
     service.start()
     print(f"expertrag: serving {service.index_dir} on http://{host}:{port} (loading the model; /readyz says "
           "when it is ready)", file=sys.stderr, flush=True)
