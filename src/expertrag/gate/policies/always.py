@@ -1,0 +1,14 @@
+"""`always`: retrieve for every question (standard RAG)."""
+
+from __future__ import annotations
+
+from expertrag.gate.policies.base import Policy, register
+from expertrag.gate.types import Decision, GateContext
+
+
+@register
+class AlwaysPolicy(Policy):
+    name = "always"
+
+    def decide(self, ctx: GateContext) -> Decision:
+        return Decision(retrieve=True, score=1.0, stage="fixed", policy=self.name)
