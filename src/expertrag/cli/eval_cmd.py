@@ -104,7 +104,7 @@ def make_factory(index_dir: Path, config: ExpertRAGConfig, gate: Path | None, ge
 
 
 def _provenance(config: ExpertRAGConfig, index: Path, gate: Path | None, labels: list[Path]) -> dict[str, Any]:
-    from expertrag.eval.runner import sha256_file
+    from expertrag.fileio import sha256_file
 
     return {"index": str(index), "gate": str(gate) if gate else None,
             "labels": {str(p): sha256_file(p) for p in labels}, "expertrag": config.model_dump(mode="json")}
@@ -135,7 +135,7 @@ def _print_policies(result: dict[str, Any]) -> None:
 
 def _write(result: dict[str, Any], out: Path) -> tuple[Path, Path]:
     from expertrag.eval.report import write_report
-    from expertrag.eval.runner import write_json
+    from expertrag.eval.results import write_json
 
     return write_json(result, out / "eval.json"), write_report(result, out)
 
@@ -234,7 +234,7 @@ def bench_pipeline(
                          + ", ".join(f"{k} {v}" for k, v in wl.available.items()) + ")")
     factory = make_factory(index, config, gate)
     prov = _provenance(config, index, gate, label_paths)
-    from expertrag.eval.runner import sha256_file
+    from expertrag.fileio import sha256_file
 
     prov["question_files"] = {str(f): sha256_file(f) for f in qfiles}
     result = evaluate(factory, {"workload": wl.questions}, names, labels=wl.labels, groups=wl.groups, seed=s,
@@ -278,9 +278,8 @@ def eval_gates_cmd(
 ) -> None:
     """Gate quality without generating answers: each policy's decisions on labelled questions, accuracy read
     off the labels, precision/recall/AUROC and the threshold sweep. Use labels the gate was not trained on."""
-    from expertrag.eval.gate_eval import evaluate_gates, write_gate_report
-    from expertrag.eval.runner import write_json
-    from expertrag.gate.policies import make_policy
+    from expertrag.eval.gate_eval import build_policies, evaluate_gates, write_gate_report
+    from expertrag.eval.results import write_json
     from expertrag.pipeline.build import gate_dir, load_pipeline
     from expertrag.pipeline.rag import PipelineGateContext
 
@@ -295,13 +294,7 @@ def eval_gates_cmd(
         raise InputError("the label files hold no records")
     rag = load_pipeline(index, config, "never", generator=_generator(config))
     artifacts = gate if gate is not None else gate_dir(index)
-    built: dict[str, Any] = {}
-    skipped: dict[str, str] = {}
-    for name in names:
-        try:
-            built[name] = make_policy(name, config.gate, artifacts)
-        except (ExpertRAGError, OSError, ValueError, KeyError) as e:
-            skipped[name] = f"{type(e).__name__}: {e}"
+    built, skipped = build_policies(names, config.gate, artifacts)
     result = evaluate_gates(lambda r: PipelineGateContext(rag, r.question, dict(r.metadata), None), built, records,
                             settings=settings, progress=None if not as_json else False,
                             config=_provenance(config, index, gate, list(labels)))
@@ -329,7 +322,8 @@ def merge_results_cmd(
     """Pool results over disjoint question sets (cross-fitted folds, each judged by the gate trained on the
     others) and recompute every aggregate from the pooled per-question records."""
     from expertrag.eval.gate_eval import GATES_FORMAT, merge_gate_results, write_gate_report
-    from expertrag.eval.runner import FORMAT, merge_results, write_json
+    from expertrag.eval.merge import merge_results
+    from expertrag.eval.results import FORMAT, write_json
 
     parts = []
     for f in files:
@@ -379,7 +373,8 @@ def eval_routing_cmd(
     (passages, question, template), closed- and open-book, per MoE layer and per label."""
     from expertrag.data.questions import load_questions
     from expertrag.eval.routing import render_routing_markdown, retrieval_routing
-    from expertrag.eval.runner import select_questions, write_json
+    from expertrag.eval.results import write_json
+    from expertrag.eval.sampling import select_questions
     from expertrag.pipeline.build import load_pipeline
 
     config = ExpertRAGConfig.load(config_path)

@@ -24,8 +24,8 @@ from typing import Any
 
 import numpy as np
 
-from expertrag.errors import ExpertRAGError
 from expertrag.classification import auroc, precision_recall_f1
+from expertrag.errors import ExpertRAGError
 from expertrag.gate.config import GateConfig
 from expertrag.gate.features import (
     OPTIONAL_PROBE_FEATURES,

@@ -22,13 +22,15 @@ from expertrag.gate.models.artifacts import (
 )
 from expertrag.gate.models.base import GATE_KINDS, GateModel, load_gate
 from expertrag.gate.models.calibration import Calibrator
+from expertrag.gate.models.export import gate_from_torch
 from expertrag.gate.models.logistic import LogisticGate
 from expertrag.gate.models.mlp import MLPGate
 from expertrag.gate.models.router import RouterGate
 from expertrag.gate.models.scoring import best_threshold, logit, sigmoid, standardisation
 from expertrag.gate.models.threshold import ThresholdGate
-from expertrag.gate.models.export import gate_from_torch  # noqa: I001 - after the models it exports to
 from expertrag.gate.models.torch_nets import make_torch_net, torch_single_thread
+
+GATE_KINDS.update({c.kind: c for c in (ThresholdGate, RouterGate, LogisticGate, MLPGate)})
 
 __all__ = [
     "FORMAT", "GATE_KINDS", "VERSION", "Calibrator", "GateArtifactError", "GateModel", "LogisticGate", "MLPGate",

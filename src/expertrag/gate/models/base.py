@@ -5,8 +5,7 @@ Every model computes raw log-odds z(x); the uncalibrated score is sigmoid(z). `c
 decisions: the decision threshold is mapped through the calibrator too. Use `tune_threshold` afterwards to
 choose a new one.
 
-Subclasses set `kind` (which registers them in `GATE_KINDS`, the table `load_gate` dispatches on) and
-implement `fit`, `_logits` and the (de)serialisation hooks `_params`, `_tensors`, `_restore`.
+Subclasses set `kind` (listed in `GATE_KINDS` by the package __init__) and implement `fit`, `_logits` and the (de)serialisation hooks `_params`, `_tensors`, `_restore`.
 """
 
 from __future__ import annotations
@@ -33,8 +32,8 @@ from expertrag.gate.models.artifacts import (
 from expertrag.gate.models.calibration import Calibrator
 from expertrag.gate.models.scoring import best_threshold, logit, sigmoid
 
-# kind -> class; filled by GateModel.__init_subclass__ as each model module is imported (the package
-# __init__ imports them all, so the table is complete whenever any gate model module is importable).
+# kind -> class, the table `load_gate` dispatches on; filled by the package __init__ (importing any module
+# of the package runs it first, so the table is complete whenever load_gate can be called).
 GATE_KINDS: dict[str, type[GateModel]] = {}
 
 
@@ -42,11 +41,6 @@ class GateModel(ABC):
     """Base of all gate models (see the module doc)."""
 
     kind: ClassVar[str]
-
-    def __init_subclass__(cls, **kwargs: Any) -> None:
-        super().__init_subclass__(**kwargs)
-        if "kind" in cls.__dict__:
-            GATE_KINDS[cls.kind] = cls
 
     def __init__(self, spec: FeatureSpec, decision_threshold: float = 0.5):
         self.spec = spec

@@ -8,7 +8,7 @@ from expertrag.errors import ExpertRAGError
 from expertrag.gate.features import FeatureSpec, popularity_features, probe_features
 from expertrag.gate.models import GateArtifactError, GateModel, load_gate
 from expertrag.gate.policies.artifacts import TRAIN_HINT, artifact_path
-from expertrag.gate.policies.base import Policy, register
+from expertrag.gate.policies.base import Policy
 from expertrag.gate.types import Decision, GateContext, Probe
 
 
@@ -31,7 +31,6 @@ def _scalar_features(ctx: GateContext, with_popularity: bool) -> dict[str, float
     return f
 
 
-@register
 class AdaptivePolicy(Policy):
     """The learned two-stage gate. Score: P(retrieval needed) from the gate that decided.
 

@@ -23,14 +23,9 @@ class Policy(ABC):
         return cls()
 
 
-# name -> class, in registration order (the order `--policies all` runs them in); filled by `register`
-# as the package __init__ imports each policy module.
+# name -> class, in the order `--policies all` runs them; filled by the package __init__ (importing any
+# module of the package runs it first).
 POLICIES: dict[str, type[Policy]] = {}
-
-
-def register(cls: type[Policy]) -> type[Policy]:
-    POLICIES[cls.name] = cls
-    return cls
 
 
 def make_policy(name: str, config: GateConfig | None = None,

@@ -5,11 +5,10 @@ from __future__ import annotations
 from expertrag.gate.features import probe_features
 from expertrag.gate.models import GateArtifactError, GateModel, ThresholdGate
 from expertrag.gate.policies.artifacts import ARTIFACTS, TRAIN_HINT, tuned_threshold
-from expertrag.gate.policies.base import Policy, register
+from expertrag.gate.policies.base import Policy
 from expertrag.gate.types import Decision, GateContext
 
 
-@register
 class EntropyPolicy(Policy):
     """Retrieve when the closed-book draft's mean token entropy >= threshold (an empty draft retrieves).
     Score: the mean token entropy (nats)."""

@@ -5,11 +5,10 @@ from __future__ import annotations
 import math
 
 from expertrag.gate.features import probe_features
-from expertrag.gate.policies.base import Policy, register
+from expertrag.gate.policies.base import Policy
 from expertrag.gate.types import Decision, GateContext
 
 
-@register
 class FlarePolicy(Policy):
     """FLARE's trigger: retrieve when any drafted token has probability < theta (an empty draft retrieves).
     Score: 1 - the smallest token probability."""

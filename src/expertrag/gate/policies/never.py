@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-from expertrag.gate.policies.base import Policy, register
+from expertrag.gate.policies.base import Policy
 from expertrag.gate.types import Decision, GateContext
 
 
-@register
 class NeverPolicy(Policy):
     name = "never"
 

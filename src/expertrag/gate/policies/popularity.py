@@ -10,12 +10,11 @@ from typing import Any
 
 from expertrag.gate.features import popularity_features, s_pop_of
 from expertrag.gate.policies.artifacts import load_popularity, save_popularity
-from expertrag.gate.policies.base import Policy, register
+from expertrag.gate.policies.base import Policy
 from expertrag.gate.policies.fitting import popularity_thresholds
 from expertrag.gate.types import Decision, GateContext
 
 
-@register
 class PopularityPolicy(Policy):
     """Retrieve when metadata.s_pop < the threshold of the question's metadata.relation (global threshold
     for relations unseen or rare in training). A question without s_pop gets `missing` ("retrieve" by

@@ -6,11 +6,10 @@ from expertrag.errors import ExpertRAGError
 from expertrag.gate.features import probe_features
 from expertrag.gate.models import GateArtifactError, GateModel, RouterGate
 from expertrag.gate.policies.artifacts import ARTIFACTS, TRAIN_HINT, tuned_threshold
-from expertrag.gate.policies.base import Policy, register
+from expertrag.gate.policies.base import Policy
 from expertrag.gate.types import Decision, GateContext, Probe
 
 
-@register
 class RouterPolicy(Policy):
     """Retrieve when the MoE router's affinity for the retrieval expert >= threshold. Score: the affinity."""
 

@@ -10,7 +10,7 @@ import numpy as np
 
 from expertrag.errors import ExpertRAGError
 from expertrag.gate.policies.artifacts import load_skr_knn, save_skr_knn
-from expertrag.gate.policies.base import Policy, register
+from expertrag.gate.policies.base import Policy
 from expertrag.gate.types import Decision, GateContext
 
 
@@ -19,7 +19,6 @@ def _unit(x: np.ndarray) -> np.ndarray:
     return x / np.where(n > 0, n, 1.0)
 
 
-@register
 class SkrKnnPolicy(Policy):
     """SKR: the k training questions nearest by cosine of their embeddings vote; retrieve when a strict
     majority of them needed retrieval (a tie does not retrieve). Score: the share voting "retrieve"."""
