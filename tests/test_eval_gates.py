@@ -109,9 +109,7 @@ def test_evaluate_gates_reads_accuracy_off_the_labels():
 def run_cli(args: list[str]):
     from typer.testing import CliRunner
 
-    import expertrag.cli.ask  # noqa: F401
-    import expertrag.cli.eval_cmd  # noqa: F401
-    from expertrag.cli.app import app
+    from expertrag.cli.app import app  # importing the app registers every command
 
     return CliRunner().invoke(app, args)
 
@@ -145,13 +143,13 @@ def test_split_labels_command(tmp_path):
 
 @pytest.mark.slow
 def test_eval_gates_command_with_smollm2(tmp_path, monkeypatch, smollm2):
-    import expertrag.cli.eval_cmd as ec
+    import expertrag.cli.eval_common as ec
     from expertrag.data.types import Document
     from expertrag.gate.labels import write_labels
     from expertrag.model.generator import ExpertRAGGenerator
     from expertrag.retrieval import build_index
 
-    monkeypatch.setattr(ec, "_generator", lambda config: ExpertRAGGenerator(*smollm2))
+    monkeypatch.setattr(ec, "load_generator", lambda config: ExpertRAGGenerator(*smollm2))
     index = tmp_path / "index"
     build_index(index, [Document("fr", "France", "Paris is the capital of France."),
                         Document("moon", "Moon", "The Moon is Earth's only natural satellite.")], progress=False)

@@ -356,8 +356,7 @@ def data_dir(tmp_path_factory):
 def run_cli(args: list[str]):
     from typer.testing import CliRunner
 
-    import expertrag.cli.eval_cmd  # noqa: F401  (registers the commands)
-    from expertrag.cli.app import app
+    from expertrag.cli.app import app  # importing the app registers every command
 
     return CliRunner().invoke(app, args)
 
@@ -381,11 +380,11 @@ def test_cli_rejects_bad_arguments(tmp_path, data_dir):
 
 @pytest.mark.slow
 def test_cli_eval_and_bench_pipeline(index_dir, data_dir, tmp_path, monkeypatch, smollm2):
-    import expertrag.cli.eval_cmd as ec
+    import expertrag.cli.eval_common as ec
     from expertrag.model.generator import ExpertRAGGenerator
 
     # the session's already-loaded SmolLM2 instead of a second copy
-    monkeypatch.setattr(ec, "_generator", lambda config: ExpertRAGGenerator(*smollm2))
+    monkeypatch.setattr(ec, "load_generator", lambda config: ExpertRAGGenerator(*smollm2))
     conf = tmp_path / "c.yaml"
     conf.write_text("pipeline:\n  max_new_tokens: 8\n  probe_tokens: 4\n  k: 2\n")
     out = tmp_path / "eval"

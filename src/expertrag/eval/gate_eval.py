@@ -32,6 +32,7 @@ from expertrag.eval.metrics import mean_or_nan
 from expertrag.eval.provenance import machine_info, package_versions
 from expertrag.eval.results import FORMAT, VERSION, json_safe
 from expertrag.eval.tables import fmt, table
+from expertrag.fileio import atomic_write_text
 from expertrag.gate.labels import LabelRecord
 
 GATES_FORMAT = FORMAT + "-gates"
@@ -236,5 +237,5 @@ def write_gate_report(result: Mapping[str, Any], out_dir: Any, name: str = "gate
     if plot_reliability(result, out / "gates_reliability.png") is not None:
         figures["Gate reliability"] = "gates_reliability.png"
     path = out / name
-    path.write_text(render_gate_markdown(result, figures), encoding="utf-8")
+    atomic_write_text(path, render_gate_markdown(result, figures))
     return path

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from expertrag.eval.tables import fmt, table
+from expertrag.fileio import atomic_write_text
 
 ACC_FIG = "accuracy_vs_retrieval.png"
 LAT_FIG = "latency_cdf.png"
@@ -326,5 +327,5 @@ def write_report(result: Mapping[str, Any], out_dir: str | Path, name: str = "re
         if fn(result, out / fname) is not None:
             figures[title] = fname
     path = out / name
-    path.write_text(render_markdown(result, figures), encoding="utf-8")
+    atomic_write_text(path, render_markdown(result, figures))
     return path
