@@ -22,6 +22,20 @@ from expertrag.eval.metrics import latency_summary, mean_or_nan, ratio_or_nan
 from expertrag.eval.records import NO_RETRIEVAL
 
 
+def stage_shares(records: Sequence[Mapping[str, Any]]) -> dict[str, float]:
+    """Share of the records decided at each gate stage ("fixed", "fast", "probe", "metadata")."""
+    counts: dict[str, int] = {}
+    for r in records:
+        counts[str(r.get("stage"))] = counts.get(str(r.get("stage")), 0) + 1
+    return {k: v / len(records) for k, v in sorted(counts.items())} if records else {}
+
+
+def summary_options(settings: EvalConfig) -> dict[str, Any]:
+    """`summarize`'s keyword arguments from the eval settings."""
+    return dict(both_wrong_as=settings.both_wrong_as, bins=settings.reliability_bins,
+                dominant_above=settings.collapse_dominant_above)
+
+
 def summarize(records: Sequence[Mapping[str, Any]], *, both_wrong_as: str = "retrieve", bins: int = 10,
               dominant_above: float = 0.5) -> dict[str, Any]:
     """Aggregate metrics of one policy's per-question records (module doc)."""
@@ -29,9 +43,6 @@ def summarize(records: Sequence[Mapping[str, Any]], *, both_wrong_as: str = "ret
     graded = [r for r in ok if r.get("correct") is not None]
     lat = [r["latency_ms"] for r in ok]
     total = sum(lat)
-    stages: dict[str, int] = {}
-    for r in ok:
-        stages[str(r.get("stage"))] = stages.get(str(r.get("stage")), 0) + 1
     gen_tokens = sum(r["generated_tokens"] for r in ok)
     out: dict[str, Any] = {
         "n": len(ok), "errors": len(records) - len(ok), "graded": len(graded),
@@ -41,7 +52,7 @@ def summarize(records: Sequence[Mapping[str, Any]], *, both_wrong_as: str = "ret
         "abstain_rate": mean_or_nan([float(r["abstained"]) for r in ok]),
         "retrieval_rate": mean_or_nan([float(r["retrieved"]) for r in ok]),
         "retrievals_per_query": mean_or_nan([r.get("retrievals", int(r["retrieved"])) for r in ok]),
-        "stages": {k: v / len(ok) for k, v in sorted(stages.items())} if ok else {},
+        "stages": stage_shares(ok),
         **latency_summary(lat),
         "ms_per_generated_token": ratio_or_nan(sum(r["generation_ms"] for r in ok), gen_tokens),
         "mean_prompt_tokens": mean_or_nan([r["prompt_tokens"] for r in ok]),
@@ -78,8 +89,7 @@ def speedup(reference: Mapping[str, Any] | None, candidate: Mapping[str, Any] | 
 def aggregate(records: Mapping[str, Sequence[Mapping[str, Any]]], policies: Sequence[str], settings: EvalConfig,
               skipped: Mapping[str, str]) -> tuple[dict[str, Any], dict[str, Any]]:
     """Per-policy results (overall, per dataset, per group, sweep, speed-ups) and the summary, from records."""
-    agg = dict(both_wrong_as=settings.both_wrong_as, bins=settings.reliability_bins,
-               dominant_above=settings.collapse_dominant_above)
+    agg = summary_options(settings)
     results: dict[str, Any] = {}
     for p in policies:
         if p not in records:

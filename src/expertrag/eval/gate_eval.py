@@ -10,8 +10,8 @@ Per policy it reports what `aggregate.summarize` reports about the gate: precisi
 against the label's need, AUROC of the score, a reliability table, the retrieval rate, the share decided per
 stage, and the threshold sweep; plus `accuracy`, read off the labels at the policy's decisions (open_correct
 where it retrieves, closed_correct where not). That accuracy equals a real run's as long as the labels were
-made with the same model, prompts, k and greedy decoding; `runner`'s `operating_point` checks it on the
-questions answered end to end. No latency is reported here: the probe is shared between policies, so
+made with the same model, prompts, k and greedy decoding; the sweep's `operating_point` (eval.gate_quality)
+checks it on the questions answered end to end. No latency is reported here: the probe is shared between policies, so
 per-policy gate time would be wrong; latency comes from `expertrag eval` / `bench pipeline`.
 """
 
@@ -25,6 +25,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from expertrag.errors import ExpertRAGError, InputError
+from expertrag.eval.aggregate import stage_shares
 from expertrag.eval.config import EvalConfig
 from expertrag.eval.gate_quality import gate_quality, threshold_sweep
 from expertrag.eval.merge import pool_records
@@ -46,14 +47,11 @@ def policy_summary(records: Sequence[Mapping[str, Any]], both_wrong_as: str = "r
                    sweep_points: int = 101) -> dict[str, Any]:
     """Label-read accuracy, retrieval rate, stage shares, gate quality and sweep of one policy's decisions."""
     known = [r for r in records if r["label_accuracy"] is not None]
-    stages: dict[str, int] = {}
-    for r in records:
-        stages[str(r["stage"])] = stages.get(str(r["stage"]), 0) + 1
     return {
         "n": len(records), "n_known": len(known),
         "accuracy": mean_or_nan([float(r["label_accuracy"]) for r in known]),
         "retrieval_rate": mean_or_nan([float(r["retrieved"]) for r in records]),
-        "stages": {k: v / len(records) for k, v in sorted(stages.items())} if records else {},
+        "stages": stage_shares(records),
         "gate_quality": gate_quality(records, both_wrong_as, bins),
         # only where the decision changes the outcome (retrieve vs no_retrieve; both_wrong left out)
         "gate_quality_decisive": gate_quality(records, "drop", bins),

@@ -283,7 +283,7 @@ def render_markdown(result: Mapping[str, Any], figures: Mapping[str, str]) -> st
     if sw_rows:
         lines += ["## Threshold sweep", "",
                   "Recomputed from the recorded gate scores and the labels' closed/open-book correctness, without "
-                  "rerunning the model (see `expertrag.eval.runner`). Retrieval rate → accuracy.", ""]
+                  "rerunning the model (see `expertrag.eval.gate_quality`). Retrieval rate → accuracy.", ""]
         lines += table(["policy", "n", "as run", "best", "never", "always", "oracle"], sw_rows)
 
     dil = result.get("context_dilution") or {}

@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from expertrag.data.types import Question
 from expertrag.errors import ExpertRAGError, InputError
-from expertrag.eval.aggregate import aggregate, split_by, summarize
+from expertrag.eval.aggregate import aggregate, split_by, summarize, summary_options
 from expertrag.eval.config import EvalConfig
 from expertrag.eval.provenance import machine_info, package_versions
 from expertrag.eval.records import error_record, group_of, question_record
@@ -160,8 +160,7 @@ def evaluate(rag_factory: Callable[[str], Any],
     bar.close()
 
     results, summary = aggregate(records, policies, settings, skipped)
-    agg = dict(both_wrong_as=settings.both_wrong_as, bins=settings.reliability_bins,
-               dominant_above=settings.collapse_dominant_above)
+    agg = summary_options(settings)
     dilution = {}
     for k, name in dilution_runs.items():
         if name not in records:
