@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 
+from expertrag.eval.aggregate import summarize
+from expertrag.eval.gate_quality import threshold_sweep
 from expertrag.eval.report import ACC_FIG, DIL_FIG, EXPERT_FIG, LAT_FIG, REL_FIG, write_report
-from expertrag.eval.runner import json_safe, summarize, threshold_sweep, write_json
+from expertrag.eval.results import json_safe, write_json
 
 PNG = b"\x89PNG\r\n\x1a\n"
 

@@ -12,15 +12,12 @@ import pytest
 
 from expertrag.data.types import Document, Question
 from expertrag.errors import ExpertRAGError, InputError
-from expertrag.eval.runner import (
-    evaluate,
-    expert_utilisation,
-    gate_quality,
-    group_of,
-    select_questions,
-    summarize,
-    threshold_sweep,
-)
+from expertrag.eval.aggregate import summarize
+from expertrag.eval.experts import expert_utilisation
+from expertrag.eval.gate_quality import gate_quality, threshold_sweep
+from expertrag.eval.records import group_of
+from expertrag.eval.runner import evaluate
+from expertrag.eval.sampling import select_questions
 from expertrag.eval.workload import mixed_workload
 from expertrag.gate.labels import LabelRecord
 from expertrag.gate.models import GateArtifactError
@@ -217,12 +214,60 @@ def test_evaluate_with_a_stub_pipeline(tmp_path):
     assert res["datasets"]["d"]["sha256"] and res["datasets"]["d"]["labelled"] == 6
     assert res["packages"]["expertrag"] and res["machine"]["cpu_count"]
     assert res["results"]["never"]["overall"]["experts"]["layers"]["0"]["share"] == pytest.approx([0.6, 0.4])
-    assert len(res["records"]) == 3 * 7 and "_experts" not in res["records"][0]
+    # 3 policies x 7 questions, then the k=1 dilution run's 7 (k=3 is the always run itself)
+    assert len(res["records"]) == 4 * 7 and "_experts" not in res["records"][0]
     assert res["summary"]["speedup_adaptive_vs_always"] is None  # adaptive was not run
     again = evaluate(stub_factory([]), qs, ["never", "always", "scored"], labels=stub_labels(), progress=False)
     key = [(r["policy"], r["id"], r.get("correct")) for r in again["records"]]
     assert key == [(r["policy"], r["id"], r.get("correct")) for r in evaluate(
         stub_factory([]), qs, ["never", "always", "scored"], labels=stub_labels(), progress=False)["records"]]
+
+
+def test_k_sweep_keeps_every_answer_tagged_with_its_k():
+    res = evaluate(stub_factory([]), stub_questions(), ["never", "always"], k_sweep=[1, 3, 5], progress=False)
+    by_run: dict[str, list[dict]] = {}
+    for r in res["records"]:
+        by_run.setdefault(r["policy"], []).append(r)
+    assert list(by_run) == ["never", "always", "always@k=1", "always@k=5"]  # policies first, then k order
+    assert {r["k"] for r in by_run["always"]} == {3} and {r["k"] for r in by_run["never"]} == {3}
+    for k in (1, 5):
+        recs = by_run[f"always@k={k}"]
+        assert [r["id"] for r in recs] == [q.id for q in stub_questions()] and {r["k"] for r in recs} == {k}
+        # the stub's prompt is 50 tokens per passage: each record holds its own run's answer
+        assert {r["prompt_tokens"] for r in recs} == {50 * k}
+        assert res["context_dilution"][str(k)]["mean_prompt_tokens"] == 50 * k
+    # the dilution runs are records, not policies: results and the latency figure list only the policies
+    assert set(res["results"]) == {"never", "always"}
+
+
+def policy_failing_with(error: Exception):
+    """A factory whose 'buggy' policy raises `error` on every answer (as a bug in decide() would)."""
+    def factory(policy: str):
+        rag = StubRAG(policy)
+        if policy == "buggy":
+            def answer(question, user=None, metadata=None):
+                raise error
+            rag.answer = answer
+        if policy == "adaptive-missing":
+            raise GateArtifactError("policy 'adaptive' needs gate/fast.json, which does not exist")
+        return rag
+    return factory
+
+
+def test_a_bug_in_a_policy_raises_while_missing_artifacts_are_skipped():
+    qs = stub_questions(3)
+    res = evaluate(policy_failing_with(KeyError("x")), qs, ["never", "adaptive-missing"], progress=False)
+    assert set(res["results"]) == {"never"} and "fast.json" in res["skipped"]["adaptive-missing"]
+    with pytest.raises(KeyError):  # decide() raising KeyError is a bug: it must not become a skipped line
+        evaluate(policy_failing_with(KeyError("x")), qs, ["never", "buggy", "adaptive-missing"], progress=False)
+
+    def broken_factory(policy: str):
+        if policy == "buggy":
+            raise KeyError("low")  # building the policy hits a bug
+        return StubRAG(policy)
+
+    with pytest.raises(KeyError):
+        evaluate(broken_factory, qs, ["never", "buggy"], progress=False)
 
 
 def test_evaluate_interleaves_policies_and_samples_by_seed():
@@ -311,8 +356,7 @@ def data_dir(tmp_path_factory):
 def run_cli(args: list[str]):
     from typer.testing import CliRunner
 
-    import expertrag.cli.eval_cmd  # noqa: F401  (registers the commands)
-    from expertrag.cli.app import app
+    from expertrag.cli.app import app  # importing the app registers every command
 
     return CliRunner().invoke(app, args)
 
@@ -336,11 +380,11 @@ def test_cli_rejects_bad_arguments(tmp_path, data_dir):
 
 @pytest.mark.slow
 def test_cli_eval_and_bench_pipeline(index_dir, data_dir, tmp_path, monkeypatch, smollm2):
-    import expertrag.cli.eval_cmd as ec
+    import expertrag.cli.eval_common as ec
     from expertrag.model.generator import ExpertRAGGenerator
 
     # the session's already-loaded SmolLM2 instead of a second copy
-    monkeypatch.setattr(ec, "_generator", lambda config: ExpertRAGGenerator(*smollm2))
+    monkeypatch.setattr(ec, "load_generator", lambda config: ExpertRAGGenerator(*smollm2))
     conf = tmp_path / "c.yaml"
     conf.write_text("pipeline:\n  max_new_tokens: 8\n  probe_tokens: 4\n  k: 2\n")
     out = tmp_path / "eval"
@@ -353,18 +397,27 @@ def test_cli_eval_and_bench_pipeline(index_dir, data_dir, tmp_path, monkeypatch,
     assert "adaptive" in summary["skipped"] and "train" in summary["skipped"]["adaptive"]
     doc = json.loads((out / "eval.json").read_text())
     assert doc["context_dilution"]["1"]["n"] == 3 and doc["config"]["labels"]
-    assert 0.0 <= doc["summary"]["policies"]["never"]["accuracy"] <= 1.0
+    never_recs = [x for x in doc["records"] if x["policy"] == "never"]
+    assert doc["summary"]["policies"]["never"]["accuracy"] == pytest.approx(
+        sum(x["correct"] for x in never_recs) / len(never_recs))
+    assert [x["k"] for x in doc["records"] if x["policy"] == "always@k=1"] == [1, 1, 1]
     assert (out / "report.md").is_file() and (out / "latency_cdf.png").is_file()
 
     r = run_cli(["bench", "pipeline", "--data", str(data_dir), "--index", str(index_dir), "--size", "2",
-                 "--policies", "never,always,flare,skr-knn", "--config", str(conf), "--json"])
+                 "--policies", "never,always,flare,skr-knn", "--config", str(conf), "--json",
+                 "--out", str(tmp_path / "bench")])
     assert r.exit_code == 0, r.output
     b = json.loads(r.stdout.strip().splitlines()[-1])
     assert b["size"] == 2 and b["workload"]["used"] == {"closed_correct": 1, "retrieve": 1, "both_wrong": 0}
     assert set(b["policies"]) == {"never", "always", "flare"} and "skr-knn" in b["skipped"]
     for p in b["policies"].values():
         assert {"accuracy", "retrieval_rate", "latency_ms_mean", "latency_ms_p95", "latency_ms_p99"} <= set(p)
-    assert b["policies"]["flare"]["retrieval_rate"] in (0.0, 0.5, 1.0)
+    # flare's rate is what its decisions give, and each decision follows its rule: retrieve iff the least
+    # likely drafted token has p < 0.2, i.e. score = 1 - p_min > 0.8
+    flare = [x for x in json.loads((tmp_path / "bench" / "eval.json").read_text())["records"]
+             if x["policy"] == "flare"]
+    assert len(flare) == 2 and all(x["retrieved"] == (x["score"] > 0.8) for x in flare)
+    assert b["policies"]["flare"]["retrieval_rate"] == pytest.approx(sum(x["retrieved"] for x in flare) / 2)
     assert b["speedup_adaptive_vs_always"] is None and "speedup_no_retrieval_half" in b
 
 
@@ -394,20 +447,25 @@ def test_evaluate_end_to_end_with_smollm2(index_dir, data_dir, smollm2):
     assert never["retrieval_rate"] == 0.0 and always["retrieval_rate"] == 1.0
     assert never["n"] == always["n"] == 3 and never["stages"] == {"fixed": 1.0}
     assert always["mean_prompt_tokens"] > never["mean_prompt_tokens"]
-    for o in (never, always):
+    for name, o in (("never", never), ("always", always)):
         assert o["correct"] == round(o["accuracy"] * o["graded"]) and 0 < o["latency_ms_p50"] <= o["latency_ms_p99"]
-        assert o["ms_per_generated_token"] > 0 and 0 <= o["gate_overhead_share"] < 1
+        mine = [r for r in res["records"] if r["policy"] == name]  # the summary is computed from these
+        assert o["ms_per_generated_token"] == pytest.approx(
+            sum(r["generation_ms"] for r in mine) / sum(r["generated_tokens"] for r in mine))
+        assert o["gate_overhead_share"] == pytest.approx(
+            sum(r["gate_ms"] for r in mine) / sum(r["latency_ms"] for r in mine))
         assert o["gate_quality"]["n"] == 2 and o["gate_quality"]["positives"] == 1
     assert res["results"]["always"]["overall"]["gate_quality"]["recall"] == 1.0
     recs = res["records"]
-    assert len(recs) == 6 and {r["policy"] for r in recs} == {"never", "always"}
-    assert all(r["retrieved"] == (r["policy"] == "always") and r["generated_tokens"] <= 8 for r in recs)
+    assert len(recs) == 9 and [r["policy"] for r in recs] == ["never"] * 3 + ["always"] * 3 + ["always@k=1"] * 3
+    assert [r["k"] for r in recs] == [2] * 6 + [1] * 3
+    assert all(r["retrieved"] == r["policy"].startswith("always") and r["generated_tokens"] <= 8 for r in recs)
     assert res["context_dilution"]["1"]["n"] == 3
     assert res["summary"]["policies"]["always"]["speedup_vs_always"] == pytest.approx(1.0)
 
 
 def test_merge_results_pools_disjoint_runs():
-    from expertrag.eval.runner import merge_results
+    from expertrag.eval.merge import merge_results
 
     qs = stub_questions(8)
     pols = ["never", "always", "scored"]

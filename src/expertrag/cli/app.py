@@ -13,4 +13,18 @@ app = typer.Typer(
 )
 
 # Each module adds its commands to `app` (or a sub-app) on import.
-from expertrag.cli import ask, bench, demo, eval_cmd, evaluate, index, serve, train, train_lm  # noqa: E402,F401
+from expertrag.cli import (  # noqa: E402,F401
+    ask,
+    bench,
+    bench_pipeline,
+    demo,
+    eval_cmd,
+    eval_gates,
+    eval_routing,
+    index,
+    merge_results,
+    recall,
+    serve,
+    train,
+    train_lm,
+)

@@ -6,12 +6,12 @@ branches' correctness (closed_correct / open_correct from `expertrag label`). So
 gate context per question (query features, rankings, and the closed-book probe when a policy asks for it:
 computed once and shared by all policies, as in one real answer) and asks each policy for its decision.
 
-Per policy it reports what `runner.summarize` reports about the gate: precision/recall/F1 of "retrieve"
+Per policy it reports what `aggregate.summarize` reports about the gate: precision/recall/F1 of "retrieve"
 against the label's need, AUROC of the score, a reliability table, the retrieval rate, the share decided per
 stage, and the threshold sweep; plus `accuracy`, read off the labels at the policy's decisions (open_correct
 where it retrieves, closed_correct where not). That accuracy equals a real run's as long as the labels were
-made with the same model, prompts, k and greedy decoding; `runner`'s `operating_point` checks it on the
-questions answered end to end. No latency is reported here: the probe is shared between policies, so
+made with the same model, prompts, k and greedy decoding; the sweep's `operating_point` (eval.gate_quality)
+checks it on the questions answered end to end. No latency is reported here: the probe is shared between policies, so
 per-policy gate time would be wrong; latency comes from `expertrag eval` / `bench pipeline`.
 """
 
@@ -25,18 +25,15 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from expertrag.errors import ExpertRAGError, InputError
+from expertrag.eval.aggregate import stage_shares
 from expertrag.eval.config import EvalConfig
-from expertrag.eval.runner import (
-    FORMAT,
-    VERSION,
-    _mean,
-    gate_quality,
-    json_safe,
-    machine_info,
-    package_versions,
-    pool_records,
-    threshold_sweep,
-)
+from expertrag.eval.gate_quality import gate_quality, threshold_sweep
+from expertrag.eval.merge import pool_records
+from expertrag.eval.metrics import mean_or_nan
+from expertrag.eval.provenance import machine_info, package_versions
+from expertrag.eval.results import FORMAT, VERSION, json_safe
+from expertrag.eval.tables import fmt, table
+from expertrag.fileio import atomic_write_text
 from expertrag.gate.labels import LabelRecord
 
 GATES_FORMAT = FORMAT + "-gates"
@@ -50,14 +47,11 @@ def policy_summary(records: Sequence[Mapping[str, Any]], both_wrong_as: str = "r
                    sweep_points: int = 101) -> dict[str, Any]:
     """Label-read accuracy, retrieval rate, stage shares, gate quality and sweep of one policy's decisions."""
     known = [r for r in records if r["label_accuracy"] is not None]
-    stages: dict[str, int] = {}
-    for r in records:
-        stages[str(r["stage"])] = stages.get(str(r["stage"]), 0) + 1
     return {
         "n": len(records), "n_known": len(known),
-        "accuracy": _mean([float(r["label_accuracy"]) for r in known]),
-        "retrieval_rate": _mean([float(r["retrieved"]) for r in records]),
-        "stages": {k: v / len(records) for k, v in sorted(stages.items())} if records else {},
+        "accuracy": mean_or_nan([float(r["label_accuracy"]) for r in known]),
+        "retrieval_rate": mean_or_nan([float(r["retrieved"]) for r in records]),
+        "stages": stage_shares(records),
         "gate_quality": gate_quality(records, both_wrong_as, bins),
         # only where the decision changes the outcome (retrieve vs no_retrieve; both_wrong left out)
         "gate_quality_decisive": gate_quality(records, "drop", bins),
@@ -65,12 +59,30 @@ def policy_summary(records: Sequence[Mapping[str, Any]], both_wrong_as: str = "r
     }
 
 
+def build_policies(names: Sequence[str], config: Any, artifacts_dir: Any) -> tuple[dict[str, Any], dict[str, str]]:
+    """(name -> Policy, name -> reason skipped): a policy whose gate artifacts are missing or corrupt is
+    skipped with the loader's message; any other error building it is a bug and propagates."""
+    from expertrag.gate.models import GateArtifactError
+    from expertrag.gate.policies import make_policy
+
+    built: dict[str, Any] = {}
+    skipped: dict[str, str] = {}
+    for name in names:
+        try:
+            built[name] = make_policy(name, config, artifacts_dir)
+        except GateArtifactError as e:
+            skipped[name] = f"{type(e).__name__}: {e}"
+    return built, skipped
+
+
 def evaluate_gates(context: Callable[[LabelRecord], Any], policies: Mapping[str, Any],
                    labels: Sequence[LabelRecord], *, settings: EvalConfig | None = None,
                    progress: bool | None = None, config: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Decisions of each policy (name -> Policy) on each labelled question; `context(record)` returns the
-    question's GateContext. A policy that raises an ExpertRAGError (other than InputError) is skipped with
-    the reason; an InputError on one question is that question's error."""
+    question's GateContext. A policy whose decide() raises an ExpertRAGError other than InputError (a
+    condition the user can act on, e.g. the router policy on a model without a retrieval expert) is skipped
+    with the reason; an InputError on one question is that question's error. Anything else is a bug in the
+    policy and propagates (it must not turn into a "skipped" line)."""
     settings = settings or EvalConfig()
     started = time.perf_counter()
     live = dict(policies)
@@ -135,9 +147,9 @@ def gate_results(records: Mapping[str, Sequence[Mapping[str, Any]]], settings: E
         "labels": {lab: sum(r["label"] == lab for r in questions.values())
                    for lab in sorted({r["label"] for r in questions.values()})},
         "baselines": {
-            "never_accuracy": _mean([float(r["closed_correct"]) for r in known]),
-            "always_accuracy": _mean([float(r["open_correct"]) for r in known]),
-            "oracle_accuracy": _mean([float(r["closed_correct"] or r["open_correct"]) for r in known]),
+            "never_accuracy": mean_or_nan([float(r["closed_correct"]) for r in known]),
+            "always_accuracy": mean_or_nan([float(r["open_correct"]) for r in known]),
+            "oracle_accuracy": mean_or_nan([float(r["closed_correct"] or r["open_correct"]) for r in known]),
         },
         "settings": settings.model_dump(mode="json"), "results": results,
     }
@@ -162,48 +174,46 @@ def merge_gate_results(parts: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
 
 
 def render_gate_markdown(result: Mapping[str, Any], figures: Mapping[str, str]) -> str:
-    from expertrag.eval.report import _fmt, _table
-
     res = result.get("results") or {}
     b = result.get("baselines") or {}
     lines = ["# ExpertRAG gate evaluation", "",
              f"Created {result.get('created')}; {result.get('n')} labelled questions ("
              + ", ".join(f"{k} {v}" for k, v in (result.get("labels") or {}).items())
-             + f") in {_fmt(result.get('duration_s'), 0)} s. No answers were generated: accuracy is read off the "
+             + f") in {fmt(result.get('duration_s'), 0)} s. No answers were generated: accuracy is read off the "
              "labels at each policy's decisions (open-book correctness where it retrieves, closed-book where not).",
-             "", f"From the labels: never-retrieve {_fmt(b.get('never_accuracy'))}, always-retrieve "
-             f"{_fmt(b.get('always_accuracy'))}, oracle {_fmt(b.get('oracle_accuracy'))}.", ""]
+             "", f"From the labels: never-retrieve {fmt(b.get('never_accuracy'))}, always-retrieve "
+             f"{fmt(b.get('always_accuracy'))}, oracle {fmt(b.get('oracle_accuracy'))}.", ""]
     for p, why in (result.get("skipped") or {}).items():
         lines.append(f"- skipped **{p}**: {why}")
     rows = []
     for p, r in res.items():
         o, g = r["overall"], r["overall"].get("gate_quality") or {}
         d = r["overall"].get("gate_quality_decisive") or {}
-        rows.append([p, o["n"], _fmt(o["accuracy"]), _fmt(o["retrieval_rate"]), _fmt(g.get("precision")),
-                     _fmt(g.get("recall")), _fmt(g.get("f1")), _fmt(g.get("auroc")),
-                     f"{_fmt(d.get('auroc'))} (n={d.get('n', 0)})",
+        rows.append([p, o["n"], fmt(o["accuracy"]), fmt(o["retrieval_rate"]), fmt(g.get("precision")),
+                     fmt(g.get("recall")), fmt(g.get("f1")), fmt(g.get("auroc")),
+                     f"{fmt(d.get('auroc'))} (n={d.get('n', 0)})",
                      ", ".join(f"{s} {v:.0%}" for s, v in o["stages"].items())])
     lines += ["## Policies", "", "Need = the label's target (both_wrong counted as "
               f"{(result.get('settings') or {}).get('both_wrong_as', 'retrieve')}); precision/recall/F1 of deciding "
               "to retrieve. AUROC decisive: the score's AUROC on the questions where the decision changes the "
               "outcome (labels retrieve vs no_retrieve).", ""]
-    lines += _table(["policy", "n", "acc (labels)", "retrieval", "precision", "recall", "F1", "AUROC",
+    lines += table(["policy", "n", "acc (labels)", "retrieval", "precision", "recall", "F1", "AUROC",
                      "AUROC decisive", "stages"], rows)
     sw_rows = []
     for p, r in res.items():
         sw = r.get("sweep")
         if sw:
             best = sw["best"]
-            sw_rows.append([p, sw["n"], f"t={_fmt(best['threshold'])}: {_fmt(best['retrieval_rate'])} → "
-                            f"{_fmt(best['accuracy'])}"])
+            sw_rows.append([p, sw["n"], f"t={fmt(best['threshold'])}: {fmt(best['retrieval_rate'])} → "
+                            f"{fmt(best['accuracy'])}"])
     if sw_rows:
         lines += ["## Threshold sweep (best point; full curve in the JSON and the figure)", ""]
-        lines += _table(["policy", "n", "best: retrieval rate → accuracy"], sw_rows)
+        lines += table(["policy", "n", "best: retrieval rate → accuracy"], sw_rows)
     sources = sorted({s for r in res.values() for s in r["sources"]})
     if sources:
         lines += ["## By source (accuracy / retrieval rate)", ""]
-        lines += _table(["policy"] + sources, [[p] + [
-            f"{_fmt(r['sources'].get(s, {}).get('accuracy'))} / {_fmt(r['sources'].get(s, {}).get('retrieval_rate'))}"
+        lines += table(["policy"] + sources, [[p] + [
+            f"{fmt(r['sources'].get(s, {}).get('accuracy'))} / {fmt(r['sources'].get(s, {}).get('retrieval_rate'))}"
             for s in sources] for p, r in res.items()])
     if figures:
         lines += ["## Figures", ""] + [f"![{t}]({n})\n" for t, n in figures.items()]
@@ -225,5 +235,5 @@ def write_gate_report(result: Mapping[str, Any], out_dir: Any, name: str = "gate
     if plot_reliability(result, out / "gates_reliability.png") is not None:
         figures["Gate reliability"] = "gates_reliability.png"
     path = out / name
-    path.write_text(render_gate_markdown(result, figures), encoding="utf-8")
+    atomic_write_text(path, render_gate_markdown(result, figures))
     return path

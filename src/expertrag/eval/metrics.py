@@ -41,6 +41,16 @@ def answer_recall_at_k(passages: Sequence[str], golds: Sequence[str], k: int) ->
     return float(any(contains_answer(p, golds) for p in passages[:k]))
 
 
+def mean_or_nan(values: Sequence[float]) -> float:
+    """The mean, or NaN for no values (an undefined metric; null in the result JSON)."""
+    return float(np.mean(values)) if len(values) else float("nan")
+
+
+def ratio_or_nan(num: float, den: float) -> float:
+    """num / den, or NaN when den is 0."""
+    return float(num / den) if den else float("nan")
+
+
 def percentile(values: Sequence[float], q: float) -> float:
     """Linear-interpolation percentile (numpy's default), q in [0, 100]."""
     if len(values) == 0:
@@ -58,6 +68,6 @@ def latency_summary(ms: Sequence[float]) -> dict[str, float]:
 
 
 __all__ = [
-    "answer_recall_at_k", "auroc", "contains_answer", "exact_match", "latency_summary", "normalize_answer",
-    "percentile", "precision_recall_f1", "token_f1",
+    "answer_recall_at_k", "auroc", "contains_answer", "exact_match", "latency_summary", "mean_or_nan",
+    "normalize_answer", "percentile", "precision_recall_f1", "ratio_or_nan", "token_f1",
 ]

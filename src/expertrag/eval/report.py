@@ -9,12 +9,14 @@ expert utilisation heatmaps (layers x experts, when the model reported shares), 
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from expertrag.eval.tables import fmt, table
+from expertrag.fileio import atomic_write_text
 
 ACC_FIG = "accuracy_vs_retrieval.png"
 LAT_FIG = "latency_cdf.png"
@@ -23,30 +25,12 @@ REL_FIG = "gate_reliability.png"
 DIL_FIG = "context_dilution.png"
 
 
-def _fmt(v: Any, digits: int = 3) -> str:
-    if v is None or (isinstance(v, float) and not math.isfinite(v)):
-        return "–"
-    if isinstance(v, bool):
-        return "yes" if v else "no"
-    if isinstance(v, int):
-        return str(v)
-    if isinstance(v, float):
-        return f"{v:.{digits}f}"
-    return str(v)
-
-
 def _ms(v: Any) -> str:
-    return _fmt(v, 0) if isinstance(v, float) and abs(v) >= 100 else _fmt(v, 1)
+    return fmt(v, 0) if isinstance(v, float) and abs(v) >= 100 else fmt(v, 1)
 
 
 def _x(v: Any) -> str:
     return "–" if v is None else f"{v:.2f}×"
-
-
-def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[str]:
-    out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    out += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
-    return out + [""]
 
 
 def _figure(w: float = 6.4, h: float = 4.4):
@@ -102,8 +86,9 @@ def plot_accuracy_vs_retrieval(result: Mapping[str, Any], path: Path, point_labe
 
 def plot_latency_cdf(result: Mapping[str, Any], path: Path) -> Path | None:
     by_policy: dict[str, list[float]] = {}
+    shown = set(result.get("policies") or [])  # not the context-dilution runs, which are records too
     for r in result.get("records") or []:
-        if r.get("latency_ms") is not None and not r.get("error"):
+        if r.get("latency_ms") is not None and not r.get("error") and (not shown or r["policy"] in shown):
             by_policy.setdefault(r["policy"], []).append(float(r["latency_ms"]))
     if not by_policy:
         return None
@@ -212,7 +197,7 @@ def render_markdown(result: Mapping[str, Any], figures: Mapping[str, str]) -> st
     lines = ["# ExpertRAG evaluation", ""]
     lines.append(f"Created {result.get('created', '?')}; seed {result.get('seed')}; "
                  f"limit {result.get('limit') or 'all'}; {len(result.get('records') or [])} answers in "
-                 f"{_fmt(result.get('duration_s'), 0)} s.")
+                 f"{fmt(result.get('duration_s'), 0)} s.")
     m = result.get("machine") or {}
     pk = result.get("packages") or {}
     lines.append(f"Machine: {m.get('platform', '?')}, {m.get('cpu_count', '?')} CPUs "
@@ -222,7 +207,7 @@ def render_markdown(result: Mapping[str, Any], figures: Mapping[str, str]) -> st
     ds = result.get("datasets") or {}
     if ds:
         lines += ["## Datasets", ""]
-        lines += _table(["dataset", "questions", "evaluated", "labelled", "sha256"],
+        lines += table(["dataset", "questions", "evaluated", "labelled", "sha256"],
                         [[n, d.get("questions"), d.get("evaluated"), d.get("labelled"),
                           (d.get("sha256") or "–")[:16]] for n, d in ds.items()])
     wl = result.get("workload")
@@ -241,72 +226,72 @@ def render_markdown(result: Mapping[str, Any], figures: Mapping[str, str]) -> st
     rows = []
     for p, r in res.items():
         o = r["overall"]
-        rows.append([p, o["n"], _fmt(o["accuracy"]), _fmt(o["em"]), _fmt(o["f1"]), _fmt(o["retrieval_rate"]),
-                     _fmt(o["abstain_rate"]), _ms(o["latency_ms_mean"]), _ms(o["latency_ms_p50"]),
-                     _ms(o["latency_ms_p95"]), _ms(o["latency_ms_p99"]), _fmt(o["ms_per_generated_token"], 1),
-                     _fmt(o["mean_prompt_tokens"], 0), _fmt(o["gate_overhead_share"]), _x(r.get("speedup_vs_always"))])
-    lines += _table(["policy", "n", "acc", "EM", "F1", "retrieval", "abstain", "mean ms", "p50", "p95", "p99",
+        rows.append([p, o["n"], fmt(o["accuracy"]), fmt(o["em"]), fmt(o["f1"]), fmt(o["retrieval_rate"]),
+                     fmt(o["abstain_rate"]), _ms(o["latency_ms_mean"]), _ms(o["latency_ms_p50"]),
+                     _ms(o["latency_ms_p95"]), _ms(o["latency_ms_p99"]), fmt(o["ms_per_generated_token"], 1),
+                     fmt(o["mean_prompt_tokens"], 0), fmt(o["gate_overhead_share"]), _x(r.get("speedup_vs_always"))])
+    lines += table(["policy", "n", "acc", "EM", "F1", "retrieval", "abstain", "mean ms", "p50", "p95", "p99",
                      "ms/token", "prompt tok", "gate share", "speed-up vs always"], rows)
 
     lines += ["## Speed-up of adaptive over always", ""]
     ad = summ.get("adaptive_policy", "adaptive")
-    lines += _table(["", "speed-up"], [
+    lines += table(["", "speed-up"], [
         [f"overall ({ad} vs always, mean latency)", _x(summ.get("speedup_adaptive_vs_always"))],
         ["no-retrieval half (closed-book-correct questions)", _x(summ.get("speedup_no_retrieval_half"))]])
     group_rows = []
     for p, r in res.items():
         for g, o in (r.get("groups") or {}).items():
-            group_rows.append([p, g, o["n"], _fmt(o["accuracy"]), _fmt(o["retrieval_rate"]),
+            group_rows.append([p, g, o["n"], fmt(o["accuracy"]), fmt(o["retrieval_rate"]),
                                _ms(o["latency_ms_mean"]), _ms(o["latency_ms_p95"])])
     if group_rows:
         lines += ["### By group", ""]
-        lines += _table(["policy", "group", "n", "acc", "retrieval", "mean ms", "p95 ms"], group_rows)
+        lines += table(["policy", "group", "n", "acc", "retrieval", "mean ms", "p95 ms"], group_rows)
 
     if len(ds) > 1:
         names = list(ds)
         lines += ["## By dataset (accuracy / retrieval rate)", ""]
-        lines += _table(["policy"] + names, [[p] + [
-            f"{_fmt(r['datasets'].get(d, {}).get('accuracy'))} / {_fmt(r['datasets'].get(d, {}).get('retrieval_rate'))}"
+        lines += table(["policy"] + names, [[p] + [
+            f"{fmt(r['datasets'].get(d, {}).get('accuracy'))} / {fmt(r['datasets'].get(d, {}).get('retrieval_rate'))}"
             for d in names] for p, r in res.items()])
 
     stage_rows = [[p, ", ".join(f"{s} {v:.0%}" for s, v in r["overall"]["stages"].items())] for p, r in res.items()]
     if stage_rows:
-        lines += ["## Gate stages (share of questions decided)", ""] + _table(["policy", "stages"], stage_rows)
+        lines += ["## Gate stages (share of questions decided)", ""] + table(["policy", "stages"], stage_rows)
 
     gq_rows = []
     for p, r in res.items():
         g = r["overall"].get("gate_quality")
         if g:
-            gq_rows.append([p, g["n"], f"{g['positives']}/{g['negatives']}", _fmt(g["precision"]), _fmt(g["recall"]),
-                            _fmt(g["f1"]), _fmt(g["auroc"]), g["n_scored"]])
+            gq_rows.append([p, g["n"], f"{g['positives']}/{g['negatives']}", fmt(g["precision"]), fmt(g["recall"]),
+                            fmt(g["f1"]), fmt(g["auroc"]), g["n_scored"]])
     if gq_rows:
         lines += ["## Gate quality against labels", "",
                   "Need = the label's training target (both_wrong counted as "
                   f"{(result.get('settings') or {}).get('both_wrong_as', 'retrieve')}); precision/recall/F1 of "
                   "deciding to retrieve; AUROC of the gate score.", ""]
-        lines += _table(["policy", "n", "need / no need", "precision", "recall", "F1", "AUROC", "scored"], gq_rows)
+        lines += table(["policy", "n", "need / no need", "precision", "recall", "F1", "AUROC", "scored"], gq_rows)
 
     sw_rows = []
     for p, r in res.items():
         sw = r.get("sweep")
         if sw:
             b, op = sw["best"], sw["operating_point"]
-            sw_rows.append([p, sw["n"], f"{_fmt(op['retrieval_rate'])} → {_fmt(op['label_accuracy'])} "
-                            f"(measured {_fmt(op['measured_accuracy'])})",
-                            f"t={_fmt(b['threshold'])}: {_fmt(b['retrieval_rate'])} → {_fmt(b['accuracy'])}",
-                            _fmt(sw["never_accuracy"]), _fmt(sw["always_accuracy"]), _fmt(sw["oracle_accuracy"])])
+            sw_rows.append([p, sw["n"], f"{fmt(op['retrieval_rate'])} → {fmt(op['label_accuracy'])} "
+                            f"(measured {fmt(op['measured_accuracy'])})",
+                            f"t={fmt(b['threshold'])}: {fmt(b['retrieval_rate'])} → {fmt(b['accuracy'])}",
+                            fmt(sw["never_accuracy"]), fmt(sw["always_accuracy"]), fmt(sw["oracle_accuracy"])])
     if sw_rows:
         lines += ["## Threshold sweep", "",
                   "Recomputed from the recorded gate scores and the labels' closed/open-book correctness, without "
-                  "rerunning the model (see `expertrag.eval.runner`). Retrieval rate → accuracy.", ""]
-        lines += _table(["policy", "n", "as run", "best", "never", "always", "oracle"], sw_rows)
+                  "rerunning the model (see `expertrag.eval.gate_quality`). Retrieval rate → accuracy.", ""]
+        lines += table(["policy", "n", "as run", "best", "never", "always", "oracle"], sw_rows)
 
     dil = result.get("context_dilution") or {}
     if dil:
         lines += ["## Context dilution (`always`, k passages)", ""]
-        lines += _table(["k", "n", "acc", "EM", "F1", "prompt tok", "mean ms"],
-                        [[k, v["n"], _fmt(v["accuracy"]), _fmt(v["em"]), _fmt(v["f1"]),
-                          _fmt(v["mean_prompt_tokens"], 0), _ms(v["latency_ms_mean"])]
+        lines += table(["k", "n", "acc", "EM", "F1", "prompt tok", "mean ms"],
+                        [[k, v["n"], fmt(v["accuracy"]), fmt(v["em"]), fmt(v["f1"]),
+                          fmt(v["mean_prompt_tokens"], 0), _ms(v["latency_ms_mean"])]
                          for k, v in sorted(dil.items(), key=lambda kv: int(kv[0]))])
 
     ex_rows = []
@@ -314,12 +299,12 @@ def render_markdown(result: Mapping[str, Any], figures: Mapping[str, str]) -> st
         ex = r["overall"].get("experts")
         if ex:
             ent = [lay["normalized_entropy"] for lay in ex["layers"].values() if lay["normalized_entropy"] is not None]
-            ex_rows.append([p, len(ex["layers"]), _fmt(float(np.mean(ent)) if ent else None),
-                            _fmt(ex.get("retrieval_expert_share")),
+            ex_rows.append([p, len(ex["layers"]), fmt(float(np.mean(ent)) if ent else None),
+                            fmt(ex.get("retrieval_expert_share")),
                             "; ".join(ex["collapse"][:4]) + (" …" if len(ex["collapse"]) > 4 else "") or "none"])
     if ex_rows:
         lines += ["## Expert utilisation", ""]
-        lines += _table(["policy", "MoE layers", "mean norm. entropy", "retrieval expert share", "collapse flags"],
+        lines += table(["policy", "MoE layers", "mean norm. entropy", "retrieval expert share", "collapse flags"],
                         ex_rows)
 
     if figures:
@@ -342,5 +327,5 @@ def write_report(result: Mapping[str, Any], out_dir: str | Path, name: str = "re
         if fn(result, out / fname) is not None:
             figures[title] = fname
     path = out / name
-    path.write_text(render_markdown(result, figures), encoding="utf-8")
+    atomic_write_text(path, render_markdown(result, figures))
     return path

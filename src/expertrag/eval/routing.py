@@ -149,7 +149,7 @@ def retrieval_routing(rag: Any, questions: Sequence[Question], labels: Mapping[s
 
 
 def render_routing_markdown(result: Mapping[str, Any]) -> str:
-    from expertrag.eval.report import _fmt, _table
+    from expertrag.eval.tables import fmt, table
 
     lines = ["# What the retrieval expert is routed for", "",
              f"{result['n']} questions; each read closed-book and open-book (module `expertrag.eval.routing`). "
@@ -158,17 +158,17 @@ def render_routing_markdown(result: Mapping[str, Any]) -> str:
     rows = []
     for mode in ("closed_book", "open_book"):
         for seg, v in (result.get(mode) or {}).items():
-            rows.append([mode.replace("_", "-"), seg, v["tokens_per_layer"], _fmt(v["fired"]), _fmt(v["affinity"])])
-    lines += _table(["prompt", "segment", "tokens", "fired", "affinity"], rows)
+            rows.append([mode.replace("_", "-"), seg, v["tokens_per_layer"], fmt(v["fired"]), fmt(v["affinity"])])
+    lines += table(["prompt", "segment", "tokens", "fired", "affinity"], rows)
     if result.get("by_label"):
         lines += ["", "## By label (question tokens)", ""]
-        lines += _table(["label", "n", "closed-book affinity", "open-book affinity", "fired on passages"],
-                        [[lab, v["n"], _fmt(v.get("closed_question_affinity")), _fmt(v.get("open_question_affinity")),
-                          _fmt(v.get("open_fired_passages"))] for lab, v in result["by_label"].items()])
+        lines += table(["label", "n", "closed-book affinity", "open-book affinity", "fired on passages"],
+                        [[lab, v["n"], fmt(v.get("closed_question_affinity")), fmt(v.get("open_question_affinity")),
+                          fmt(v.get("open_fired_passages"))] for lab, v in result["by_label"].items()])
     seg = (result.get("open_book") or {})
     if seg:
         layers = sorted({int(i) for v in seg.values() for i in v["layers"]})
         lines += ["", "## Open-book, per MoE layer: fired share (passages / question / template)", ""]
-        lines += _table(["layer"] + list(seg), [[i] + [_fmt(seg[s]["layers"].get(str(i), {}).get("fired")) for s in seg]
+        lines += table(["layer"] + list(seg), [[i] + [fmt(seg[s]["layers"].get(str(i), {}).get("fired")) for s in seg]
                                                 for i in layers])
     return "\n".join(lines).rstrip() + "\n"

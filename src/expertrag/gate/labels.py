@@ -26,6 +26,7 @@ from typing import Any, Literal
 
 from expertrag.data.readers import _json_type, iter_jsonl_objects
 from expertrag.errors import InputError
+from expertrag.fileio import atomic_write_lines
 
 LABELS: tuple[str, ...] = ("retrieve", "no_retrieve", "both_wrong")
 JUDGEMENTS: dict[str, str] = {"ir_better": "retrieve", "ir_worse": "no_retrieve", "same": "no_retrieve"}
@@ -103,19 +104,12 @@ def records_from_metadata(questions: Iterable[Any]) -> list[LabelRecord]:
 
 
 def write_labels(path: str | os.PathLike[str], records: Iterable[LabelRecord]) -> int:
-    """Write records as JSONL (atomically: a temporary file renamed into place). Returns the count."""
+    """Write records as JSONL, atomically (expertrag.fileio). Returns the count."""
     import json
 
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(p.name + ".tmp")
-    n = 0
-    with open(tmp, "w", encoding="utf-8") as f:
-        for r in records:
-            f.write(json.dumps(r.to_dict(), ensure_ascii=False) + "\n")
-            n += 1
-    os.replace(tmp, p)
-    return n
+    lines = [json.dumps(r.to_dict(), ensure_ascii=False) for r in records]
+    atomic_write_lines(path, lines)
+    return len(lines)
 
 
 def _opt(obj: Mapping[str, Any], key: str, kind: type, p: Path, line: int) -> Any:

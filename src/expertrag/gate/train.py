@@ -24,8 +24,8 @@ from typing import Any
 
 import numpy as np
 
-from expertrag.errors import ExpertRAGError
 from expertrag.classification import auroc, precision_recall_f1
+from expertrag.errors import ExpertRAGError
 from expertrag.gate.config import GateConfig
 from expertrag.gate.features import (
     OPTIONAL_PROBE_FEATURES,
@@ -36,7 +36,6 @@ from expertrag.gate.features import (
 )
 from expertrag.gate.labels import LABELS, branch_rewards, target
 from expertrag.gate.models import (
-    Adam,
     GateModel,
     LogisticGate,
     MLPGate,
@@ -211,7 +210,7 @@ def train_end_to_end(X: Any, closed: Any, open_: Any, spec: FeatureSpec, config:
     xt = torch.from_numpy((X[tr] - mean) / std)
     ct, ot = torch.from_numpy(c[tr]), torch.from_numpy(o[tr])
     net = make_torch_net(config.model, spec.dim, config.mlp_hidden, config.seed)
-    opt = Adam(net.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
+    opt = torch.optim.Adam(net.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
     gen = torch.Generator().manual_seed(config.seed)
     lam, mu, rate_target = config.retrieval_cost, config.rate_weight, config.target_rate
     history: list[float] = []

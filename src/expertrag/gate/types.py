@@ -20,9 +20,12 @@ class Probe:
 
     logprobs/entropies: one per drafted token (entropy of the full next-token distribution, nats).
     hidden: the prompt's last-token hidden state at the probe layer, or None.
-    retrieval_affinity: mean router probability of the retrieval expert over the question tokens (MoE
-    layers with a retrieval expert, averaged), or None for a model without one.
-    router_entropy: mean router entropy over the question tokens, or None for a dense model.
+    retrieval_affinity: the retrieval expert's router probability averaged over every token of the
+    probe's prompt forward (the whole closed-book prompt, chat template and system prompt included, not
+    only the question's tokens), then over the MoE layers with a retrieval expert; None for a model
+    without one.
+    router_entropy: the router's entropy averaged the same way (whole prompt, then MoE layers), or None
+    for a dense model.
     draft: the generator's `Generation` of this draft (its `.state` holds the KV cache and tokens); a
     "no retrieval" answer continues from it instead of starting again.
     """
