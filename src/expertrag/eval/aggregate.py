@@ -54,7 +54,7 @@ def summarize(records: Sequence[Mapping[str, Any]], *, both_wrong_as: str = "ret
         "retrievals_per_query": mean_or_nan([r.get("retrievals", int(r["retrieved"])) for r in ok]),
         "stages": stage_shares(ok),
         **latency_summary(lat),
-        "ms_per_generated_token": ratio_or_nan(sum(r["generation_ms"] for r in ok), gen_tokens),
+        "ms_per_generated_token": ratio_or_nan(sum(decode_ms(r) for r in ok), gen_tokens),
         "mean_prompt_tokens": mean_or_nan([r["prompt_tokens"] for r in ok]),
         "mean_generated_tokens": mean_or_nan([r["generated_tokens"] for r in ok]),
         "gate_overhead_share": ratio_or_nan(sum(r["gate_ms"] for r in ok), total),
@@ -118,3 +118,13 @@ def aggregate(records: Mapping[str, Sequence[Mapping[str, Any]]], policies: Sequ
         "skipped": dict(skipped),
     }
     return results, summary
+
+
+def decode_ms(record: dict[str, Any]) -> float:
+    """Time spent producing the answer's generated tokens. A no-retrieval answer that continued the probe's
+    draft counts the draft too, since its tokens are the answer's first. Records written before Timings
+    partitioned the total (no `other_ms`) already counted the draft inside generation_ms."""
+    ms = record["generation_ms"]
+    if "other_ms" in record and not record["retrieved"]:
+        ms += record["probe_ms"]
+    return ms
