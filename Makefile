@@ -6,7 +6,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: demo test lint bench clean-venv
+.PHONY: demo test lint bench browser clean-venv
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -21,7 +21,17 @@ $(STAMP): pyproject.toml Makefile
 demo: $(STAMP)
 	$(VENV)/bin/expertrag demo --config configs/demo.yaml
 
-test: $(STAMP)
+# Debian's Chromium and its driver for the web page's browser test (nothing downloads a browser). Where
+# they cannot be installed, that one test is skipped and says why.
+browser:
+	@if command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	  echo "installing Debian's chromium and chromium-driver for the browser test"; \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null) \
+	    || echo "note: chromium could not be installed; the browser test will be skipped"; \
+	else echo "note: chromium is not installed (needs root for apt-get); the browser test will be skipped"; fi
+
+test: $(STAMP) browser
 	$(VENV)/bin/python -m pytest -q
 
 lint: $(STAMP)

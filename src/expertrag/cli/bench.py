@@ -83,3 +83,38 @@ def bench_upcycled(
     from expertrag.bench.upcycled import run
 
     _emit(run(max_new_tokens=max_new_tokens, num_prompts=prompts, rounds=rounds, checkpoint=checkpoint), as_json)
+
+
+@bench_app.command("serve")
+def bench_serve(
+    index: Path = typer.Option(..., "--index", "-i", help="index directory to serve"),
+    questions: Path | None = typer.Option(None, "--questions", help="question file (default: the shipped demo questions)"),
+    requests: int = typer.Option(32, "--requests", min=1, help="requests per concurrency level"),
+    concurrency: str = typer.Option("1,4,16", "--concurrency", help="comma-separated concurrency levels"),
+    policy: str = typer.Option("always", "--policy", help="retrieval policy of every answer"),
+    max_tokens: int = typer.Option(16, "--max-tokens", min=1, help="tokens generated per answer"),
+    threads: int = typer.Option(1, "--threads", min=1, help="torch intra-op threads (both sides)"),
+    as_json: bool = typer.Option(False, "--json", help="print the result as JSON on the last line"),
+) -> None:
+    """Load test of `expertrag serve` on loopback vs the in-process pipeline: answers/s, latency
+    percentiles, errors, HTTP overhead at concurrency 1 and the gain from batching."""
+    from expertrag.bench.serve import run
+    from expertrag.errors import InputError
+
+    try:
+        levels = tuple(int(c) for c in concurrency.split(",") if c.strip())
+    except ValueError:
+        raise InputError(f"--concurrency {concurrency!r}: give comma-separated integers, e.g. 1,4,16") from None
+    if not levels or min(levels) < 1:
+        raise InputError("--concurrency: give at least one level, each >= 1")
+    result = run(index, questions=questions, requests=requests, concurrency=levels, policy=policy,
+                 max_tokens=max_tokens, threads=threads, progress=not as_json)
+    if as_json:
+        print(json.dumps(result))
+    else:
+        flat = {k: v for k, v in result.items() if not isinstance(v, (dict, list))}
+        for lv in result["levels"]:
+            flat[f"c{lv['concurrency']}_answers_per_s"] = lv["answers_per_s"]
+            flat[f"c{lv['concurrency']}_p50_ms"] = lv["p50_ms"]
+        flat["in_process_answers_per_s"] = result["in_process"]["answers_per_s"]
+        _emit(flat, False)

@@ -37,7 +37,7 @@ function renderPassages(list) {
   $("passages-title").hidden = list.length === 0;
   list.forEach((p, i) => {
     const li = make("li", { id: "p-" + (i + 1), "data-id": p.id });
-    li.append(make("strong", {}, p.title + " "), make("span", { class: "muted" }, "(" + p.id + ") "),
+    li.append(make("strong", {}, (p.title || "untitled") + " "), make("span", { class: "muted" }, "(" + p.id + ") "),
       document.createTextNode(p.snippet));
     ol.append(li);
   });
@@ -119,7 +119,7 @@ async function refreshMetrics() {
   const resp = await fetch("/v1/stats", { headers: headers() }).catch(() => null);
   if (resp && resp.ok) {
     const s = await resp.json();
-    text($("m-summary"), `${s.answers} answers` + (s.tokens_per_s ? `, ${s.tokens_per_s.toFixed(1)} generated tokens/s` : ""));
+    text($("m-summary"), `${s.answers} answer${s.answers === 1 ? "" : "s"}` + (s.tokens_per_s ? `, ${s.tokens_per_s.toFixed(1)} generated tokens/s` : ""));
     bars($("m-rate"), s.retrieval_rate === null ? [] : [["retrieved", s.retrieval_rate]], pct);
     bars($("m-stages"), Object.entries(s.stage_shares), pct);
     const worst = Math.max(s.latency_ms_p95 || 0, 1);

@@ -1,0 +1,176 @@
+"""`expertrag bench serve`: a bounded load test of the service on loopback, against the in-process pipeline
+on the same questions, in one run.
+
+1. In-process: `ExpertRAG.answer` on each question in turn (the reference: no HTTP, no queue).
+2. The real `expertrag serve` in a subprocess on a free 127.0.0.1 port, with a throw-away key; then for each
+   concurrency level a fixed number of `/v1/answer` requests from an asyncio httpx client, at most that many
+   in flight. Every request has a deadline; the run stops by itself.
+Caches are off, so every answer is real work. The model runs with the same intra-op thread count in both.
+
+Reported: answers/s and p50/p95/p99 latency per level, errors, `http_overhead_ratio` (mean latency at
+concurrency 1 over HTTP / in-process) and `batching_gain` (answers/s at the highest level / at 1).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from expertrag.data.questions import load_questions
+from expertrag.errors import InputError
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _pct(values: list[float], q: float) -> float:
+    return float(np.percentile(values, q)) if values else float("nan")
+
+
+async def _load(url: str, key: str, questions: list[str], requests: int, concurrency: int, max_tokens: int,
+                timeout: float) -> dict[str, Any]:
+    import httpx
+
+    sem = asyncio.Semaphore(concurrency)
+    latencies: list[float] = []
+    errors: dict[str, int] = {}
+
+    async def one(client: httpx.AsyncClient, i: int) -> None:
+        async with sem:
+            t = time.perf_counter()
+            try:
+                r = await client.post("/v1/answer", json={"question": questions[i % len(questions)],
+                                                          "max_tokens": max_tokens})
+                if r.status_code == 200:
+                    latencies.append((time.perf_counter() - t) * 1000)
+                else:
+                    errors[str(r.status_code)] = errors.get(str(r.status_code), 0) + 1
+            except httpx.HTTPError as e:
+                errors[type(e).__name__] = errors.get(type(e).__name__, 0) + 1
+
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=timeout,
+                                 limits=limits) as client:
+        started = time.perf_counter()
+        await asyncio.gather(*(one(client, i) for i in range(requests)))
+        wall = time.perf_counter() - started
+    return {"concurrency": concurrency, "requests": requests, "answers": len(latencies),
+            "answers_per_s": len(latencies) / wall if wall > 0 else float("nan"), "wall_s": wall,
+            "mean_ms": float(np.mean(latencies)) if latencies else float("nan"),
+            "p50_ms": _pct(latencies, 50), "p95_ms": _pct(latencies, 95), "p99_ms": _pct(latencies, 99),
+            "errors": sum(errors.values()), "errors_by_kind": errors}
+
+
+def run(index: Path, *, questions: Path | None = None, requests: int = 32, concurrency: tuple[int, ...] = (1, 4, 16),
+        policy: str = "always", max_tokens: int = 16, threads: int = 1, timeout: float = 600.0,
+        progress: bool = True) -> dict[str, Any]:
+    import torch
+
+    from expertrag.pipeline.build import PipelineSections, load_pipeline
+    from expertrag.pipeline.config import PipelineConfig
+
+    if not (Path(index) / "manifest.json").exists():
+        raise InputError(f"{index}: not an index directory (no manifest.json)")
+    if questions is None:
+        from importlib.resources import files
+
+        questions = Path(str(files("expertrag.assets").joinpath("demo_questions.jsonl")))
+    qs = [q.question for q in load_questions(questions)]
+    if not qs:
+        raise InputError(f"{questions}: no questions")
+    say = (lambda m: print(m, file=sys.stderr, flush=True)) if progress else (lambda m: None)
+
+    # 1. in-process reference
+    torch.set_num_threads(threads)
+    sections = PipelineSections()
+    sections.pipeline = PipelineConfig(max_new_tokens=max_tokens, answer_cache_size=0, retrieval_cache_size=0)
+    sections.gate.policy = policy
+    rag = load_pipeline(index, sections, policy)
+    rag.answer(qs[0])  # warm-up: lazy loads, allocator
+    ref_n = min(requests, len(qs) * 2)
+    say(f"in-process: {ref_n} answers, {threads} thread(s)")
+    lat = []
+    t0 = time.perf_counter()
+    for i in range(ref_n):
+        t = time.perf_counter()
+        rag.answer(qs[i % len(qs)])
+        lat.append((time.perf_counter() - t) * 1000)
+    in_process = {"answers": ref_n, "answers_per_s": ref_n / (time.perf_counter() - t0),
+                  "mean_ms": float(np.mean(lat)), "p50_ms": _pct(lat, 50), "p99_ms": _pct(lat, 99)}
+    del rag
+
+    # 2. the service
+    levels = []
+    with tempfile.TemporaryDirectory(prefix="expertrag-bench-serve-") as tmp:
+        tmp_path = Path(tmp)
+        keys_file = tmp_path / "keys.json"
+        cfg = {"gate": {"policy": policy},
+               "pipeline": {"max_new_tokens": max_tokens, "answer_cache_size": 0, "retrieval_cache_size": 0},
+               "serve": {"keys_file": str(keys_file), "torch_threads": threads, "rate_limit_per_minute": 0,
+                         "queue_size": max(64, max(concurrency) * 2), "batch_max": max(concurrency),
+                         "request_timeout_s": timeout, "max_tokens_cap": max(256, max_tokens)}}
+        (tmp_path / "config.yaml").write_text(yaml.safe_dump(cfg), encoding="utf-8")
+        from expertrag.serve.keys import KeyStore
+
+        key = KeyStore(keys_file).add("bench", [], admin=False)
+        port = _free_port()
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": str(threads)}
+        log = open(tmp_path / "server.log", "wb")
+        proc = subprocess.Popen([sys.executable, "-m", "expertrag", "serve", "--index", str(index), "--config",
+                                 str(tmp_path / "config.yaml"), "--port", str(port)], stdout=log,
+                                stderr=subprocess.STDOUT, env=env)
+        url = f"http://127.0.0.1:{port}"
+        try:
+            _wait_ready(url, proc, tmp_path / "server.log")
+            asyncio.run(_load(url, key, qs, 1, 1, max_tokens, timeout))  # warm-up
+            for c in concurrency:
+                say(f"HTTP: {requests} answers at concurrency {c}")
+                levels.append(asyncio.run(_load(url, key, qs, requests, c, max_tokens, timeout)))
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+            log.close()
+
+    first, last = levels[0], levels[-1]
+    best = max(levels, key=lambda r: r["answers_per_s"])
+    return {
+        "machine": {"cpus": os.cpu_count(), "torch_threads": threads},
+        "policy": policy, "max_tokens": max_tokens, "requests_per_level": requests, "in_process": in_process,
+        "levels": levels,
+        "answers_per_s": best["answers_per_s"], "p50_ms": last["p50_ms"], "p99_ms": last["p99_ms"],
+        "errors": sum(r["errors"] for r in levels),
+        "http_overhead_ratio": first["mean_ms"] / in_process["mean_ms"],
+        "batching_gain": last["answers_per_s"] / first["answers_per_s"],
+    }
+
+
+def _wait_ready(url: str, proc: subprocess.Popen, log: Path, timeout: float = 600) -> None:
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the server exited with {proc.returncode}: {log.read_text()[-2000:]}")
+        try:
+            if httpx.get(url + "/readyz", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    raise RuntimeError(f"the server was not ready within {timeout:.0f} s")
