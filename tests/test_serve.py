@@ -4,6 +4,7 @@ driven by httpx, the official `openai` client and an SSE parser."""
 from __future__ import annotations
 
 import threading
+import time
 
 import httpx
 import pytest
@@ -221,3 +222,23 @@ def test_concurrent_answers_are_batched(server):
     sizes = {line.split("le=")[1].split("}")[0].strip('"'): float(line.rsplit(" ", 1)[1])
              for line in text.splitlines() if line.startswith("expertrag_batch_size_bucket")}
     assert sizes["1.0"] < sizes["+Inf"]  # at least one batch held more than one answer
+
+
+def test_a_client_that_disconnects_cancels_its_generation(server):
+    def cancelled() -> float:
+        for line in httpx.get(server.url + "/metrics").text.splitlines():
+            if line.startswith("expertrag_cancelled_total "):
+                return float(line.split()[1])
+        return 0.0
+
+    before = cancelled()
+    with server.client(server.keys["guest"]) as c, c.stream(
+            "POST", "/v1/answer", json={"question": "List the planets of the Solar System, with a fact about each.",
+                                         "policy": "never", "max_tokens": 16, "stream": True}) as r:
+        for line in r.iter_lines():
+            if line.startswith("event: token"):
+                break  # leave after the first token
+    deadline = time.monotonic() + 60
+    while cancelled() <= before and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert cancelled() == before + 1

@@ -52,12 +52,12 @@ _STOP = object()
 class AnswerEngine:
     def __init__(self, make_rag: Callable[[], ExpertRAG], *, queue_size: int, batch_max: int,
                  batch_wait_ms: float, on_batch: Callable[[int], None] | None = None,
-                 on_depth: Callable[[int], None] | None = None):
+                 on_depth: Callable[[int], None] | None = None, on_cancelled: Callable[[], None] | None = None):
         self._make_rag = make_rag
         self._queue: queue.Queue = queue.Queue(maxsize=queue_size)
         self._control: queue.Queue = queue.Queue()
         self.batch_max, self.batch_wait = batch_max, batch_wait_ms / 1000
-        self._on_batch, self._on_depth = on_batch, on_depth
+        self._on_batch, self._on_depth, self._on_cancelled = on_batch, on_depth, on_cancelled
         self.ready = threading.Event()
         self.error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="expertrag-model", daemon=True)
@@ -154,6 +154,7 @@ class AnswerEngine:
         live = []
         for t in batch:
             if t.cancelled.is_set():
+                self._cancelled()
                 t.future.set_exception(RequestCancelled("the caller went away while it waited"))
             else:
                 live.append(t)
@@ -169,10 +170,16 @@ class AnswerEngine:
                 t.future.set_exception(e)
             return
         for t, r in zip(live, results, strict=True):
+            if isinstance(r, RequestCancelled):
+                self._cancelled()
             if isinstance(r, BaseException):
                 t.future.set_exception(r)
             else:
                 t.future.set_result(r)
+
+    def _cancelled(self) -> None:
+        if self._on_cancelled is not None:
+            self._on_cancelled()
 
     def _fail_all(self, error: BaseException) -> None:
         while True:

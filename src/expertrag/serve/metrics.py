@@ -46,6 +46,8 @@ class Metrics:
         self.queue_depth = Gauge("expertrag_queue_depth", "answers waiting for the model", registry=r)
         self.batch_size = Histogram("expertrag_batch_size", "answers generated together", buckets=(1, 2, 4, 8, 16, 32),
                                     registry=r)
+        self.cancelled = Counter("expertrag_cancelled_total", "answers stopped because their caller went away",
+                                 registry=r)
         self.in_flight = Gauge("expertrag_in_flight_requests", "requests being served", registry=r)
         self._lock = threading.Lock()
         self._recent: deque[float] = deque(maxlen=recent)

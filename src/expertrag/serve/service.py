@@ -79,7 +79,8 @@ class Service:
         self._generator = generator
         self.engine = AnswerEngine(self._make_rag, queue_size=self.cfg.queue_size, batch_max=self.cfg.batch_max,
                                    batch_wait_ms=self.cfg.batch_wait_ms,
-                                   on_batch=self.metrics.batch_size.observe, on_depth=self.metrics.queue_depth.set)
+                                   on_batch=self.metrics.batch_size.observe, on_depth=self.metrics.queue_depth.set,
+                                   on_cancelled=self.metrics.cancelled.inc)
         self._search = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="expertrag-search")
         self._ingest = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="expertrag-ingest")
         self._search_index: Index | None = None
