@@ -143,9 +143,10 @@ class ExpertRAG:
     def answer(self, question: str, user: User | None = None, metadata: dict[str, Any] | None = None) -> Answer:
         started = time.perf_counter()
         q = validate_question(question, self.config.max_query_chars)
-        filters = Filters(groups=tuple(user.groups)) if user is not None else None
-        key = cache_key(q, self.index.version, self.policy_name, self.config.model_dump(),
-                        sorted(filters.groups) if filters else None)
+        # fail closed: no user = public passages only; everything needs the explicit all_groups switch
+        filters = (Filters(groups=tuple(user.groups), all_groups=user.all_groups) if user is not None
+                   else Filters())
+        key = cache_key(q, self.index.version, self.policy_name, self.config.model_dump(), filters.access_key())
         if self.answer_cache is not None and metadata is None:
             cached = self.answer_cache.get(key)
             if cached is not None:
@@ -210,7 +211,7 @@ class ExpertRAG:
     def _retrieve(self, ctx: PipelineGateContext, q: str, filters: Filters | None) -> tuple[list[Hit], bool]:
         """The k hits for `q`, and whether they came from the retrieval cache."""
         key = cache_key(q, self.index.version, self.config.k, self.config.search_mode,
-                        sorted(filters.groups) if filters else None)
+                        filters.access_key() if filters else Filters().access_key())
         if self.retrieval_cache is not None:
             cached = self.retrieval_cache.get(key)
             if cached is not None:
