@@ -9,6 +9,8 @@ import sys
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Weight-loading progress bars of transformers are noise on a command line (and split one-line errors).
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 from expertrag.cli.app import app  # noqa: E402
 from expertrag.errors import ExpertRAGError  # noqa: E402
