@@ -17,6 +17,7 @@ FAISS sees them; a bad one is re-embedded and counted in `BuildReport.reembedded
 from __future__ import annotations
 
 import fcntl
+import functools
 import itertools
 import os
 import shutil
@@ -99,11 +100,19 @@ class _BuildLock:
         return False
 
 
+@functools.lru_cache(maxsize=4)
 def load_chunk_tokenizer(embedder_name: str):
-    """The embedder's own tokenizer bounds passage length, so a passage never exceeds what it embeds."""
+    """The embedder's own tokenizer bounds passage length, so a passage never exceeds what it embeds.
+    Loaded once per process (a long-lived process builds many times)."""
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(str(embedder_path(embedder_name)))
+
+
+@functools.lru_cache(maxsize=4)
+def _embedder(name: str, batch_size: int) -> Embedder:
+    """One loaded embedder per (name, batch size) per process."""
+    return Embedder(name, batch_size)
 
 
 def build_index(out_dir: str | Path, documents: Iterable[Document], *,
@@ -174,7 +183,7 @@ def build_index(out_dir: str | Path, documents: Iterable[Document], *,
 
             # 3. embeddings for new text only
             t = time.perf_counter()
-            embedder = Embedder(retrieval.embedder, retrieval.embed_batch_size)
+            embedder = _embedder(retrieval.embedder, retrieval.embed_batch_size)
             # cached vectors are verified, never trusted: a bad one is dropped and embedded again
             bad = store.bad_embeddings(gen, embedder.name, previous.embedding_dim if previous else None)
             if bad:
