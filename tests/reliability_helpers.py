@@ -12,6 +12,18 @@ import sys
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+
+def _hypothesis_outside_the_repo() -> None:
+    """Hypothesis keeps caches in ./.hypothesis; the tests use database=None and keep the rest in /tmp."""
+    import tempfile
+
+    from hypothesis.configuration import set_hypothesis_home_dir
+
+    set_hypothesis_home_dir(Path(tempfile.gettempdir()) / "expertrag-hypothesis")
+
+
+_hypothesis_outside_the_repo()
 _PROGRESS = re.compile(r"\d+%\|")  # a library's progress bar (weights loading), not our output
 LONG = os.environ.get("EXPERTRAG_LONG_TESTS", "") not in ("", "0")
 
