@@ -14,7 +14,6 @@ from types import SimpleNamespace
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from reliability_helpers import LONG
 
 from expertrag.data.types import Document
 from expertrag.gate.policies import make_policy
@@ -22,6 +21,7 @@ from expertrag.pipeline.answer import User
 from expertrag.pipeline.config import PipelineConfig
 from expertrag.pipeline.rag import ExpertRAG
 from expertrag.retrieval import Filters, Index, build_index
+from reliability_helpers import LONG
 
 GROUPS = ["hr", "eng", "legal", "exec", "sales"]
 WORDS = ("salary budget deploy server contract lawsuit merger revenue quota laptop holiday policy bonus "

@@ -18,7 +18,8 @@ import os
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from reliability_helpers import LONG, _PROGRESS, cli
+
+from reliability_helpers import _PROGRESS, LONG, cli
 
 COMMANDS = {
     "index": ["--corpus", "-c", "--out", "-o", "--config", "--skip-bad", "--strict", "--json"],

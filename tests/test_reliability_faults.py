@@ -25,11 +25,11 @@ import time
 from pathlib import Path
 
 import pytest
-from reliability_helpers import LONG
 
 import expertrag
 from expertrag.data.types import Document
 from expertrag.retrieval import Filters, Index, build_index
+from reliability_helpers import LONG
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
 

@@ -16,20 +16,19 @@ from __future__ import annotations
 
 import json
 import shutil
-import sqlite3
 from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
-from reliability_helpers import LONG
 
 from expertrag.data import IngestReport, iter_documents
 from expertrag.data.readers import validate_document
 from expertrag.data.types import Document
 from expertrag.errors import InputError
 from expertrag.retrieval import Filters, Index, build_index
+from reliability_helpers import LONG
 
 COUNTS: dict[str, int] = {"read_cases": 0, "read_ok": 0, "read_clean_errors": 0,
                           "build_cases": 0, "build_ok": 0, "build_clean_errors": 0, "state_steps": 0}

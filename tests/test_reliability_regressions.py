@@ -14,13 +14,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from reliability_helpers import assert_one_line_error, cli, run_unprivileged
 
 from expertrag.data import IngestReport, iter_documents
 from expertrag.data.types import Document
 from expertrag.errors import IndexFormatError, InputError
 from expertrag.retrieval import Filters, Index, build_index
 from expertrag.retrieval.embedder import Embedder, passage_text
+from reliability_helpers import assert_one_line_error, cli, run_unprivileged
 
 TEXT = "Quarterly salary bands for the platform team are reviewed every spring."
 

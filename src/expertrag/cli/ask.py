@@ -44,10 +44,9 @@ def ask_cmd(
     as_json: bool = typer.Option(False, "--json", help="print the Answer as JSON"),
 ) -> None:
     """Answer a question: the gate decides whether to retrieve; the answer carries citations and timings."""
+    from expertrag.cli.index import access_filters
     from expertrag.pipeline.answer import User
     from expertrag.pipeline.build import load_pipeline
-
-    from expertrag.cli.index import access_filters
 
     access_filters(group, all_groups)  # usage checks before the model loads
     config = ExpertRAGConfig.load(config_path)

@@ -30,8 +30,8 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from expertrag.data.config import ChunkingConfig
-from expertrag.data.types import Document
 from expertrag.data.readers import validate_document
+from expertrag.data.types import Document
 from expertrag.errors import ExpertRAGError, IndexFormatError, InputError
 from expertrag.retrieval.bm25 import BM25Index
 from expertrag.retrieval.config import RetrievalConfig
