@@ -163,7 +163,13 @@ class DocStore:
             if os.access(self.path.parent, os.W_OK) and os.access(self.path, os.W_OK):
                 raise
         # A read-only directory: SQLite cannot create the WAL index beside the file. Nobody can write
-        # here either, so reading the file as immutable is safe.
+        # here either, so reading the file as immutable is safe, unless a write-ahead log still holds
+        # committed pages (a writer that died before its checkpoint): immutable would not see them.
+        wal = Path(str(self.path) + "-wal")
+        if wal.exists() and wal.stat().st_size > 0:
+            raise IndexFormatError(
+                f"{self.path}: the directory is read-only but {wal.name} still holds committed changes; "
+                "run `expertrag index` or `delete` on it once with write access, or search a copy")
         return sqlite3.connect(uri + "?mode=ro&immutable=1", uri=True, isolation_level=None)
 
     def close(self) -> None:
