@@ -7,6 +7,7 @@ A build writes generation G+1 beside the committed generation G and commits by r
    rerun after a kill resumes where the embedder stopped;
 4. write BM25 and FAISS files under generation-specific names;
 5. write the manifest atomically (the commit), then remove the previous generation's files.
+Temporary files a killed build left behind are removed when the next build starts.
 Killing the process anywhere before 5 leaves generation G readable and intact.
 
 Every document is validated first (`validate_document`: ids without '#', valid Unicode, JSON metadata),
@@ -147,6 +148,7 @@ def build_index(out_dir: str | Path, documents: Iterable[Document], *,
             )
         committed = previous.generation if previous else 0
         gen = committed + 1
+        _remove_stale_temporaries(out)
         store = DocStore(out / STORE_FILE, create=True)
         try:
             rolled_back = store.rollback_uncommitted(committed)
@@ -260,6 +262,19 @@ def build_index(out_dir: str | Path, documents: Iterable[Document], *,
         deleted_passages=sum(len(r) for r in removed.values()), embedded=len(todo), reembedded=len(bad),
         rolled_back=rolled_back, seconds=seconds, timings=timings,
     )
+
+
+def _remove_stale_temporaries(out: Path) -> None:
+    """Temporary files of a build that was killed (`atomic_path`'s `.NAME.XXXX.tmp`, the BM25 folder and
+    FAISS file written before their rename). Only the lock holder writes here, so none is in use."""
+    for path in out.iterdir():
+        name = path.name
+        if not name.endswith(".tmp"):
+            continue
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
 
 
 def _remove_old_generations(out: Path, keep: int) -> None:
