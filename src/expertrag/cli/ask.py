@@ -54,7 +54,9 @@ def ask_cmd(
     user = User("cli", tuple(group or ()), all_groups=all_groups)
     answer = rag.answer(question, user=user)
     if as_json:
-        print(json.dumps(answer.to_dict(), ensure_ascii=False))
+        from expertrag.cli.index import dumps
+
+        print(dumps(answer.to_dict()))  # strict JSON: NaN/Infinity from passage metadata become null
     else:
         _print_answer(answer)
 
