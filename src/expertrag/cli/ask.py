@@ -36,20 +36,27 @@ def ask_cmd(
     policy: str | None = typer.Option(None, "--policy", "-p",
                                       help="never | always | popularity | skr-knn | entropy | flare | adaptive | router"),
     gate: Path | None = typer.Option(None, "--gate", help="gate artifacts folder (default: INDEX/gate)"),
-    group: list[str] | None = typer.Option(None, "--group", help="the asking user's access groups (repeatable)"),
+    group: list[str] | None = typer.Option(None, "--group", help="the asking user's access groups (repeatable); "
+                                              "without it only public passages are used"),
+    all_groups: bool = typer.Option(False, "--all-groups", help="administrators: retrieve from every passage, "
+                                                                "whatever its groups"),
     config_path: Path | None = typer.Option(None, "--config", help="YAML config"),
     as_json: bool = typer.Option(False, "--json", help="print the Answer as JSON"),
 ) -> None:
     """Answer a question: the gate decides whether to retrieve; the answer carries citations and timings."""
+    from expertrag.cli.index import access_filters
     from expertrag.pipeline.answer import User
     from expertrag.pipeline.build import load_pipeline
 
+    access_filters(group, all_groups)  # usage checks before the model loads
     config = ExpertRAGConfig.load(config_path)
     rag = load_pipeline(index, config, policy, gate)
-    user = User("cli", tuple(group)) if group else None
+    user = User("cli", tuple(group or ()), all_groups=all_groups)
     answer = rag.answer(question, user=user)
     if as_json:
-        print(json.dumps(answer.to_dict(), ensure_ascii=False))
+        from expertrag.cli.index import dumps
+
+        print(dumps(answer.to_dict()))  # strict JSON: NaN/Infinity from passage metadata become null
     else:
         _print_answer(answer)
 

@@ -7,12 +7,18 @@ A build writes generation G+1 beside the committed generation G and commits by r
    rerun after a kill resumes where the embedder stopped;
 4. write BM25 and FAISS files under generation-specific names;
 5. write the manifest atomically (the commit), then remove the previous generation's files.
+Temporary files a killed build left behind are removed when the next build starts.
 Killing the process anywhere before 5 leaves generation G readable and intact.
+
+Every document is validated first (`validate_document`: ids without '#', valid Unicode, JSON metadata),
+so passage ids are unique by construction. Cached vectors are verified against their checksums before
+FAISS sees them; a bad one is re-embedded and counted in `BuildReport.reembedded`.
 """
 
 from __future__ import annotations
 
 import fcntl
+import functools
 import itertools
 import os
 import shutil
@@ -25,8 +31,9 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from expertrag.data.config import ChunkingConfig
+from expertrag.data.readers import validate_document
 from expertrag.data.types import Document
-from expertrag.errors import ExpertRAGError, IndexFormatError
+from expertrag.errors import ExpertRAGError, IndexFormatError, InputError
 from expertrag.retrieval.bm25 import BM25Index
 from expertrag.retrieval.config import RetrievalConfig
 from expertrag.retrieval.dense import DenseIndex
@@ -53,9 +60,12 @@ class BuildReport:
     passages: int
     documents: int
     counts: dict[str, int] = field(default_factory=dict)
-    deleted: int = 0
+    deleted: int = 0  # ids given to delete that matched something
     missing_deletes: list[str] = field(default_factory=list)
+    removed_by_id: dict[str, list[str]] = field(default_factory=dict)  # delete id -> passage ids it removed
+    deleted_passages: int = 0
     embedded: int = 0
+    reembedded: int = 0  # cached vectors that failed verification and were computed again
     rolled_back: int = 0
     seconds: float = 0.0
     timings: dict[str, float] = field(default_factory=dict)
@@ -77,7 +87,7 @@ class _BuildLock:
         self.path = directory / ".build.lock"
 
     def __enter__(self):
-        self.fd = os.open(self.path, os.O_CREAT | os.O_RDWR)
+        self.fd = os.open(self.path, os.O_CREAT | os.O_RDWR, 0o644)
         try:
             fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -91,26 +101,40 @@ class _BuildLock:
         return False
 
 
+@functools.lru_cache(maxsize=4)
 def load_chunk_tokenizer(embedder_name: str):
-    """The embedder's own tokenizer bounds passage length, so a passage never exceeds what it embeds."""
+    """The embedder's own tokenizer bounds passage length, so a passage never exceeds what it embeds.
+    Loaded once per process (a long-lived process builds many times)."""
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(str(embedder_path(embedder_name)))
 
 
+@functools.lru_cache(maxsize=4)
+def _embedder(name: str, batch_size: int) -> Embedder:
+    """One loaded embedder per (name, batch size) per process."""
+    return Embedder(name, batch_size)
+
+
 def build_index(out_dir: str | Path, documents: Iterable[Document], *,
                 retrieval: RetrievalConfig | None = None, chunking: ChunkingConfig | None = None,
                 delete_ids: Sequence[str] = (), sources: Sequence[str] = (), progress: bool | None = None,
-                ) -> BuildReport:
+                missing_ok: bool = True) -> BuildReport:
     """Add/update `documents` in the index at `out_dir` (created if absent) and delete `delete_ids`.
 
-    progress: True/False forces bars on/off; None shows them only on a terminal."""
+    progress: True/False forces bars on/off; None shows them only on a terminal.
+    missing_ok=False: a delete id that matches nothing is an InputError and the build changes nothing."""
     from expertrag.data.chunking import chunk_documents
 
     retrieval = retrieval or RetrievalConfig()
     chunking = chunking or ChunkingConfig()
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    if out.exists() and not out.is_dir():
+        raise InputError("exists and is not a directory; an index is a directory", path=out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise InputError(f"cannot create the index directory: {e.strerror or e}", path=out) from None
     started = time.perf_counter()
     timings: dict[str, float] = {}
     disable = None if progress is None else not progress
@@ -124,6 +148,7 @@ def build_index(out_dir: str | Path, documents: Iterable[Document], *,
             )
         committed = previous.generation if previous else 0
         gen = committed + 1
+        _remove_stale_temporaries(out)
         store = DocStore(out / STORE_FILE, create=True)
         try:
             rolled_back = store.rollback_uncommitted(committed)
@@ -132,7 +157,7 @@ def build_index(out_dir: str | Path, documents: Iterable[Document], *,
             t = time.perf_counter()
             counts = UpsertCounts()
             tokenizer = load_chunk_tokenizer(retrieval.embedder)
-            passages = chunk_documents(documents, chunking, tokenizer)
+            passages = chunk_documents((validate_document(d) for d in documents), chunking, tokenizer)
             by_doc = itertools.groupby(passages, key=lambda p: p.doc_id)
             bar = tqdm(desc="store", unit="doc", disable=disable)
             while True:
@@ -146,14 +171,25 @@ def build_index(out_dir: str | Path, documents: Iterable[Document], *,
                 bar.update(len(block))
             bar.close()
             missing: list[str] = []
+            removed: dict[str, list[tuple[str, str]]] = {}
             if delete_ids:
                 with store.transaction():
-                    missing = store.delete_ids(delete_ids, gen)
+                    removed = store.delete_ids(delete_ids, gen)
+                    missing = [i for i, r in removed.items() if not r]
+                    if missing and not missing_ok:  # rolls the deletions back; the build commits nothing
+                        shown = ", ".join(repr(m) for m in missing[:10])
+                        raise InputError(f"not in the index: {shown}"
+                                         + (f" and {len(missing) - 10} more" if len(missing) > 10 else "")
+                                         + "; nothing was deleted", path=out)
             timings["store_s"] = time.perf_counter() - t
 
             # 3. embeddings for new text only
             t = time.perf_counter()
-            embedder = Embedder(retrieval.embedder, retrieval.embed_batch_size)
+            embedder = _embedder(retrieval.embedder, retrieval.embed_batch_size)
+            # cached vectors are verified, never trusted: a bad one is dropped and embedded again
+            bad = store.bad_embeddings(gen, embedder.name, previous.embedding_dim if previous else None)
+            if bad:
+                store.drop_embeddings(bad, embedder.name)
             todo = store.hashes_missing_embeddings(gen, embedder.name)
             bar = tqdm(total=len(todo), desc="embed", unit="passage", disable=disable)
             for i in range(0, len(todo), EMBED_COMMIT_ROWS):
@@ -221,9 +257,24 @@ def build_index(out_dir: str | Path, documents: Iterable[Document], *,
     seconds = time.perf_counter() - started
     return BuildReport(
         index_dir=str(out), generation=gen, passages=n_live, documents=documents_live, counts=counts.as_dict(),
-        deleted=len(delete_ids) - len(missing), missing_deletes=missing, embedded=len(todo),
+        deleted=len(removed) - len(missing), missing_deletes=missing,
+        removed_by_id={i: [pid for pid, _ in r] for i, r in removed.items()},
+        deleted_passages=sum(len(r) for r in removed.values()), embedded=len(todo), reembedded=len(bad),
         rolled_back=rolled_back, seconds=seconds, timings=timings,
     )
+
+
+def _remove_stale_temporaries(out: Path) -> None:
+    """Temporary files of a build that was killed (`atomic_path`'s `.NAME.XXXX.tmp`, the BM25 folder and
+    FAISS file written before their rename). Only the lock holder writes here, so none is in use."""
+    for path in out.iterdir():
+        name = path.name
+        if not name.endswith(".tmp"):
+            continue
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
 
 
 def _remove_old_generations(out: Path, keep: int) -> None:
