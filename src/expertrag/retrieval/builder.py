@@ -34,6 +34,7 @@ from expertrag.data.config import ChunkingConfig
 from expertrag.data.readers import validate_document
 from expertrag.data.types import Document
 from expertrag.errors import ExpertRAGError, IndexFormatError, InputError
+from expertrag.fileio import atomic_path, commit_dir
 from expertrag.retrieval.bm25 import BM25Index
 from expertrag.retrieval.config import RetrievalConfig
 from expertrag.retrieval.dense import DenseIndex
@@ -212,7 +213,7 @@ def build_index(out_dir: str | Path, documents: Iterable[Document], *,
                 k1=retrieval.bm25_k1, b=retrieval.bm25_b, stem=retrieval.bm25_stemmer,
             )
             bm25.save(tmp_dir)
-            os.replace(tmp_dir, bm25_dir)
+            commit_dir(tmp_dir, bm25_dir)
             timings["bm25_s"] = time.perf_counter() - t
 
             t = time.perf_counter()
@@ -226,9 +227,8 @@ def build_index(out_dir: str | Path, documents: Iterable[Document], *,
                     f"{out}: internal mismatch: {n_live} passages, {len(bm25)} in BM25, {len(dense)} vectors"
                 )
             dense_path = out / dense_filename(gen)
-            tmp_path = dense_path.with_suffix(".faiss.tmp")
-            dense.save(tmp_path)
-            os.replace(tmp_path, dense_path)
+            with atomic_path(dense_path) as tmp_path:
+                dense.save(tmp_path)
             timings["dense_s"] = time.perf_counter() - t
 
             # 5. commit
