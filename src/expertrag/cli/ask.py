@@ -12,17 +12,20 @@ from expertrag.config import ExpertRAGConfig
 
 
 def _print_answer(a) -> None:
+    from expertrag.text import escape_controls as esc
+    from expertrag.text import printable_body
+
     decision = a.gate.get("decision")
-    print(f"Q: {a.question}")
-    print(f"A: {a.text}" + ("   (abstained)" if a.abstained else ""))
+    print(f"Q: {esc(a.question)}")
+    print(f"A: {printable_body(a.text)}" + ("   (abstained)" if a.abstained else ""))
     print(f"   decision: {decision} by {a.gate.get('policy')} (score {a.gate.get('score', 0):.3f}, "
           f"stage {a.gate.get('stage')}); confidence {a.confidence:.2f}")
     for c in a.citations:
-        print(f"   [{c.marker}] {c.title} ({c.id})")
+        print(f"   [{c.marker}] {esc(c.title)} ({esc(c.id)})")
     if a.abstained and a.passages:
         print("   best passages:")
         for n, p in enumerate(a.passages[:3], 1):
-            print(f"   [{n}] {p['title']}: {p['contents'][:120]}...")
+            print(f"   [{n}] {esc(p['title'])}: {printable_body(p['contents'][:120])}...")
     t = a.timings
     print(f"   time: {t.total_ms:.0f} ms (gate {t.gate_ms:.0f}, probe {t.probe_ms:.0f}, retrieval "
           f"{t.retrieval_ms:.0f}, generation {t.generation_ms:.0f}; cache {t.cache}); tokens "
