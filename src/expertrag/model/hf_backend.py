@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import inspect
+
 import torch
 
 from expertrag.errors import ExpertRAGError
@@ -63,6 +65,8 @@ class TransformersGenerator:
         self.tokenizer = tokenizer
         self.cfg = cfg or GenerationConfig()
         self.is_moe = any(getattr(model.config, k, None) for k in _MOE_KEYS)
+        # transformers 5 renamed the cache argument (`past_key_values` still works there, with a warning)
+        self._cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
         self.capabilities = Capabilities(
             backend="transformers", model=name or getattr(model.config, "model_type", type(model).__name__),
             entropy="full", hidden_states=True, router_stats=self.is_moe, batched=True)
@@ -175,7 +179,7 @@ class TransformersGenerator:
         stats: list[Any] = [None] * B
         if want_router and getattr(out, "router_logits", None) is not None:
             stats = [self._row_stats(out.router_logits, b, B, L, seqs[b], rendered[b], router_span) for b in range(B)]
-        gens = self._decode(out.past_key_values, out.logits[:, -1], ids, mask, positions[:, -1], max_new, stops,
+        gens = self._decode(_cache_of(out), out.logits[:, -1], ids, mask, positions[:, -1], max_new, stops,
                             temperature, top_p, seed, on_token, prompt_tokens=[len(s) for s in seqs])
         for b, g in enumerate(gens):
             g.hidden = None if hidden is None else hidden[b]
@@ -218,9 +222,9 @@ class TransformersGenerator:
         N = tokens.shape[1]
         mask = torch.ones(1, N, dtype=torch.long, device=tokens.device)
         pos = torch.arange(state.cache_len, N, device=tokens.device)[None]
-        out = self.model(input_ids=pending, attention_mask=mask, position_ids=pos, past_key_values=cache,
-                         use_cache=True, logits_to_keep=1)
-        return self._decode(out.past_key_values, out.logits[:, -1], tokens, mask, pos[:, -1], max_new, stops,
+        out = self.model(input_ids=pending, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1,
+                         **{self._cache_arg: cache})
+        return self._decode(_cache_of(out), out.logits[:, -1], tokens, mask, pos[:, -1], max_new, stops,
                             temperature, top_p, seed, on_token, prompt_tokens=[pending.shape[1]])[0]
 
     def _decode(self, cache: Any, logits: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor,
@@ -270,13 +274,18 @@ class TransformersGenerator:
             # finished rows keep being fed (their outputs are ignored): the batch stays rectangular
             mask = torch.cat([mask, torch.ones(B, 1, dtype=mask.dtype, device=mask.device)], 1)
             pos = pos + 1
-            out = self.model(input_ids=nxt[:, None], attention_mask=mask, position_ids=pos[:, None],
-                             past_key_values=cache, use_cache=True)
-            cache, logits = out.past_key_values, out.logits[:, -1]
+            out = self.model(input_ids=nxt[:, None], attention_mask=mask, position_ids=pos[:, None], use_cache=True,
+                             **{self._cache_arg: cache})
+            cache, logits = _cache_of(out), out.logits[:, -1]
         state = HFState(cache, tokens, tokens.shape[1] - 1, rows[0].finished if B == 1 else None)
         return [Generation(text=r.text, token_ids=r.ids, logprobs=r.logprobs, entropies=r.entropies, state=state,
                            prompt_tokens=prompt_tokens[b], finish_reason=r.finished or "length")
                 for b, r in enumerate(rows)]
+
+
+def _cache_of(out: Any) -> Any:
+    cache = getattr(out, "past_key_values", None)
+    return cache if cache is not None else getattr(out, "cache", None)
 
 
 def _sample(logits: torch.Tensor, top_p: float, rng: torch.Generator | None) -> torch.Tensor:
