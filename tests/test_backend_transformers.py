@@ -65,19 +65,21 @@ def index(tmp_path_factory):
     return Index(out)
 
 
-@pytest.fixture(scope="module", params=["llama", "mixtral", "olmoe", "qwen2_moe"])
-def model_dir(request, tokenizer, tmp_path_factory):
+def save_tiny(kind: str, tokenizer, out):
     """A tiny random model of this family saved with the SmolLM2 tokenizer (same vocabulary)."""
     import torch
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
-    cfg = _config(request.param, len(tokenizer), tokenizer.eos_token_id, tokenizer.pad_token_id or 0)
-    model = AutoModelForCausalLM.from_config(cfg)
-    out = tmp_path_factory.mktemp(request.param)
-    model.save_pretrained(out)
+    cfg = _config(kind, len(tokenizer), tokenizer.eos_token_id, tokenizer.pad_token_id or 0)
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(out)
     tokenizer.save_pretrained(out)
-    return request.param, out
+    return out
+
+
+@pytest.fixture(scope="module", params=["llama", "mixtral", "olmoe", "qwen2_moe"])
+def model_dir(request, tokenizer, tmp_path_factory):
+    return request.param, save_tiny(request.param, tokenizer, tmp_path_factory.mktemp(request.param))
 
 
 @pytest.fixture(scope="module")
@@ -158,3 +160,30 @@ def test_policies_the_backend_cannot_serve_are_refused_at_start_up(index, genera
 def test_bad_model_path_is_one_clear_error(tmp_path):
     with pytest.raises(ExpertRAGError, match="not a transformers model folder"):
         load_generator(PipelineSections(model=ModelConfig(backend="transformers", path=str(tmp_path))))
+
+
+def test_cli_ask_and_label_with_backend_override(tokenizer, tmp_path):
+    """`--backend transformers` overrides model.backend of the YAML config (which names the folder)."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from expertrag.cli.app import app  # importing the app registers every command
+
+    path = save_tiny("mixtral", tokenizer, tmp_path / "mixtral")
+    build_index(tmp_path / "idx", DOCS, progress=False)
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"model:\n  backend: native\n  path: {path}\npipeline:\n  max_new_tokens: 4\n  stop: []\n")
+    r = CliRunner().invoke(app, ["ask", QUESTION, "-i", str(tmp_path / "idx"), "--policy", "always", "--config",
+                                 str(cfg), "--backend", "transformers", "--json"])
+    assert r.exit_code == 0, r.output
+    a = json.loads(r.output[r.output.index('{"question"'):])  # after the weight loader's progress bars
+    assert a["retrieved"] and a["tokens"]["generated"] == 4 and a["experts"]["layers"]
+    questions = tmp_path / "q.jsonl"
+    questions.write_text(json.dumps({"id": "1", "question": QUESTION, "golden_answers": ["Paris"]}) + "\n")
+    r = CliRunner().invoke(app, ["label", "-d", str(questions), "-i", str(tmp_path / "idx"), "-o",
+                                 str(tmp_path / "labels.jsonl"), "--config", str(cfg), "--backend", "transformers"])
+    assert r.exit_code == 0, r.output
+    assert json.loads((tmp_path / "labels.jsonl").read_text())["id"] == "1"
+    bad = CliRunner().invoke(app, ["ask", QUESTION, "-i", str(tmp_path / "idx"), "--backend", "llama"])
+    assert isinstance(bad.exception, InputError) and "unknown backend 'llama'" in str(bad.exception)

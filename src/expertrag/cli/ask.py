@@ -7,6 +7,7 @@ from pathlib import Path
 
 import typer
 
+from expertrag.cli import eval_common as ec
 from expertrag.cli.app import app
 from expertrag.config import ExpertRAGConfig
 
@@ -39,12 +40,13 @@ def ask_cmd(
     group: list[str] | None = typer.Option(None, "--group", help="the asking user's access groups (repeatable)"),
     config_path: Path | None = typer.Option(None, "--config", help="YAML config"),
     as_json: bool = typer.Option(False, "--json", help="print the Answer as JSON"),
+    backend: str | None = typer.Option(None, "--backend", help=ec.BACKEND_HELP),
 ) -> None:
     """Answer a question: the gate decides whether to retrieve; the answer carries citations and timings."""
     from expertrag.pipeline.answer import User
     from expertrag.pipeline.build import load_pipeline
 
-    config = ExpertRAGConfig.load(config_path)
+    config = ec.with_backend(ExpertRAGConfig.load(config_path), backend)
     rag = load_pipeline(index, config, policy, gate)
     user = User("cli", tuple(group)) if group else None
     answer = rag.answer(question, user=user)
@@ -65,6 +67,7 @@ def label_cmd(
                                             "instead of running the model"),
     batch_size: int = typer.Option(8, "--batch-size", help="questions generated together"),
     config_path: Path | None = typer.Option(None, "--config", help="YAML config"),
+    backend: str | None = typer.Option(None, "--backend", help=ec.BACKEND_HELP),
 ) -> None:
     """Derive retrieval labels: retrieve / no_retrieve / both_wrong from closed- vs open-book correctness."""
     from expertrag.data.questions import load_questions
@@ -79,7 +82,7 @@ def label_cmd(
     from expertrag.pipeline.build import load_pipeline
     from expertrag.pipeline.labeling import label_questions
 
-    config = ExpertRAGConfig.load(config_path)
+    config = ec.with_backend(ExpertRAGConfig.load(config_path), backend)
     rag = load_pipeline(index, config, "always")
     counts = label_questions(rag, questions, out, batch_size=batch_size)
     print(f"labelled {sum(counts.values())} questions -> {out}: " +

@@ -284,8 +284,8 @@ class TransformersGenerator:
 
 
 def _cache_of(out: Any) -> Any:
-    cache = getattr(out, "past_key_values", None)
-    return cache if cache is not None else getattr(out, "cache", None)
+    cache = getattr(out, "cache", None)  # transformers 5; reading past_key_values there warns
+    return cache if cache is not None else getattr(out, "past_key_values", None)
 
 
 def _sample(logits: torch.Tensor, top_p: float, rng: torch.Generator | None) -> torch.Tensor:
