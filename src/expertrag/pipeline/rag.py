@@ -443,7 +443,7 @@ class ExpertRAG:
                   "stage": decision.stage, "policy": policy_name or self.policy_name, "features": decision.features},
             timings=timings, tokens={"prompt": int(prompt_tokens), "generated": len(token_ids)},
             experts=expert_usage(router), passages=[h.to_dict() for h in hits], generated=clean,
-            token_ids=list(token_ids),
+            token_ids=list(token_ids), logprobs=[float(x) for x in logprobs],
         )
 
 
