@@ -9,7 +9,6 @@ import math
 import time
 
 import pytest
-from serving import Server, add_key, build_index, free_port
 
 from expertrag.gate.policies import EntropyPolicy, FlarePolicy, RouterPolicy
 from expertrag.gate.requirements import BackendCapabilityError
@@ -18,6 +17,7 @@ from expertrag.model.prompts import closed_book_messages
 from expertrag.pipeline.config import PipelineConfig
 from expertrag.pipeline.rag import ExpertRAG
 from expertrag.retrieval import Index
+from serving import Server, add_key, build_index, free_port
 
 pytestmark = pytest.mark.slow
 

@@ -24,7 +24,6 @@ from expertrag.model.backend import Message, Prompt, TokenEvent  # noqa: F401
 from expertrag.model.llama import KVCache, LlamaLM
 from expertrag.moe.types import MoEAux, PassageMemory
 
-
 # ------------------------------------------------------------------------------------------ prompts
 
 

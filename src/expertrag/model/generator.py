@@ -11,8 +11,6 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import torch
-
 from expertrag.model.backend import Capabilities, Generation, Generator, Prompt, RouterStats, TokenEvent
 from expertrag.model.config import GenerationConfig, ModelConfig
 from expertrag.model.generation import GenerationState, generate

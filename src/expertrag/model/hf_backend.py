@@ -9,12 +9,11 @@ prompt forward become `RouterStats` over the question's tokens (`router_span`), 
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
-import inspect
 
 import torch
 

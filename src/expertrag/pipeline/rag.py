@@ -22,8 +22,8 @@ from expertrag.answers import contains_answer, normalize_answer
 from expertrag.errors import ExpertRAGError, InputError
 from expertrag.gate.features import query_features
 from expertrag.gate.policies.base import Policy
-from expertrag.gate.types import Decision, Probe
 from expertrag.gate.requirements import check_policy
+from expertrag.gate.types import Decision, Probe
 from expertrag.model.backend import Generator, RouterStats, TokenEvent
 from expertrag.model.prompts import closed_book_messages, open_book_messages
 from expertrag.pipeline.answer import Answer, Citation, Timings, User
