@@ -156,6 +156,9 @@ class OpenAIGenerator:
                 if "error" in event and "choices" not in event:
                     raise BackendUnavailable(f"openai backend: the stream failed: {event['error']}")
                 yield event
+        except httpx.TimeoutException:  # between two chunks: the server stalled longer than the read timeout
+            raise BackendUnavailable(f"openai backend: {self.base_url} timed out after {self.client.timeout.read} s "
+                                     "mid-stream; raise model.timeout_s") from None
         except httpx.TransportError as e:
             raise BackendUnavailable(f"openai backend: the stream from {self.base_url} broke: {e}") from None
         finally:
