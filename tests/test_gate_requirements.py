@@ -45,6 +45,11 @@ def test_the_learned_gate_refuses_backends_lacking_what_it_was_trained_with(tmp_
     needs = gate.requires()
     assert {"hidden", "entropy", "logprobs", "router_entropy", "router_agreement"} <= needs
     check_policy(gate, HF_MOE)  # a transformers MoE gives every one of them
+    assert gate.hidden_dims() == {8}
+    with pytest.raises(BackendCapabilityError, match=r"trained on 8-dim hidden states; backend 'native' .* gives 576"):
+        check_policy(gate, Capabilities("native", "ExpertRAG decoder (MoE)", hidden_states=True, router_stats=True,
+                                        hidden_size=576))
+    check_policy(gate, Capabilities("native", "tiny", hidden_states=True, router_stats=True, hidden_size=8))
     with pytest.raises(BackendCapabilityError, match=r"policy 'adaptive' needs .*hidden state.*backend 'openai'"):
         check_policy(gate, HTTP)
     with pytest.raises(BackendCapabilityError, match=r"MoE router statistics.*'transformers' \(llama\)"):

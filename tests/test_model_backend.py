@@ -34,3 +34,30 @@ def test_router_stats_entropy_shares_and_agreement():
     assert s.mean_retrieval_affinity == 0.25 and s.usage[3] == [0.75, 0.25]
     assert router_stats({0: torch.zeros(0, 2)}, "prompt") is None
     assert router_stats({1: sure}, "prompt").top_expert_agreement is None  # one MoE layer: nothing to agree with
+
+
+def test_model_config_names_the_backend_and_its_settings():
+    from pydantic import ValidationError
+
+    from expertrag.model.config import ModelConfig
+
+    assert ModelConfig().backend == "native"
+    cfg = ModelConfig(backend="openai", base_url="http://127.0.0.1:8000/v1", name="m", api_key_env="KEY")
+    assert cfg.timeout_s > 0 and cfg.retries >= 0 and cfg.top_logprobs == 5
+    with pytest.raises(ValidationError):
+        ModelConfig(backend="llamacpp")  # not built yet: refused, not silently native
+    with pytest.raises(ValidationError):
+        ModelConfig(top_logprobs=21)  # OpenAI's limit is 20
+
+
+def test_openai_backend_needs_its_settings(monkeypatch):
+    from expertrag.errors import ExpertRAGError
+    from expertrag.model.config import ModelConfig
+    from expertrag.model.openai_backend import OpenAIGenerator
+
+    with pytest.raises(ExpertRAGError, match="needs model.base_url"):
+        OpenAIGenerator.from_config(ModelConfig(backend="openai"))
+    monkeypatch.delenv("EXPERTRAG_TEST_NO_SUCH_KEY", raising=False)
+    with pytest.raises(ExpertRAGError, match="EXPERTRAG_TEST_NO_SUCH_KEY, which is not set"):
+        OpenAIGenerator.from_config(ModelConfig(backend="openai", base_url="http://127.0.0.1:9/v1", name="m",
+                                                api_key_env="EXPERTRAG_TEST_NO_SUCH_KEY"))

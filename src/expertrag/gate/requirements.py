@@ -65,11 +65,19 @@ def check_policy(policy: Any, caps: Capabilities, name: str | None = None) -> No
     lacking = missing_signals(needs, caps)
     if lacking:
         what = "; ".join(dict.fromkeys(_WHY.get(s, s) for s in lacking))
-        hint = " (the learned gate records the features it was trained with: retrain it on this backend, e.g. " \
-               "with gate.use_hidden: false)" if name == "adaptive" else ""
+        hint = ""
+        if name == "adaptive":
+            hint = " (the learned gate records the features it was trained with: retrain it on this backend" + \
+                   (", e.g. with gate.use_hidden: false)" if "hidden" in lacking else ")")
         raise BackendCapabilityError(
             f"policy '{name}' needs {what}, which backend '{caps.backend}' ({caps.model}) cannot give{hint}; "
             "pick another policy or backend")
+    dims = getattr(policy, "hidden_dims", None)
+    wrong = sorted(d for d in (dims() if callable(dims) else ()) if d and caps.hidden_size and d != caps.hidden_size)
+    if wrong:
+        raise BackendCapabilityError(
+            f"policy '{name}' was trained on {wrong[0]}-dim hidden states; backend '{caps.backend}' ({caps.model}) "
+            f"gives {caps.hidden_size}: retrain the gate on this backend, or with gate.use_hidden: false")
     if "entropy_approx" in needs and caps.entropy == "top_k":
         log.warning("policy '%s' on backend '%s' reads entropies approximated from the top-k log-probs the "
                     "server returns (a lower bound of the full-distribution entropy it was tuned on)", name,

@@ -104,6 +104,7 @@ class Capabilities:
     batch_shares_router: bool = False  # one router output for a whole batch: MoE rows must run alone
     continuation: bool = True  # `state=` continues without recomputing the prompt
     streaming: bool = True  # `on_token` is called per token
+    hidden_size: int | None = None  # size of one layer's hidden state (a gate trained on another size cannot run)
 
     def signals(self) -> set[str]:
         """The gate signals this backend can give (see gate.requirements)."""

@@ -68,7 +68,8 @@ class TransformersGenerator:
         self._cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
         self.capabilities = Capabilities(
             backend="transformers", model=name or getattr(model.config, "model_type", type(model).__name__),
-            entropy="full", hidden_states=True, router_stats=self.is_moe, batched=True)
+            entropy="full", hidden_states=True, router_stats=self.is_moe, batched=True,
+            hidden_size=getattr(model.config, "hidden_size", None))
 
     @classmethod
     def from_config(cls, cfg: ModelConfig | None = None) -> TransformersGenerator:

@@ -58,6 +58,10 @@ class AdaptivePolicy(Policy):
         # what the two gates were trained with, as recorded in their saved FeatureSpecs
         return frozenset(spec_signals(self.fast.spec) | spec_signals(self.full.spec))
 
+    def hidden_dims(self) -> set[int]:
+        """The hidden-state sizes the gates were trained on (checked against the backend's)."""
+        return {d for g in (self.fast, self.full) for n, d in g.spec.vectors if n == "hidden"}
+
     def decide(self, ctx: GateContext) -> Decision:
         feats = _scalar_features(ctx, self._popularity)
         s = self.fast.score(self.fast.spec.vectorize(feats, _vectors_for(self.fast.spec, ctx, None)))
