@@ -187,3 +187,24 @@ def test_cli_ask_and_label_with_backend_override(tokenizer, tmp_path):
     assert json.loads((tmp_path / "labels.jsonl").read_text())["id"] == "1"
     bad = CliRunner().invoke(app, ["ask", QUESTION, "-i", str(tmp_path / "idx"), "--backend", "llama"])
     assert isinstance(bad.exception, InputError) and "unknown backend 'llama'" in str(bad.exception)
+
+
+def test_eval_runs_on_the_backend_and_skips_policies_it_cannot_serve(tokenizer, tmp_path):
+    """`eval` with a transformers MoE folder: `always` is evaluated, `router` (no retrieval expert) is reported
+    as skipped with the backend named, not crashed on."""
+    from expertrag.cli import eval_common as ec
+    from expertrag.config import ExpertRAGConfig
+    from expertrag.data.types import Question
+    from expertrag.eval.runner import evaluate
+
+    path = save_tiny("olmoe", tokenizer, tmp_path / "olmoe")
+    build_index(tmp_path / "idx", DOCS, progress=False)
+    config = ec.with_backend(ExpertRAGConfig.model_validate(
+        {"model": {"path": str(path)}, "pipeline": {"max_new_tokens": 3, "stop": []},
+         "gate": {"router_threshold": 0.5}}), "transformers")
+    assert config.model.backend == "transformers"
+    factory = ec.make_factory(tmp_path / "idx", config, None)
+    questions = [Question("1", QUESTION, ["Paris"]), Question("2", "How is tea made?", ["hot water"])]
+    result = evaluate(factory, questions, ["always", "router"], progress=False, k_sweep=())
+    assert "router" in result["skipped"] and "'transformers'" in result["skipped"]["router"]
+    assert list(result["results"]) == ["always"] and "always" in str(result["summary"]["policies"])
