@@ -7,6 +7,7 @@ from pathlib import Path
 
 import typer
 
+from expertrag.cli import eval_common as ec
 from expertrag.cli.app import app
 from expertrag.config import ExpertRAGConfig
 
@@ -45,6 +46,7 @@ def ask_cmd(
                                                                 "whatever its groups"),
     config_path: Path | None = typer.Option(None, "--config", help="YAML config"),
     as_json: bool = typer.Option(False, "--json", help="print the Answer as JSON"),
+    backend: str | None = typer.Option(None, "--backend", help=ec.BACKEND_HELP),
 ) -> None:
     """Answer a question: the gate decides whether to retrieve; the answer carries citations and timings."""
     from expertrag.cli.index import access_filters
@@ -52,7 +54,7 @@ def ask_cmd(
     from expertrag.pipeline.build import load_pipeline
 
     access_filters(group, all_groups)  # usage checks before the model loads
-    config = ExpertRAGConfig.load(config_path)
+    config = ec.with_backend(ExpertRAGConfig.load(config_path), backend)
     rag = load_pipeline(index, config, policy, gate)
     user = User("cli", tuple(group or ()), all_groups=all_groups)
     answer = rag.answer(question, user=user)
@@ -75,6 +77,7 @@ def label_cmd(
                                             "instead of running the model"),
     batch_size: int = typer.Option(8, "--batch-size", help="questions generated together"),
     config_path: Path | None = typer.Option(None, "--config", help="YAML config"),
+    backend: str | None = typer.Option(None, "--backend", help=ec.BACKEND_HELP),
 ) -> None:
     """Derive retrieval labels: retrieve / no_retrieve / both_wrong from closed- vs open-book correctness."""
     from expertrag.data.questions import load_questions
@@ -89,7 +92,7 @@ def label_cmd(
     from expertrag.pipeline.build import load_pipeline
     from expertrag.pipeline.labeling import label_questions
 
-    config = ExpertRAGConfig.load(config_path)
+    config = ec.with_backend(ExpertRAGConfig.load(config_path), backend)
     rag = load_pipeline(index, config, "always")
     counts = label_questions(rag, questions, out, batch_size=batch_size)
     print(f"labelled {sum(counts.values())} questions -> {out}: " +

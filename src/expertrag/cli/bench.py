@@ -64,11 +64,42 @@ def bench_generate(
     max_new_tokens: int = typer.Option(32, help="tokens generated per prompt"),
     prompts: int = typer.Option(4, help="number of prompts"),
     as_json: bool = typer.Option(False, "--json", help="print the result as JSON on the last line"),
+    backends: str | None = typer.Option(None, "--backends",
+                                        help="compare generator backends instead, e.g. native,transformers: "
+                                             "closed-book and 5-passage prompts, 24 tokens, per phase"),
+    threads: str = typer.Option("1,2", "--threads", help="with --backends: torch thread counts to measure"),
+    rounds: int = typer.Option(3, "--rounds", min=1, help="with --backends: timed rounds"),
+    config_path: Path | None = typer.Option(None, "--config", help="with --backends: YAML config (model section)"),
 ) -> None:
-    """Generation tokens/s of our model vs transformers' generate on SmolLM2, greedy."""
-    from expertrag.bench.generate import run
+    """Generation tokens/s of our model vs transformers' generate on SmolLM2, greedy; or, with --backends,
+    the generator backends per phase (prefill, decode, end to end, RSS)."""
+    if backends is None:
+        from expertrag.bench.generate import run
 
-    _emit(run(max_new_tokens=max_new_tokens, num_prompts=prompts), as_json)
+        _emit(run(max_new_tokens=max_new_tokens, num_prompts=prompts), as_json)
+        return
+    from expertrag.bench.backends import run as run_backends
+    from expertrag.config import ExpertRAGConfig
+    from expertrag.errors import InputError
+    from expertrag.model.backend import BACKENDS
+
+    names = [b.strip() for b in backends.split(",") if b.strip()]
+    if not names or any(b not in BACKENDS for b in names):
+        raise InputError(f"--backends {backends!r}: give a comma-separated subset of {', '.join(BACKENDS)}")
+    try:
+        counts = [int(t) for t in threads.split(",") if t.strip()]
+    except ValueError:
+        raise InputError(f"--threads {threads!r}: give comma-separated integers, e.g. 1,2") from None
+    if not counts or min(counts) < 1:
+        raise InputError("--threads: give at least one count, each >= 1")
+    result = run_backends(names, counts, rounds, ExpertRAGConfig.load(config_path))
+    if as_json:
+        print(json.dumps(result))
+        return
+    flat = {f"{n}.{k}": v for n, s in result["backends"].items() for k, v in s.items()}
+    flat.update({k: v for k, v in result.items() if not isinstance(v, dict | list)})
+    flat.update({f"greedy_identical_to_native.{n}": v for n, v in result.get("greedy_identical_to_native", {}).items()})
+    _emit(flat, False)
 
 
 @bench_app.command("upcycled")

@@ -32,12 +32,13 @@ def eval_cmd(
     k_sweep: str | None = typer.Option(None, "--k-sweep", help="context dilution k values, e.g. 1,3,5,10,20; 'none' skips"),
     config_path: Path | None = typer.Option(None, "--config", help="YAML config"),
     as_json: bool = typer.Option(False, "--json", help="print the summary as JSON on the last line"),
+    backend: str | None = typer.Option(None, "--backend", help=ec.BACKEND_HELP),
 ) -> None:
     """Evaluate retrieval policies end to end: accuracy, latency, gate quality, threshold sweep, dilution."""
     from expertrag.data.questions import load_questions
     from expertrag.eval.runner import evaluate
 
-    config = ExpertRAGConfig.load(config_path)
+    config = ec.with_backend(ExpertRAGConfig.load(config_path), backend)
     settings = config.eval
     names = ec.parse_policies(policies, settings.policies)
     ks = ec.parse_ks(k_sweep, settings.k_sweep)

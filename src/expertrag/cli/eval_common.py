@@ -67,6 +67,26 @@ def read_label_files(paths: list[Path]) -> dict[str, Any]:
     return out
 
 
+BACKEND_HELP = "generator backend: native | transformers | openai (overrides model.backend)"
+
+
+def with_backend(config: ExpertRAGConfig, backend: str | None) -> ExpertRAGConfig:
+    """The config with `--backend` put in model.backend (validated like the YAML field)."""
+    if backend is None:
+        return config
+    from pydantic import ValidationError
+
+    from expertrag.model.backend import BACKENDS
+    from expertrag.model.config import ModelConfig
+
+    try:
+        model = ModelConfig.model_validate({**config.model.model_dump(), "backend": backend})
+    except ValidationError:
+        raise InputError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}",
+                         field="--backend") from None
+    return config.model_copy(update={"model": model})
+
+
 def load_generator(config: ExpertRAGConfig) -> Any:
     from expertrag.pipeline.build import load_generator
 

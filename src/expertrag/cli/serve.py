@@ -7,6 +7,7 @@ from pathlib import Path
 
 import typer
 
+from expertrag.cli import eval_common as ec
 from expertrag.cli.app import app
 from expertrag.config import ExpertRAGConfig
 
@@ -20,6 +21,7 @@ def serve_cmd(
     config_path: Path | None = typer.Option(None, "--config", help="YAML config (its serve: section sets limits)"),
     host: str | None = typer.Option(None, "--host", help="bind address (default serve.host, 127.0.0.1)"),
     port: int | None = typer.Option(None, "--port", help="TCP port (default serve.port, 8000)"),
+    backend: str | None = typer.Option(None, "--backend", help=ec.BACKEND_HELP),
 ) -> None:
     """Serve the HTTP API and the web page: answers (streamed or not), OpenAI-compatible chat, search,
     documents, metrics. Every /v1 route needs an API key (`expertrag keys add`)."""
@@ -27,7 +29,7 @@ def serve_cmd(
     from expertrag.serve.server import run
     from expertrag.serve.service import Service
 
-    config = ExpertRAGConfig.load(config_path)
+    config = ec.with_backend(ExpertRAGConfig.load(config_path), backend)
     if port is not None and not 0 <= port <= 65535:
         raise InputError(f"--port {port}: must be between 0 and 65535")
     service = Service(index, config)

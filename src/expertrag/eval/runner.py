@@ -37,6 +37,7 @@ from expertrag.eval.sampling import as_datasets, select_questions
 from expertrag.fileio import sha256_file
 from expertrag.gate.labels import LabelRecord
 from expertrag.gate.models import GateArtifactError
+from expertrag.gate.requirements import BackendCapabilityError
 
 
 def _quiet_caches(rag: Any) -> Any:
@@ -51,7 +52,7 @@ def _build(rag_factory: Callable[[str], Any], policy: str) -> tuple[Any, str | N
     other error building a policy is a bug and propagates: it must not become a "skipped" line."""
     try:
         return _quiet_caches(rag_factory(policy)), None
-    except GateArtifactError as e:
+    except (GateArtifactError, BackendCapabilityError) as e:  # artifacts missing, or a backend lacking a signal
         return None, f"{type(e).__name__}: {e}"
 
 

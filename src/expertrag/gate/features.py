@@ -31,7 +31,7 @@ PROBE_FEATURES: tuple[str, ...] = (
     "first_token_entropy", "mean_token_entropy", "max_token_entropy", "min_logprob", "mean_logprob",
     "draft_tokens",
 )
-OPTIONAL_PROBE_FEATURES: tuple[str, ...] = ("retrieval_affinity", "router_entropy")
+OPTIONAL_PROBE_FEATURES: tuple[str, ...] = ("retrieval_affinity", "router_entropy", "router_agreement")
 POPULARITY_FEATURES: tuple[str, ...] = ("log_s_pop",)
 VECTOR_BLOCKS: tuple[str, ...] = ("query_embedding", "hidden")
 
@@ -97,6 +97,8 @@ def probe_features(probe: Probe) -> dict[str, float]:
         out["retrieval_affinity"] = float(probe.retrieval_affinity)
     if probe.router_entropy is not None:
         out["router_entropy"] = float(probe.router_entropy)
+    if probe.router_agreement is not None:
+        out["router_agreement"] = float(probe.router_agreement)
     return out
 
 

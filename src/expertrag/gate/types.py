@@ -25,7 +25,9 @@ class Probe:
     only the question's tokens), then over the MoE layers with a retrieval expert; None for a model
     without one.
     router_entropy: the router's entropy averaged the same way (whole prompt, then MoE layers), or None
-    for a dense model.
+    for a dense model. Both come from the generator's `RouterStats`: the transformers backend counts only the
+    question's tokens (RouterStats.span says which).
+    router_agreement: share of consecutive MoE layers whose top-1 expert agrees, over the same tokens.
     draft: the generator's `Generation` of this draft (its `.state` holds the KV cache and tokens); a
     "no retrieval" answer continues from it instead of starting again.
     """
@@ -37,6 +39,7 @@ class Probe:
     hidden: np.ndarray | None = None
     retrieval_affinity: float | None = None
     router_entropy: float | None = None
+    router_agreement: float | None = None
     draft: Any = None
     ms: float = 0.0
 

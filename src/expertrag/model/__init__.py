@@ -5,7 +5,11 @@
     llama.py       LlamaLM: RMSNorm, RoPE, GQA attention + KV cache, pluggable dense (DenseFFN) / MoE FFNs
     prompts.py     the closed-book and open-book chat prompts (shared by the pipeline, eval and training)
     generation.py  generate / stream_generate: greedy & sampling, batching, stops, continuation
-    generator.py   Generation, Generator protocol, ExpertRAGGenerator, HFGenerator
+    backend.py     the torch-free seam: Prompt, TokenEvent, Generation, RouterStats, Capabilities, Generator
+    generator.py   the `native` backend: ExpertRAGGenerator (our decoder)
+    hf_backend.py  the `transformers` backend: TransformersGenerator (any local causal-LM folder, MoE routers)
+    openai_backend.py  the `openai` backend: OpenAIGenerator (an OpenAI-compatible server over httpx)
+    router_stats.py  router probabilities -> RouterStats, the question's token span
     upcycle.py     dense FFNs -> MoE layers, which MoE parameters train (the one upcycling path)
     checkpoint.py  checkpoints holding only the MoE deltas (builds on upcycle.py)
     moe_model.py   load_moe_model: base weights -> upcycle -> a checkpoint's deltas
@@ -26,9 +30,10 @@ _LAZY = {
     "load_model": "loading", "ModelNotFoundError": "loading",
     "LlamaLM": "llama", "LlamaArgs": "llama", "KVCache": "llama", "LMOutput": "llama", "DenseFFN": "llama",
     "generate": "generation", "stream_generate": "generation", "GenerationState": "generation",
-    "BatchGeneration": "generation", "TokenEvent": "generation",
-    "Generation": "generator", "Generator": "generator", "ExpertRAGGenerator": "generator",
-    "HFGenerator": "generator",
+    "BatchGeneration": "generation", "TokenEvent": "backend",
+    "Generation": "backend", "Generator": "backend", "Capabilities": "backend", "RouterStats": "backend",
+    "ExpertRAGGenerator": "generator", "HFGenerator": "generator",
+    "TransformersGenerator": "hf_backend", "OpenAIGenerator": "openai_backend",
 }
 
 __all__ = ["GenerationConfig", "ModelConfig", *_LAZY]

@@ -18,9 +18,21 @@ class GenerationConfig(BaseModel):
 
 
 class ModelConfig(BaseModel):
-    """The decoder model and where its base weights come from. Owned by the model/ package."""
+    """The decoder model and where its base weights come from. Owned by the model/ package.
+
+    `backend` picks the engine behind the Generator seam (model.backend): `native` (our decoder: `base`,
+    `checkpoint`), `transformers` (any local causal-LM folder: `path`; null = the converted base), `openai`
+    (an OpenAI-compatible server: `base_url`, `name`, the key read from the env var `api_key_env`)."""
 
     model_config = ConfigDict(extra="forbid")
+    backend: Literal["native", "transformers", "openai"] = Field("native", description="generator backend")
+    path: str | None = Field(None, description="transformers backend: a local model folder (null = the base)")
+    base_url: str | None = Field(None, description="openai backend: server URL, e.g. http://127.0.0.1:8000/v1")
+    name: str | None = Field(None, description="openai backend: the served model's name")
+    api_key_env: str | None = Field(None, description="openai backend: env var holding the API key (null = none)")
+    timeout_s: float = Field(60.0, gt=0, description="openai backend: seconds per HTTP request")
+    retries: int = Field(2, ge=0, description="openai backend: retries (with backoff) of a failed request")
+    top_logprobs: int = Field(5, ge=0, le=20, description="openai backend: alternatives per token (entropy approx.)")
     base: str = Field("smollm2-135m-instruct", description="base model name (see model.loading.BASES)")
     dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="parameter/activation dtype")
     device: str = Field("cpu", description="torch device for the model")

@@ -19,12 +19,10 @@ from typing import Any
 
 import torch
 
+# Message, Prompt, TokenEvent live in the torch-free seam; imported here for the loop and its callers
+from expertrag.model.backend import Message, Prompt, TokenEvent  # noqa: F401
 from expertrag.model.llama import KVCache, LlamaLM
 from expertrag.moe.types import MoEAux, PassageMemory
-
-Message = dict[str, str]
-Prompt = str | Sequence[Message]  # raw text, or a chat (rendered with the tokenizer's chat template)
-
 
 # ------------------------------------------------------------------------------------------ prompts
 
@@ -90,18 +88,6 @@ class GenerationState:
             rng.set_state(self.rng.get_state())
         return GenerationState(self.cache.copy(), self.tokens.clone(), self.mask.clone(), self.cache_len,
                                list(self.ended), [list(g) for g in self.generated], rng)
-
-
-@dataclass
-class TokenEvent:
-    """One generated token of one row, as streamed. `text` is the newly final text (may be empty:
-    text that could still turn into a stop string, or an incomplete UTF-8 character, is held back)."""
-
-    row: int
-    token_id: int
-    text: str
-    logprob: float
-    entropy: float
 
 
 @dataclass

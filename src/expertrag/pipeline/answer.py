@@ -57,6 +57,7 @@ class Answer:
     passages: list[dict[str, Any]] = field(default_factory=list)  # what was retrieved (id, title, contents, score)
     generated: str = ""  # the model's own words, before abstention replaced them
     token_ids: list[int] = field(default_factory=list)  # the generated tokens (the draft's included)
+    logprobs: list[float] = field(default_factory=list)  # log p of each of those tokens (serve's `logprobs`)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

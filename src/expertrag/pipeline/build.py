@@ -8,9 +8,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
 from expertrag.gate.config import GateConfig
+from expertrag.model.backend import Generator
 from expertrag.model.config import ModelConfig
 from expertrag.pipeline.config import PipelineConfig
 from expertrag.pipeline.rag import ExpertRAG
@@ -44,7 +45,17 @@ class PipelineSections:
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
 
 
-def load_generator(config: PipelineSettings) -> Any:
+def load_generator(config: PipelineSettings) -> Generator:
+    """The generator `config.model.backend` names (see ModelConfig)."""
+    backend = config.model.backend
+    if backend == "transformers":
+        from expertrag.model.hf_backend import TransformersGenerator
+
+        return TransformersGenerator.from_config(config.model)
+    if backend == "openai":
+        from expertrag.model.openai_backend import OpenAIGenerator
+
+        return OpenAIGenerator.from_config(config.model)
     from expertrag.model.generator import ExpertRAGGenerator
 
     if config.model.checkpoint:
@@ -56,7 +67,7 @@ def load_generator(config: PipelineSettings) -> Any:
 
 
 def load_pipeline(index_dir: str | Path, config: PipelineSettings | None = None, policy: str | None = None,
-                  gate: str | Path | None = None, generator: Any = None) -> ExpertRAG:
+                  gate: str | Path | None = None, generator: Generator | None = None) -> ExpertRAG:
     """Index + generator + policy. The policy's artifacts come from `gate` or the index's gate folder."""
     from expertrag.gate.policies import make_policy
 

@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 from expertrag.answers import contains_answer
 from expertrag.data.types import Question
 from expertrag.gate.labels import LabelRecord, derive_label
+from expertrag.model.backend import generate_all
 from expertrag.model.prompts import closed_book_messages, open_book_messages
 from expertrag.pipeline.rag import ExpertRAG, PipelineGateContext
 
@@ -47,10 +48,10 @@ def label_questions(rag: ExpertRAG, questions: Sequence[Question], out: Path, *,
         for i in range(0, len(todo), batch_size):
             part = todo[i:i + batch_size]
             hits = [PipelineGateContext(rag, q.question, dict(q.metadata), None).retrieve(cfg.k) for q in part]
-            closed = rag.generator.generate_batch([closed_book_messages(q.question) for q in part],
-                                                  max_new_tokens=cfg.max_new_tokens, stop=cfg.stop)
-            opened = rag.generator.generate_batch(
-                [open_book_messages(q.question, h, cfg.passage_max_chars) for q, h in zip(part, hits, strict=True)],
+            closed = generate_all(rag.generator, [closed_book_messages(q.question) for q in part],
+                                  max_new_tokens=cfg.max_new_tokens, stop=cfg.stop)
+            opened = generate_all(
+                rag.generator, [open_book_messages(q.question, h, cfg.passage_max_chars) for q, h in zip(part, hits, strict=True)],
                 max_new_tokens=cfg.max_new_tokens, stop=cfg.stop)
             for q, c, o in zip(part, closed, opened, strict=True):
                 closed_ok = bool(contains_answer(c.text, q.golden_answers))

@@ -21,8 +21,10 @@ import numpy as np
 from expertrag.answers import contains_answer, normalize_answer
 from expertrag.errors import ExpertRAGError, InputError
 from expertrag.gate.features import query_features
+from expertrag.gate.policies.base import Policy
+from expertrag.gate.requirements import check_policy
 from expertrag.gate.types import Decision, Probe
-from expertrag.model.generation import TokenEvent
+from expertrag.model.backend import Generator, RouterStats, TokenEvent
 from expertrag.model.prompts import closed_book_messages, open_book_messages
 from expertrag.pipeline.answer import Answer, Citation, Timings, User
 from expertrag.pipeline.cache import LRUCache, cache_key
@@ -86,7 +88,7 @@ class _Job:
     text: str = ""
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
-    router: Any = None
+    router: RouterStats | None = None
     prompt_tokens: int = 0
     error: Exception | None = None
 
@@ -174,12 +176,14 @@ class PipelineGateContext:
 class ExpertRAG:
     """The orchestrator: owns the index, the generator, the policy, timings and caches."""
 
-    def __init__(self, index: Index, generator: Any, policy: Any, config: PipelineConfig | None = None,
+    def __init__(self, index: Index, generator: Generator, policy: Policy, config: PipelineConfig | None = None,
                  policy_name: str | None = None):
         self.index = index
         self.generator = generator
         self.policy = policy
         self.policy_name = policy_name or getattr(policy, "name", type(policy).__name__)
+        # a policy needing a signal this backend cannot give fails here, naming both, not mid-answer
+        check_policy(policy, generator.capabilities, self.policy_name)
         self.config = config or PipelineConfig()
         path = self.config.cache_path
         self.answer_cache = LRUCache(self.config.answer_cache_size, path, "answers") \
@@ -198,12 +202,16 @@ class ExpertRAG:
         t = time.perf_counter()
         g = self.generator.generate(
             closed_book_messages(question), max_new_tokens=self.config.probe_tokens, stop=self.config.stop,
-            hidden_layers=[self.config.probe_layer], return_router=True,
+            hidden_layers=[self.config.probe_layer] if self.generator.capabilities.hidden_states else None,
+            return_router=True, router_span=question,
         )
+        stats = g.router_stats
         return Probe(
             text=g.text, token_ids=list(g.token_ids), logprobs=list(g.logprobs), entropies=list(g.entropies),
-            hidden=None if g.hidden is None else g.hidden.float().reshape(-1).numpy(),
-            retrieval_affinity=_mean_affinity(g.router), router_entropy=_mean_router_entropy(g.router),
+            hidden=_as_vector(g.hidden),
+            retrieval_affinity=stats.mean_retrieval_affinity if stats else None,
+            router_entropy=stats.mean_entropy if stats else None,
+            router_agreement=stats.top_expert_agreement if stats else None,
             draft=g, ms=(time.perf_counter() - t) * 1000,
         )
 
@@ -272,6 +280,8 @@ class ExpertRAG:
             cfg = PipelineConfig.model_validate({**cfg.model_dump(), **overrides})
         policy = req.policy if req.policy is not None else self.policy
         policy_name = self.policy_name if req.policy is None else getattr(policy, "name", type(policy).__name__)
+        if req.policy is not None:
+            check_policy(policy, self.generator.capabilities, policy_name)
         q = validate_question(req.question, cfg.max_query_chars)
         filters = self.filters_for(req.user)
         key = None
@@ -326,9 +336,10 @@ class ExpertRAG:
         """Generate for every job: continuations of drafts one by one, fresh prompts batched."""
         jobs = [j for j in jobs if j.error is None]
         fresh = [j for j in jobs if j.draft is None]
-        # A batch shares one router output (MoEAux sums over rows) and one passage memory layout, so only a
-        # dense model's memory-free prompts batch; everything else runs alone.
-        batchable = [j for j in fresh if j.memory is None] if not has_moe_layers(self.generator) else []
+        # Our MoE shares one router output over a batch (MoEAux sums over rows) and a passage memory layout is
+        # per call, so only memory-free prompts of a backend with per-row router outputs batch.
+        caps = self.generator.capabilities
+        batchable = [j for j in fresh if j.memory is None] if caps.batched and not caps.batch_shares_router else []
         groups: dict[int, list[_Job]] = {}
         for j in batchable:
             groups.setdefault(j.config.max_new_tokens, []).append(j)
@@ -367,7 +378,7 @@ class ExpertRAG:
         for j, g in zip(group, gens, strict=True):
             j.timings.generation_ms = ms
             j.token_ids, j.logprobs, j.text = list(g.token_ids), list(g.logprobs), g.text
-            j.router, j.prompt_tokens = g.router, g.prompt_tokens
+            j.router, j.prompt_tokens = g.router_stats, g.prompt_tokens
 
     def _continue_draft(self, j: _Job) -> None:
         """Continue the probe's draft from its KV cache: nothing recomputed. The draft's own time stays in
@@ -390,7 +401,7 @@ class ExpertRAG:
             j.token_ids += list(more.token_ids)
             j.logprobs += list(more.logprobs)
             j.text = first.text + more.text  # byte-level BPE: pieces decode independently
-        j.router, j.prompt_tokens = first.router, first.prompt_tokens
+        j.router, j.prompt_tokens = first.router_stats, first.prompt_tokens
         j.timings.generation_ms = (time.perf_counter() - t) * 1000
 
     def _retrieve(self, ctx: PipelineGateContext, q: str, filters: Filters, cfg: PipelineConfig
@@ -413,7 +424,7 @@ class ExpertRAG:
         return self.generator.encode_passages([memory_text(hits)])
 
     def _finish(self, q: str, text: str, token_ids: list[int], logprobs: list[float], hits: list[Hit],
-                decision: Decision, timings: Timings, router: Any, prompt_tokens: int, *,
+                decision: Decision, timings: Timings, router: RouterStats | None, prompt_tokens: int, *,
                 policy_name: str | None = None) -> Answer:
         markers = [int(m) for m in _MARKER.findall(text)]
         clean = _MARKER.sub("", text).strip()
@@ -433,7 +444,7 @@ class ExpertRAG:
                   "stage": decision.stage, "policy": policy_name or self.policy_name, "features": decision.features},
             timings=timings, tokens={"prompt": int(prompt_tokens), "generated": len(token_ids)},
             experts=expert_usage(router), passages=[h.to_dict() for h in hits], generated=clean,
-            token_ids=list(token_ids),
+            token_ids=list(token_ids), logprobs=[float(x) for x in logprobs],
         )
 
 
@@ -462,42 +473,28 @@ def memory_text(hits: Sequence[Hit]) -> str:
     return " ".join(f"{h.title}. {h.contents}" for h in hits)
 
 
-def has_moe_layers(generator: Any) -> bool:
-    model = getattr(generator, "model", None)
-    return any(getattr(layer.mlp, "router", None) is not None for layer in getattr(model, "layers", []))
+def has_moe_layers(generator: Generator) -> bool:
+    return generator.capabilities.router_stats
 
 
-def has_retrieval_expert(generator: Any) -> bool:
-    model = getattr(generator, "model", None)
-    return any(getattr(layer.mlp, "retrieval", None) is not None for layer in getattr(model, "layers", []))
+def has_retrieval_expert(generator: Generator) -> bool:
+    return generator.capabilities.passage_memory
 
 
-def _mean_affinity(router: Any) -> float | None:
-    vals = [float(a.retrieval_affinity.float().mean()) for a in (router or []) if a is not None
-            and a.retrieval_affinity is not None]
-    return float(np.mean(vals)) if vals else None
+def _as_vector(hidden: Any) -> np.ndarray | None:
+    """A backend's hidden state (tensor or array) as one flat float32 vector."""
+    if hidden is None:
+        return None
+    if hasattr(hidden, "detach"):  # a torch tensor (bf16 has no numpy dtype: go through float32)
+        hidden = hidden.detach().float().cpu().numpy()
+    return np.asarray(hidden, dtype=np.float32).reshape(-1)
 
 
-def _mean_router_entropy(router: Any) -> float | None:
-    vals = []
-    for a in router or []:
-        if a is None:
-            continue
-        p = a.router_logits.float().softmax(-1)
-        vals.append(float(-(p * p.clamp_min(1e-12).log()).sum(-1).mean()))
-    return float(np.mean(vals)) if vals else None
-
-
-def expert_usage(router: Any) -> dict[str, Any]:
+def expert_usage(router: RouterStats | None) -> dict[str, Any]:
     """Per MoE layer: share of token-slots per expert; and the retrieval expert's mean share."""
-    layers = {}
-    retrieval_shares = []
-    for i, a in enumerate(router or []):
-        if a is None:
-            continue
-        counts = a.tokens_per_expert.float()
-        share = (counts / counts.sum().clamp_min(1)).tolist()
-        layers[str(i)] = [round(s, 4) for s in share]
-        if a.retrieval_affinity is not None:
-            retrieval_shares.append(share[-1])
-    return {"layers": layers, "retrieval_expert_share": float(np.mean(retrieval_shares)) if retrieval_shares else None}
+    if router is None:
+        return {"layers": {}, "retrieval_expert_share": None}
+    layers = {str(i): [round(s, 4) for s in share] for i, share in router.usage.items()}
+    shares = [router.usage[i][-1] for i, s in router.layers.items() if s.retrieval_affinity is not None
+              and i in router.usage]
+    return {"layers": layers, "retrieval_expert_share": float(np.mean(shares)) if shares else None}

@@ -180,22 +180,28 @@ def create_app(service: Service) -> FastAPI:
     @app.post("/v1/chat/completions", summary="OpenAI-compatible chat completions (the last user message is "
                                               "the question; ExpertRAG's extras are in `expertrag`)")
     async def chat(body: ChatBody, request: Request, who: Principal = Depends(principal)):
+        if body.model is not None and body.model not in MODELS:
+            raise NotFound(f"model '{body.model}' is not served here (GET /v1/models lists: {', '.join(MODELS)})")
         question = _last_user_text(body)
         max_tokens = body.max_completion_tokens or body.max_tokens
         cid, created, model = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), body.model or "expertrag"
         if body.stream:
-            return await _stream_chat(service, request, who, question, max_tokens, cid, created, model)
+            return await _stream_chat(service, request, who, question, max_tokens, cid, created, model, body)
         ticket = service.submit_answer(who, question, max_tokens=max_tokens)
         result = await _await_ticket(service, request, ticket)
         service.metrics.observe_answer(result)
         return {
             "id": cid, "object": "chat.completion", "created": created, "model": model,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": result.text},
-                         "finish_reason": "stop", "logprobs": None}],
-            "usage": {"prompt_tokens": result.tokens["prompt"], "completion_tokens": result.tokens["generated"],
-                      "total_tokens": result.tokens["prompt"] + result.tokens["generated"]},
+                         "finish_reason": _finish_reason(service, result, max_tokens),
+                         "logprobs": _logprobs(service, result, body)}],
+            "usage": _usage(result),
             "expertrag": answer_payload(result),
         }
+
+    @app.get("/v1/models", summary="The models /v1/chat/completions answers with (OpenAI's list format)")
+    async def models(who: Principal = Depends(principal)):
+        return {"object": "list", "data": [{"id": m, "object": "model", "owned_by": "expertrag"} for m in MODELS]}
 
     # ---- search and documents -------------------------------------------------------------------
     @app.post("/v1/search", summary="Search the passages the caller may see")
@@ -400,16 +406,19 @@ async def _stream_answer(service: Service, request: Request, who: Principal, bod
 
 
 async def _stream_chat(service: Service, request: Request, who: Principal, question: str, max_tokens: int | None,
-                       cid: str, created: int, model: str):
+                       cid: str, created: int, model: str, body: ChatBody):
     q, put = _event_pipe(asyncio.get_running_loop())
     ticket = service.submit_answer(who, question, max_tokens=max_tokens, on_event=put)
 
-    def chunk(delta: dict, finish: str | None = None, extra: dict | None = None) -> bytes:
-        body = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
-                "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}]}
+    def chunk(delta: dict, finish: str | None = None, extra: dict | None = None, logprobs: Any = None,
+              usage: Any = None) -> bytes:
+        out = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
+               "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": logprobs}]}
         if extra is not None:
-            body["expertrag"] = extra
-        return f"data: {json.dumps(json_safe(body), ensure_ascii=False)}\n\n".encode()
+            out["expertrag"] = extra
+        if usage is not None:
+            out["usage"] = usage
+        return f"data: {json.dumps(json_safe(out), ensure_ascii=False)}\n\n".encode()
 
     async def stream():
         yield chunk({"role": "assistant", "content": ""})
@@ -422,12 +431,39 @@ async def _stream_chat(service: Service, request: Request, who: Principal, quest
             elif ev.kind == "answer":
                 # The deltas are the model's own words ([n] markers included); the final answer (markers
                 # resolved to citations, abstention) travels in the extra field of the last chunk.
+                # Every token's log-prob rides on this last chunk: the deltas are text pieces, not tokens.
                 answer = ev.data["answer"]
                 service.metrics.observe_answer(answer)
-                yield chunk({}, "stop", answer_payload(answer))
+                yield chunk({}, _finish_reason(service, answer, max_tokens), answer_payload(answer),
+                            _logprobs(service, answer, body), _usage(answer))
         yield b"data: [DONE]\n\n"
 
     return StreamingResponse(stream(), media_type="text/event-stream", headers={"cache-control": "no-cache"})
+
+
+MODELS = ("expertrag",)  # the names /v1/chat/completions accepts (any other is a 404, as OpenAI does)
+
+
+def _usage(a: Answer) -> dict[str, int]:
+    return {"prompt_tokens": a.tokens["prompt"], "completion_tokens": a.tokens["generated"],
+            "total_tokens": a.tokens["prompt"] + a.tokens["generated"]}
+
+
+def _finish_reason(service: Service, a: Answer, max_tokens: int | None) -> str:
+    limit = max_tokens or service.settings.pipeline.max_new_tokens
+    return "length" if a.tokens["generated"] >= limit else "stop"
+
+
+def _logprobs(service: Service, a: Answer, body: ChatBody) -> dict[str, Any] | None:
+    """OpenAI's `logprobs.content` for the generated tokens (the model's own, before an abstention replaced
+    the text); `top_logprobs` holds only the chosen token: our decoder keeps no top-k alternatives."""
+    if not body.logprobs:
+        return None
+    out = []
+    for piece, lp in zip(service.token_pieces(a.token_ids), a.logprobs, strict=False):
+        entry = {"token": piece, "logprob": lp, "bytes": list(piece.encode("utf-8"))}
+        out.append({**entry, "top_logprobs": [entry] if body.top_logprobs else []})
+    return {"content": out}
 
 
 def _error_data(exc: BaseException) -> dict[str, Any]:

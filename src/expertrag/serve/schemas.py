@@ -33,6 +33,9 @@ class ChatBody(BaseModel):
     max_tokens: int | None = None
     max_completion_tokens: int | None = None
     temperature: float | None = Field(None, description="accepted; answers are greedy (the gate assumes it)")
+    logprobs: bool = Field(False, description="return each generated token's log-probability")
+    top_logprobs: int | None = Field(None, ge=0, le=20, description="alternatives per token: ExpertRAG returns "
+                                     "only the chosen token (its decoder keeps no top-k)")
 
 
 class SearchBody(BaseModel):

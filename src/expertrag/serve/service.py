@@ -95,8 +95,16 @@ class Service:
         index = open_index(self.index_dir, self.settings)
         self.generation = index.generation
         generator = self._generator if self._generator is not None else load_generator(self.settings)
+        self._tokenizer = getattr(generator, "tokenizer", None)
         return ExpertRAG(index, generator, self.policy(self.default_policy), self.settings.pipeline,
                          self.default_policy)
+
+    def token_pieces(self, token_ids: list[int]) -> list[str]:
+        """Each generated token's text (for chat `logprobs`); "" where the backend has no tokenizer."""
+        tok = getattr(self, "_tokenizer", None)
+        if tok is None:
+            return ["" for _ in token_ids]
+        return [tok.decode([t]) if t >= 0 else "" for t in token_ids]
 
     @property
     def ready(self) -> bool:

@@ -9,6 +9,7 @@ from expertrag.gate.features import FeatureSpec, popularity_features, probe_feat
 from expertrag.gate.models import GateArtifactError, GateModel, load_gate
 from expertrag.gate.policies.artifacts import TRAIN_HINT, artifact_path
 from expertrag.gate.policies.base import Policy
+from expertrag.gate.requirements import spec_signals
 from expertrag.gate.types import Decision, GateContext, Probe
 
 
@@ -52,6 +53,14 @@ class AdaptivePolicy(Policy):
             raise ValueError(f"low ({low}) must not exceed high ({high})")
         self.fast, self.full, self.low, self.high = fast, full, float(low), float(high)
         self._popularity = any("log_s_pop" in g.spec.names for g in (fast, full))
+
+    def requires(self) -> frozenset[str]:
+        # what the two gates were trained with, as recorded in their saved FeatureSpecs
+        return frozenset(spec_signals(self.fast.spec) | spec_signals(self.full.spec))
+
+    def hidden_dims(self) -> set[int]:
+        """The hidden-state sizes the gates were trained on (checked against the backend's)."""
+        return {d for g in (self.fast, self.full) for n, d in g.spec.vectors if n == "hidden"}
 
     def decide(self, ctx: GateContext) -> Decision:
         feats = _scalar_features(ctx, self._popularity)

@@ -18,6 +18,10 @@ class Policy(ABC):
     def decide(self, ctx: GateContext) -> Decision:
         ...
 
+    def requires(self) -> frozenset[str]:
+        """The generator signals this policy reads (gate.requirements); checked when the pipeline is built."""
+        return frozenset()
+
     @classmethod
     def from_config(cls, config: GateConfig, artifacts_dir: str | os.PathLike[str] | None) -> Policy:
         return cls()

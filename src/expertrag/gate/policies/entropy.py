@@ -18,6 +18,9 @@ class EntropyPolicy(Policy):
     def __init__(self, threshold: float):
         self.threshold = float(threshold)
 
+    def requires(self) -> frozenset[str]:
+        return frozenset({"entropy_approx"})  # a top-k approximation works, with a warning at start-up
+
     def decide(self, ctx: GateContext) -> Decision:
         probe = ctx.probe()
         f = probe_features(probe)

@@ -18,6 +18,9 @@ class FlarePolicy(Policy):
     def __init__(self, theta: float = 0.2):
         self.theta = float(theta)
 
+    def requires(self) -> frozenset[str]:
+        return frozenset({"logprobs"})
+
     def decide(self, ctx: GateContext) -> Decision:
         probe = ctx.probe()
         f = probe_features(probe)

@@ -18,6 +18,9 @@ class RouterPolicy(Policy):
     def __init__(self, threshold: float):
         self.threshold = float(threshold)
 
+    def requires(self) -> frozenset[str]:
+        return frozenset({"retrieval_affinity"})
+
     def decide(self, ctx: GateContext) -> Decision:
         probe: Probe = ctx.probe()
         if probe.retrieval_affinity is None:

@@ -1,0 +1,124 @@
+"""`bench generate --backends`: the generator backends on the same prompts, per phase, interleaved.
+
+Two prompts through each backend's own `generate` (the pipeline's call, greedy, no stop strings): a
+closed-book chat prompt (~50 tokens) and an open-book one with 5 passages (~700 tokens), 24 new tokens.
+Per backend and thread count: end-to-end seconds per answer (the 24-token call); prefill tokens/s from a
+1-token call (prompt tokens / its time: the prompt forward plus one sampling step); decode tokens/s =
+23 / (t_24 - t_1), both on the open-book prompt, where prefill dominates t_1. After a warm-up, rounds
+interleave the backends (alternating who goes first) so machine load hits each alike. Peak RSS is read
+from /proc (VmRSS after loading each backend, over the process's baseline; VmHWM of the whole run): one
+process holds every backend, so per-backend peaks are upper bounds of their own. Greedy outputs are
+compared token for token with the native backend's.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from expertrag.model.prompts import closed_book_messages, open_book_messages
+from expertrag.retrieval.types import Hit
+
+QUESTION = "Who designed the Eiffel Tower, and when was it finished?"
+_PASSAGE = ("The Eiffel Tower is a wrought-iron lattice tower on the Champ de Mars in Paris, France. It is named "
+            "after the engineer Gustave Eiffel, whose company designed and built the tower from 1887 to 1889. "
+            "Locally nicknamed the Iron Lady, it was constructed as the centrepiece of the 1889 World's Fair, "
+            "and to crown the centennial anniversary of the French Revolution. Although initially criticised by "
+            "some of France's leading artists and intellectuals for its design, it has since become a global "
+            "cultural icon of France and one of the most recognisable structures in the world. Passage {n}.")
+HITS = [Hit(f"p{n}", f"Eiffel Tower ({n})", _PASSAGE.format(n=n), 1.0 / n) for n in range(1, 6)]
+NEW_TOKENS = 24
+
+
+def _rss_mb(field: str = "VmRSS") -> float | None:
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        return None
+    return None
+
+
+def run(backends: Sequence[str], threads: Sequence[int] = (1, 2), rounds: int = 3, config: Any = None) -> dict:
+    import torch
+
+    from expertrag.pipeline.build import PipelineSections, load_generator
+
+    base = config or PipelineSections()
+    closed = closed_book_messages(QUESTION)
+    opened = open_book_messages(QUESTION, HITS, 10_000)
+    gens: dict[str, Any] = {}
+    rss: dict[str, float | None] = {}
+    for name in backends:
+        before = _rss_mb()
+        model = base.model.model_copy(update={"backend": name})
+        gens[name] = load_generator(PipelineSections(base.retrieval, model, base.gate, base.pipeline))
+        after = _rss_mb()
+        rss[name] = None if before is None or after is None else after - before
+
+    def call(name: str, prompt: Any, n: int):
+        t = time.perf_counter()
+        g = gens[name].generate(prompt, max_new_tokens=n, stop=[], temperature=0.0)
+        return time.perf_counter() - t, g
+
+    per: dict[int, dict[str, dict[str, list]]] = {}
+    outputs: dict[str, dict[str, list[int]]] = {n: {} for n in backends}
+    prompt_tokens: dict[str, int] = {}
+    for th in threads:
+        torch.set_num_threads(th)
+        for name in backends:  # warm-up at this thread count
+            call(name, closed, 2)
+            call(name, opened, 2)
+        acc = {name: {"closed": [], "open": [], "open1": []} for name in backends}
+        for r in range(rounds):
+            order = list(backends) if r % 2 == 0 else list(reversed(backends))
+            for name in order:
+                t, g = call(name, closed, NEW_TOKENS)
+                acc[name]["closed"].append(t)
+                outputs[name]["closed"] = g.token_ids
+                t, g = call(name, opened, NEW_TOKENS)
+                acc[name]["open"].append(t)
+                outputs[name]["open"] = g.token_ids
+                prompt_tokens["open"] = g.prompt_tokens
+                t, g1 = call(name, opened, 1)
+                acc[name]["open1"].append(t)
+        per[th] = acc
+    prompt_tokens["closed"] = call(backends[0], closed, 1)[1].prompt_tokens
+
+    table: dict[str, dict[int, dict[str, float]]] = {}
+    for name in backends:
+        table[name] = {}
+        for th in threads:
+            a = per[th][name]
+            c, o, o1 = (statistics.median(a[k]) for k in ("closed", "open", "open1"))
+            table[name][th] = {
+                "closed_book_s": c, "open_book_s": o, "prefill_tok_s": prompt_tokens["open"] / o1,
+                "decode_tok_s": (NEW_TOKENS - 1) / max(o - o1, 1e-9),
+            }
+    best = {name: min(threads, key=lambda th, n=name: table[n][th]["closed_book_s"] + table[n][th]["open_book_s"])
+            for name in backends}
+    summary = {name: {**table[name][best[name]], "threads": best[name], "rss_after_load_mb": rss[name]}
+               for name in backends}
+    ref = summary.get("native")
+    out: dict[str, Any] = {"backends": summary,
+                           "by_threads": {name: {str(th): v for th, v in table[name].items()} for name in backends}}
+    if ref is not None:
+        others = {n: ref["closed_book_s"] / s["closed_book_s"] for n, s in summary.items()}
+        fastest = max(others, key=others.get)
+        out["best_closed_book_speedup_vs_native"] = others[fastest]
+        out["best_closed_book_backend"] = fastest
+        out["best_open_book_time_ratio_vs_native"] = summary[fastest]["open_book_s"] / ref["open_book_s"]
+        out["greedy_identical_to_native"] = {n: outputs[n] == outputs["native"] for n in backends if n != "native"}
+    out.update({
+        "new_tokens": NEW_TOKENS, "prompt_tokens": prompt_tokens, "rounds": rounds, "threads_measured": list(threads),
+        "peak_rss_mb_process": _rss_mb("VmHWM"), "cpu_count": os.cpu_count(), "machine": platform.machine(),
+        "load_average_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+        "dtype": base.model.dtype,
+    })
+    return out

@@ -1,0 +1,20 @@
+"""`bench generate --backends`: one short round on the real SmolLM2 through native and transformers."""
+
+from __future__ import annotations
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+
+def test_backends_bench_reports_every_phase_and_compares_outputs(smollm2_dir):
+    from expertrag.bench.backends import run
+
+    r = run(["native", "transformers"], threads=[1], rounds=1)
+    for name in ("native", "transformers"):
+        b = r["backends"][name]
+        assert b["threads"] == 1 and b["open_book_s"] > b["closed_book_s"] > 0
+        assert b["prefill_tok_s"] > 0 and b["decode_tok_s"] > 0
+    assert 600 <= r["prompt_tokens"]["open"] <= 900 and 30 <= r["prompt_tokens"]["closed"] <= 80
+    assert r["best_closed_book_speedup_vs_native"] >= 1.0 and r["best_open_book_time_ratio_vs_native"] > 0
+    assert r["greedy_identical_to_native"] == {"transformers": True}  # same fp32 weights, greedy
