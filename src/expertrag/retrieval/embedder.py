@@ -73,6 +73,16 @@ def check_backend_compatible(built: str, asked: str, where: str) -> None:
         )
 
 
+def query_backend(asked: str, built: str | None) -> str:
+    """The backend to embed with for an index built with `built` (None: a manifest from before backends,
+    i.e. torch). `auto` follows the index where that backend is installed; the caller still checks the
+    result with `check_backend_compatible`."""
+    built = built or "torch"
+    if asked == "auto" and (not built.startswith("onnx") or onnxruntime_available()):
+        return resolve_backend(built)
+    return resolve_backend(asked)
+
+
 class Embedder:
     """Normalised sentence embeddings (cosine similarity = inner product).
 
