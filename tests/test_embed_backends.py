@@ -155,3 +155,11 @@ def test_old_manifest_without_backend_counts_as_torch(cache, tmp_path):
     Index(out, RetrievalConfig(embed_backend="onnx"), verify=False).close()
     with pytest.raises(IndexFormatError, match="built with embed backend 'torch'"):
         Index(out, RetrievalConfig(embed_backend="onnx-int8"), verify=False)
+
+
+def test_auto_builds_with_the_fastest_installed_backend(cache, tmp_path):
+    # onnxruntime is installed here (module skip otherwise): auto means onnx-int8, as measured fastest
+    assert resolve_backend("auto") == "onnx-int8"
+    out = tmp_path / "auto"
+    build_index(out, DOCS, retrieval=RetrievalConfig(embed_backend="auto"), progress=False)
+    assert read_manifest(out).extra["embed_backend"] == "onnx-int8"
