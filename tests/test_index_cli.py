@@ -104,7 +104,7 @@ def test_delete_command(built, tmp_path):
     run_cli("delete", "--index", str(copy), "d3")
     assert "d3" not in Index(copy).store.live_ids(Index(copy).generation)
     proc = run_cli("delete", "--index", str(copy), "nope", check=False)
-    assert proc.returncode == 1 and "nope" in proc.stderr
+    assert proc.returncode == 2 and "nope" in proc.stderr and "Traceback" not in proc.stderr
 
 
 KILLER = textwrap.dedent("""

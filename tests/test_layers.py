@@ -15,7 +15,7 @@ import expertrag
 ROOT = Path(expertrag.__file__).parent
 
 LAYERS: list[set[str]] = [
-    {"errors", "fileio", "paths", "answers", "classification"},
+    {"errors", "fileio", "paths", "answers", "classification", "text"},
     {"data", "store"},
     {"retrieval"},
     {"moe", "model"},

@@ -8,6 +8,7 @@ import time
 
 import httpx
 import pytest
+
 from serving import DOCS, Server, add_key, build_index, cli, sse_events
 
 pytestmark = pytest.mark.slow

@@ -11,6 +11,7 @@ import random
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+
 from serving import Server, add_key, build_index, sse_events
 
 pytestmark = pytest.mark.slow

@@ -7,6 +7,7 @@ from __future__ import annotations
 import shutil
 
 import pytest
+
 from serving import Server, add_key, build_index
 
 pytestmark = pytest.mark.slow

@@ -9,6 +9,7 @@ import time
 
 import httpx
 import pytest
+
 from serving import DOCS, Server, add_key, build_index
 
 pytestmark = pytest.mark.slow

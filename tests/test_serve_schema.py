@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import pytest
 from hypothesis import HealthCheck, settings
+
 from serving import Server, add_key, build_index
 
 schemathesis = pytest.importorskip("schemathesis")

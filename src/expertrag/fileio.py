@@ -82,6 +82,20 @@ def atomic_write_lines(path: str | os.PathLike[str], lines: Iterator[str] | list
             f.write(line.rstrip("\n") + "\n")
 
 
+def commit_dir(tmp: str | os.PathLike[str], final: str | os.PathLike[str]) -> None:
+    """The folder counterpart of `atomic_path`: fsync every file of the finished folder `tmp` and the folder
+    itself, rename it to `final` (which must not exist) and fsync the parent, so the folder appears whole
+    and survives a crash."""
+    tmp, final = Path(tmp), Path(final)
+    for p in tmp.rglob("*"):
+        if p.is_file():
+            with open(p, "rb") as f:
+                os.fsync(f.fileno())
+    fsync_dir(tmp)
+    os.replace(tmp, final)
+    fsync_dir(final.parent)
+
+
 def fsync_dir(directory: str | os.PathLike[str]) -> None:
     """Make a rename inside `directory` durable."""
     try:

@@ -12,17 +12,20 @@ from expertrag.config import ExpertRAGConfig
 
 
 def _print_answer(a) -> None:
+    from expertrag.text import escape_controls as esc
+    from expertrag.text import printable_body
+
     decision = a.gate.get("decision")
-    print(f"Q: {a.question}")
-    print(f"A: {a.text}" + ("   (abstained)" if a.abstained else ""))
+    print(f"Q: {esc(a.question)}")
+    print(f"A: {printable_body(a.text)}" + ("   (abstained)" if a.abstained else ""))
     print(f"   decision: {decision} by {a.gate.get('policy')} (score {a.gate.get('score', 0):.3f}, "
           f"stage {a.gate.get('stage')}); confidence {a.confidence:.2f}")
     for c in a.citations:
-        print(f"   [{c.marker}] {c.title} ({c.id})")
+        print(f"   [{c.marker}] {esc(c.title)} ({esc(c.id)})")
     if a.abstained and a.passages:
         print("   best passages:")
         for n, p in enumerate(a.passages[:3], 1):
-            print(f"   [{n}] {p['title']}: {p['contents'][:120]}...")
+            print(f"   [{n}] {esc(p['title'])}: {printable_body(p['contents'][:120])}...")
     t = a.timings
     print(f"   time: {t.total_ms:.0f} ms (gate {t.gate_ms:.0f}, probe {t.probe_ms:.0f}, retrieval "
           f"{t.retrieval_ms:.0f}, generation {t.generation_ms:.0f}; cache {t.cache}); tokens "
@@ -36,20 +39,27 @@ def ask_cmd(
     policy: str | None = typer.Option(None, "--policy", "-p",
                                       help="never | always | popularity | skr-knn | entropy | flare | adaptive | router"),
     gate: Path | None = typer.Option(None, "--gate", help="gate artifacts folder (default: INDEX/gate)"),
-    group: list[str] | None = typer.Option(None, "--group", help="the asking user's access groups (repeatable)"),
+    group: list[str] | None = typer.Option(None, "--group", help="the asking user's access groups (repeatable); "
+                                              "without it only public passages are used"),
+    all_groups: bool = typer.Option(False, "--all-groups", help="administrators: retrieve from every passage, "
+                                                                "whatever its groups"),
     config_path: Path | None = typer.Option(None, "--config", help="YAML config"),
     as_json: bool = typer.Option(False, "--json", help="print the Answer as JSON"),
 ) -> None:
     """Answer a question: the gate decides whether to retrieve; the answer carries citations and timings."""
+    from expertrag.cli.index import access_filters
     from expertrag.pipeline.answer import User
     from expertrag.pipeline.build import load_pipeline
 
+    access_filters(group, all_groups)  # usage checks before the model loads
     config = ExpertRAGConfig.load(config_path)
     rag = load_pipeline(index, config, policy, gate)
-    user = User("cli", tuple(group)) if group else None
+    user = User("cli", tuple(group or ()), all_groups=all_groups)
     answer = rag.answer(question, user=user)
     if as_json:
-        print(json.dumps(answer.to_dict(), ensure_ascii=False))
+        from expertrag.cli.index import dumps
+
+        print(dumps(answer.to_dict()))  # strict JSON: NaN/Infinity from passage metadata become null
     else:
         _print_answer(answer)
 

@@ -72,9 +72,9 @@ def demo_cmd(
     config_path: Path | None = typer.Option(None, "--config", help="YAML config"),
 ) -> None:
     """Adaptive retrieval end to end on the packaged Wikipedia corpus, against always-retrieve."""
+    from expertrag.answers import contains_answer
     from expertrag.data.questions import load_questions
     from expertrag.data.wiki_offline import iter_wiki_offline_documents
-    from expertrag.answers import contains_answer
     from expertrag.gate.policies import make_policy
     from expertrag.pipeline.build import gate_dir, load_generator
     from expertrag.pipeline.rag import ExpertRAG

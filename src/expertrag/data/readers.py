@@ -21,9 +21,20 @@ Formats
 - Directories: walked recursively in sorted order (hidden entries skipped); the formats above are read,
   other files are listed in `IngestReport.ignored_files`.
 
-`metadata.domain` must be a string and `metadata.groups` a list of strings (access groups).
+`metadata.domain` must be a string and `metadata.groups` a list of strings (access groups). A passage
+without groups is public. Because a typo there is a leak, a key that looks like an access key but is not
+spelt `groups` (`"Groups"`, `"group"`) and a CSV groups cell that names no group (`" ; "`) give a warning
+(in `IngestReport.warnings`), or an error with `strict=True`.
 
-Errors are `InputError`s naming file, line and field. Argument errors (a path that does not exist, a
+Every document is also checked for what the store and tokenizer cannot take (`validate_document`): ids
+are non-empty strings without `#` (it separates a document id from the chunk number in passage ids, so
+allowing it would let two passages share an id); text is valid Unicode (no lone surrogates such as
+`"\ud800"`); metadata is JSON (string keys, finite numbers: no NaN/Infinity) nested at most
+`MAX_METADATA_DEPTH` levels. JSON nested too deeply to parse is a bad line, like malformed JSON.
+
+Errors are `InputError`s naming file, line and field. An unreadable file or directory is a data error
+("cannot read ...: Permission denied"); a path that cannot be resolved says why (dangling symlink,
+symlink loop). Argument errors (a path that does not exist, a
 file given explicitly with an unsupported extension) always raise. Data errors (bad line, bad record,
 empty file, duplicate id) raise too, unless `skip_bad=True`: then the record (or empty file) is skipped
 and counted in the `IngestReport`. Ids must be unique across all files of one call; with `skip_bad` the
@@ -34,6 +45,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 import re
 from collections.abc import Iterable, Iterator
@@ -53,6 +65,9 @@ SUPPORTED_SUFFIXES = TEXT_SUFFIXES | JSONL_SUFFIXES | frozenset(CSV_DELIMITERS)
 
 _BOM = b"\xef\xbb\xbf"
 PathLike = str | os.PathLike[str]
+ID_SEPARATOR = "#"  # passage id = f"{doc_id}#{chunk}" for documents of several passages
+MAX_METADATA_DEPTH = 32
+ACCESS_KEY = "groups"
 
 
 @dataclass
@@ -70,7 +85,15 @@ class IngestReport:
     problems: list[tuple[str, int | None, str]] = field(default_factory=list)  # (path, line, reason)
     per_file: dict[str, FileStats] = field(default_factory=dict)
     ignored_files: list[str] = field(default_factory=list)  # directory entries of unsupported type
+    warnings: list[tuple[str, int | None, str]] = field(default_factory=list)  # (path, line, message)
+    warned: int = 0  # all warnings; `warnings` keeps the first `max_problems`
     max_problems: int = 100  # examples kept in `problems`; `skipped` counts them all
+
+    def record_warning(self, err: InputError) -> None:
+        self.warned += 1
+        if len(self.warnings) < self.max_problems:
+            reason = f"field '{err.field}': {err.reason}" if err.field else err.reason
+            self.warnings.append((err.path or "?", err.line, reason))
 
     def file(self, path: str) -> FileStats:
         stats = self.per_file.get(path)
@@ -91,28 +114,51 @@ class IngestReport:
         self.file(path).documents += 1
 
     def summary(self) -> str:
+        """Printable lines: paths and reasons (which quote user data) have their control characters escaped."""
+        from expertrag.text import escape_controls as esc
+
         lines = [f"{self.documents_read} documents read from {len(self.per_file)} files, "
                  f"{self.skipped} skipped"]
         for path, line, reason in self.problems[:10]:
-            lines.append(f"  {path}{f':{line}' if line is not None else ''}: {reason}")
+            lines.append(esc(f"  {path}{f':{line}' if line is not None else ''}: {reason}"))
         if self.skipped > 10:
             lines.append(f"  ... {self.skipped - min(10, len(self.problems))} more")
         if self.ignored_files:
             lines.append(f"  {len(self.ignored_files)} files of unsupported type ignored")
+        for path, line, reason in self.warnings[:10]:
+            lines.append(esc(f"  warning: {path}{f':{line}' if line is not None else ''}: {reason}"))
+        if self.warned > 10:
+            lines.append(f"  ... {self.warned - min(10, len(self.warnings))} more warnings")
         return "\n".join(lines)
 
 
 class _Problems:
     """Raise or count: the one place that decides what a data error does."""
 
-    def __init__(self, skip_bad: bool, report: IngestReport | None):
+    def __init__(self, skip_bad: bool, report: IngestReport | None, strict: bool = False):
         self.skip_bad = skip_bad
+        self.strict = strict
         self.report = report if report is not None else IngestReport()
 
     def __call__(self, err: InputError) -> None:
         if not self.skip_bad:
             raise err
         self.report.record_skip(err)
+
+    def warn(self, err: InputError) -> None:
+        """A likely mistake: an error under `strict`, else a warning in the report."""
+        if self.strict:
+            raise InputError(err.reason + " (refused under --strict)", path=err.path, line=err.line,
+                             field=err.field)
+        self.report.record_warning(err)
+
+
+class _NonFinite(ValueError):
+    pass
+
+
+def _reject_constant(name: str) -> float:
+    raise _NonFinite(name)
 
 
 # --------------------------------------------------------------------------------------------- JSONL
@@ -138,9 +184,16 @@ def iter_jsonl_objects(path: Path, problem: Any) -> Iterator[tuple[int, dict[str
                 problem(InputError(_utf8_error(raw, e), path=path, line=lineno))
                 continue
             try:
-                obj = json.loads(text)
+                obj = json.loads(text, parse_constant=_reject_constant)
             except json.JSONDecodeError as e:
                 problem(InputError(f"malformed JSON: {e.msg} (column {e.colno})", path=path, line=lineno))
+                continue
+            except RecursionError:
+                problem(InputError("JSON nested too deeply to read", path=path, line=lineno))
+                continue
+            except _NonFinite as e:
+                problem(InputError(f"{e} is not valid JSON (strict parsers reject it); use null or a string",
+                                   path=path, line=lineno))
                 continue
             if not isinstance(obj, dict):
                 problem(InputError(f"expected a JSON object, got {_json_type(obj)}", path=path, line=lineno))
@@ -179,7 +232,24 @@ def record_metadata(obj: dict[str, Any], path: Path, lineno: int | None) -> dict
     return validate_metadata(dict(value), path, lineno)
 
 
-def validate_metadata(meta: dict[str, Any], path: Path | str, lineno: int | None) -> dict[str, Any]:
+def _looks_like_access_key(key: str) -> bool:
+    k = re.sub(r"[\s_\-]", "", key).casefold()
+    return key != ACCESS_KEY and k in ("groups", "group", "accessgroups", "accessgroup", "grp", "grps")
+
+
+def access_key_warnings(meta: dict[str, Any], path: Path | str, lineno: int | None) -> list[InputError]:
+    """Keys that look like a misspelt `groups`: the passage would be public, maybe by mistake."""
+    out = []
+    for key in meta:
+        if isinstance(key, str) and _looks_like_access_key(key):
+            state = "public" if not meta.get(ACCESS_KEY) else f"visible to groups {meta.get(ACCESS_KEY)}"
+            out.append(InputError(f"looks like the access key '{ACCESS_KEY}' but is spelt {key!r}; it is not "
+                                  f"used for access control, so the passage is {state}", path=path,
+                                  line=lineno, field=f"metadata.{key}"))
+    return out
+
+
+def validate_metadata(meta: dict[str, Any], path: Path | str | None, lineno: int | None) -> dict[str, Any]:
     """Check the keys retrieval understands: `domain` (str) and `groups` (list of str)."""
     domain = meta.get("domain")
     if domain is not None and not isinstance(domain, str):
@@ -325,6 +395,9 @@ def _iter_csv(path: Path, cfg: ChunkingConfig, problem: _Problems) -> Iterator[D
                 cell = row[i].strip()
                 if cell:
                     meta[name] = [g.strip() for g in cell.split(";") if g.strip()] if name == "groups" else cell
+                    if name == "groups" and not meta[name]:
+                        problem.warn(InputError(f"cell {cell!r} names no group, so the passage is public",
+                                                path=path, line=start, field="groups"))
             yield Document(id=doc_id, title=title, contents=text, metadata=meta, source=str(path), line=start)
         except InputError as err:
             problem(err)
@@ -360,7 +433,11 @@ def markdown_title(text: str) -> str | None:
 
 
 def _read_text_file(path: Path, doc_id: str, problem: _Problems) -> Iterator[Document]:
-    data = path.read_bytes()  # one file is one document: it is held whole anyway
+    try:
+        data = path.read_bytes()  # one file is one document: it is held whole anyway
+    except OSError as e:
+        problem(InputError(f"cannot read file: {e.strerror or e}", path=path))
+        return
     if data.startswith(_BOM):
         data = data[len(_BOM):]
     if not data:
@@ -387,12 +464,65 @@ def _read_text_file(path: Path, doc_id: str, problem: _Problems) -> Iterator[Doc
 
 def _iter_file(path: Path, doc_id: str, cfg: ChunkingConfig, problem: _Problems) -> Iterator[Document]:
     suffix = path.suffix.lower()
-    if suffix in JSONL_SUFFIXES:
-        yield from _iter_jsonl(path, problem)
-    elif suffix in CSV_DELIMITERS:
-        yield from _iter_csv(path, cfg, problem)
-    else:
-        yield from _read_text_file(path, doc_id, problem)
+    try:
+        if suffix in JSONL_SUFFIXES:
+            yield from _iter_jsonl(path, problem)
+        elif suffix in CSV_DELIMITERS:
+            yield from _iter_csv(path, cfg, problem)
+        else:
+            yield from _read_text_file(path, doc_id, problem)
+    except OSError as e:  # unreadable (permissions), or an I/O error part-way
+        problem(InputError(f"cannot read file: {e.strerror or e}", path=path))
+
+
+def path_problem(p: Path) -> str | None:
+    """Why `p` cannot be used as an input path, in words, or None when it resolves."""
+    try:
+        os.stat(p)
+    except FileNotFoundError:
+        if os.path.islink(p):
+            return f"dangling symlink (points to {os.readlink(p)!r}, which does not exist)"
+        return "no such file or directory"
+    except OSError as e:
+        import errno
+
+        if e.errno == errno.ELOOP:
+            return "symlink loop (too many levels of symbolic links)"
+        return f"cannot access: {e.strerror or e}"
+    return None
+
+
+def _walk(root: Path, problem: _Problems) -> Iterator[Path]:
+    """Entries under `root`, depth first in name order (= sorted by relative path parts); hidden entries
+    skipped; an unreadable directory is a data error; symlinked directories are followed once."""
+    seen: set[tuple[int, int]] = set()
+
+    def visit(d: Path) -> Iterator[Path]:
+        try:
+            st = d.stat()
+            key = (st.st_dev, st.st_ino)
+            if key in seen:
+                return
+            seen.add(key)
+            with os.scandir(d) as it:
+                entries = sorted(it, key=lambda e: e.name)
+        except OSError as e:
+            problem(InputError(f"cannot read directory: {e.strerror or e}", path=d))
+            return
+        for e in entries:
+            if e.name.startswith("."):
+                continue
+            p = Path(e.path)
+            try:
+                is_dir = e.is_dir()
+            except OSError:
+                is_dir = False
+            if is_dir:
+                yield from visit(p)
+            else:
+                yield p
+
+    yield from visit(root)
 
 
 def _expand(root: Path, report: IngestReport, problem: _Problems) -> Iterator[tuple[Path, str]]:
@@ -401,17 +531,16 @@ def _expand(root: Path, report: IngestReport, problem: _Problems) -> Iterator[tu
         yield root, root.stem
         return
     found = False
-    entries = sorted(root.rglob("*"), key=lambda p: p.relative_to(root).parts)
-    for p in entries:
+    for p in _walk(root, problem):
         rel = p.relative_to(root)
-        if any(part.startswith(".") for part in rel.parts) or not p.is_file():
+        if not p.is_file():
             continue
         if p.suffix.lower() not in SUPPORTED_SUFFIXES:
             report.ignored_files.append(str(p))
             continue
         found = True
         yield p, rel.with_suffix("").as_posix()
-    if not found:
+    if not found and os.access(root, os.R_OK | os.X_OK):
         problem(InputError(f"directory holds no corpus files ({', '.join(sorted(SUPPORTED_SUFFIXES))})",
                            path=root))
 
@@ -428,8 +557,9 @@ def check_paths(paths: PathLike | Iterable[PathLike]) -> list[Path]:
     if not out:
         raise InputError("no input paths given")
     for p in out:
-        if not p.exists():
-            raise InputError("no such file or directory", path=p)
+        why = path_problem(p)
+        if why is not None:
+            raise InputError(why, path=p)
         if p.is_file() and p.suffix.lower() not in SUPPORTED_SUFFIXES:
             raise InputError(f"unsupported file type '{p.suffix or '(none)'}' (supported: "
                              f"{', '.join(sorted(SUPPORTED_SUFFIXES))})", path=p)
@@ -444,15 +574,16 @@ def iter_documents(
     config: ChunkingConfig | None = None,
     skip_bad: bool = False,
     report: IngestReport | None = None,
+    strict: bool = False,
 ) -> Iterator[Document]:
     """Stream the documents of the given files/directories, in order; see the module doc for formats.
 
     All paths are checked before the first document is produced. `report` (if given) is filled as the
-    iterator is consumed.
+    iterator is consumed. strict: likely mistakes (a misspelt access key) are errors, not warnings.
     """
     cfg = config if config is not None else ChunkingConfig()
     roots = check_paths(paths)
-    problem = _Problems(skip_bad, report)
+    problem = _Problems(skip_bad, report, strict)
     rep = problem.report
     files: list[str] = []
     seen: dict[str, tuple[int, int | None]] = {}  # id -> (index into files, line)
@@ -462,6 +593,13 @@ def iter_documents(
             file_index = len(files) - 1
             rep.file(str(path))
             for doc in _iter_file(path, whole_file_id, cfg, problem):
+                try:
+                    validate_document(doc)
+                    for w in access_key_warnings(doc.metadata, path, doc.line):
+                        problem.warn(w)
+                except InputError as err:
+                    problem(err)
+                    continue
                 first = seen.get(doc.id)
                 if first is not None:
                     where = files[first[0]] + (f":{first[1]}" if first[1] is not None else "")
@@ -471,6 +609,78 @@ def iter_documents(
                 seen[doc.id] = (file_index, doc.line)
                 rep.record_document(str(path))
                 yield doc
+
+
+# ---------------------------------------------------------------------------------------- validation
+
+
+def _bad_unicode(text: str) -> str | None:
+    if text.isascii():
+        return None
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        return f"holds a lone surrogate U+{ord(text[e.start]):04X} at character {e.start + 1} (not valid Unicode)"
+    return None
+
+
+def _check_json_value(value: Any, where: str) -> tuple[str, str] | None:
+    """(field path, problem) of the first thing in `value` that is not storable JSON, else None.
+    Iterative, so a deep structure cannot exhaust the stack."""
+    stack: list[tuple[Any, str, int]] = [(value, where, 1)]
+    while stack:
+        v, at, depth = stack.pop()
+        if depth > MAX_METADATA_DEPTH:
+            return at, f"nested more than {MAX_METADATA_DEPTH} levels deep"
+        if isinstance(v, str):
+            bad = _bad_unicode(v)
+            if bad:
+                return at, bad
+        elif isinstance(v, bool) or v is None or isinstance(v, int):
+            continue
+        elif isinstance(v, float):
+            if not math.isfinite(v):
+                return at, f"{v} is not valid JSON (NaN/Infinity); use null or a string"
+        elif isinstance(v, dict):
+            for k, item in v.items():
+                if not isinstance(k, str):
+                    return at, f"has a key of type {type(k).__name__}; keys must be strings"
+                bad = _bad_unicode(k)
+                if bad:
+                    return at, f"a key {bad}"
+                stack.append((item, f"{at}.{k}", depth + 1))
+        elif isinstance(v, list | tuple):
+            for i, item in enumerate(v):
+                stack.append((item, f"{at}[{i}]", depth + 1))
+        else:
+            return at, f"holds a {type(v).__name__}, which is not JSON"
+    return None
+
+
+def validate_document(doc: Document) -> Document:
+    """Raise InputError (naming source, line and field) for what the store or tokenizer cannot take."""
+    where = dict(path=doc.source or None, line=doc.line)
+    if not isinstance(doc.id, str) or not doc.id.strip():
+        raise InputError("must be a non-empty string", field="id", **where)
+    if ID_SEPARATOR in doc.id:
+        raise InputError(f"{doc.id!r} contains '{ID_SEPARATOR}', which separates a document id from its chunk "
+                         "number in passage ids; rename the document", field="id", **where)
+    for name in ("id", "title", "contents"):
+        value = getattr(doc, name)
+        if not isinstance(value, str):
+            raise InputError(f"must be a string, got {type(value).__name__}", field=name, **where)
+        bad = _bad_unicode(value)
+        if bad:
+            raise InputError(bad, field=name, **where)
+    if not doc.contents.strip():
+        raise InputError("is empty", field="contents", **where)
+    if not isinstance(doc.metadata, dict):
+        raise InputError(f"must be an object, got {type(doc.metadata).__name__}", field="metadata", **where)
+    found = _check_json_value(doc.metadata, "metadata")
+    if found is not None:
+        raise InputError(found[1], field=found[0], **where)
+    validate_metadata(doc.metadata, doc.source or None, doc.line)
+    return doc
 
 
 def document_from_record(obj: dict[str, Any], where: str, number: int) -> Document:

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from expertrag.errors import ExpertRAGError
-from expertrag.fileio import fsync_dir
+from expertrag.fileio import commit_dir
 from expertrag.model.config import ModelConfig
 from expertrag.paths import cache_dir
 
@@ -128,10 +128,7 @@ def ensure_base_model(base: str = "smollm2-135m-instruct", *, verbose: bool = Fa
             if target.exists():  # a stale, unmarked folder from an older layout
                 shutil.rmtree(target)
             os.chmod(tmp, 0o755)  # mkdtemp makes it private
-            # A folder cannot go through fileio.atomic_path (a file writer): rename the finished folder
-            # into place and fsync the parent so the rename survives a crash.
-            os.replace(tmp, target)
-            fsync_dir(target.parent)
+            commit_dir(tmp, target)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         if verbose:

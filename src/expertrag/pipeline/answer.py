@@ -8,10 +8,14 @@ from typing import Any
 
 @dataclass(frozen=True)
 class User:
-    """Who asks: retrieval only returns public passages and passages of these access groups."""
+    """Who asks: retrieval only returns public passages and passages of these access groups.
+
+    all_groups=True is the administrator switch: every passage, whatever its groups. No user at all
+    (`ExpertRAG.answer(q, user=None)`) is an anonymous caller: public passages only."""
 
     name: str
     groups: tuple[str, ...] = ()
+    all_groups: bool = False
 
 
 @dataclass

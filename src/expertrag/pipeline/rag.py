@@ -256,9 +256,12 @@ class ExpertRAG:
             out.append(answer)
         return out
 
-    def filters_for(self, user: User | None) -> Filters | None:
-        """The retrieval filter of a caller (None: the local, unrestricted CLI user)."""
-        return Filters(groups=tuple(user.groups)) if user is not None else None
+    def filters_for(self, user: User | None) -> Filters:
+        """The retrieval filter of a caller. Fail closed: no user = public passages only; every passage
+        needs the explicit administrator switch `User(..., all_groups=True)`."""
+        if user is None:
+            return Filters()
+        return Filters(groups=tuple(user.groups), all_groups=user.all_groups)
 
     def _begin(self, req: AnswerRequest) -> _Job | Answer:
         """Everything before generation: validate, answer cache, gate decision, retrieval, the prompt."""
@@ -273,8 +276,7 @@ class ExpertRAG:
         filters = self.filters_for(req.user)
         key = None
         if self.answer_cache is not None and req.metadata is None:
-            key = cache_key(q, self.index.version, policy_name, cfg.model_dump(),
-                            sorted(filters.groups) if filters and filters.groups is not None else None)
+            key = cache_key(q, self.index.version, policy_name, cfg.model_dump(), filters.access_key())
             cached = self.answer_cache.get(key)
             if cached is not None:
                 answer = Answer.from_dict(cached)
@@ -391,12 +393,11 @@ class ExpertRAG:
         j.router, j.prompt_tokens = first.router, first.prompt_tokens
         j.timings.generation_ms = (time.perf_counter() - t) * 1000
 
-    def _retrieve(self, ctx: PipelineGateContext, q: str, filters: Filters | None, cfg: PipelineConfig
+    def _retrieve(self, ctx: PipelineGateContext, q: str, filters: Filters, cfg: PipelineConfig
                   ) -> tuple[list[Hit], bool]:
         """The k hits for `q`, and whether they came from the retrieval cache (keyed by the caller's
         groups: hits computed for one group are never served to another)."""
-        key = cache_key(q, self.index.version, cfg.k, cfg.search_mode,
-                        sorted(filters.groups) if filters and filters.groups is not None else None)
+        key = cache_key(q, self.index.version, cfg.k, cfg.search_mode, filters.access_key())
         if self.retrieval_cache is not None:
             cached = self.retrieval_cache.get(key)
             if cached is not None:

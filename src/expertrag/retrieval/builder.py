@@ -7,12 +7,18 @@ A build writes generation G+1 beside the committed generation G and commits by r
    rerun after a kill resumes where the embedder stopped;
 4. write BM25 and FAISS files under generation-specific names;
 5. write the manifest atomically (the commit), then remove the previous generation's files.
+Temporary files a killed build left behind are removed when the next build starts.
 Killing the process anywhere before 5 leaves generation G readable and intact.
+
+Every document is validated first (`validate_document`: ids without '#', valid Unicode, JSON metadata),
+so passage ids are unique by construction. Cached vectors are verified against their checksums before
+FAISS sees them; a bad one is re-embedded and counted in `BuildReport.reembedded`.
 """
 
 from __future__ import annotations
 
 import fcntl
+import functools
 import itertools
 import os
 import shutil
@@ -25,8 +31,10 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from expertrag.data.config import ChunkingConfig
+from expertrag.data.readers import validate_document
 from expertrag.data.types import Document
-from expertrag.errors import ExpertRAGError, IndexFormatError
+from expertrag.errors import ExpertRAGError, IndexFormatError, InputError
+from expertrag.fileio import atomic_path, commit_dir
 from expertrag.retrieval.bm25 import BM25Index
 from expertrag.retrieval.config import RetrievalConfig
 from expertrag.retrieval.dense import DenseIndex
@@ -59,9 +67,12 @@ class BuildReport:
     passages: int
     documents: int
     counts: dict[str, int] = field(default_factory=dict)
-    deleted: int = 0
+    deleted: int = 0  # ids given to delete that matched something
     missing_deletes: list[str] = field(default_factory=list)
+    removed_by_id: dict[str, list[str]] = field(default_factory=dict)  # delete id -> passage ids it removed
+    deleted_passages: int = 0
     embedded: int = 0
+    reembedded: int = 0  # cached vectors that failed verification and were computed again
     rolled_back: int = 0
     seconds: float = 0.0
     timings: dict[str, float] = field(default_factory=dict)
@@ -83,7 +94,7 @@ class _BuildLock:
         self.path = directory / ".build.lock"
 
     def __enter__(self):
-        self.fd = os.open(self.path, os.O_CREAT | os.O_RDWR)
+        self.fd = os.open(self.path, os.O_CREAT | os.O_RDWR, 0o644)
         try:
             fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -97,26 +108,40 @@ class _BuildLock:
         return False
 
 
+@functools.lru_cache(maxsize=4)
 def load_chunk_tokenizer(embedder_name: str):
-    """The embedder's own tokenizer bounds passage length, so a passage never exceeds what it embeds."""
+    """The embedder's own tokenizer bounds passage length, so a passage never exceeds what it embeds.
+    Loaded once per process (a long-lived process builds many times)."""
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(str(embedder_path(embedder_name)))
 
 
+@functools.lru_cache(maxsize=4)
+def _embedder(name: str, batch_size: int, backend: str = "torch") -> Embedder:
+    """One loaded embedder per (name, batch size, backend) per process."""
+    return Embedder(name, batch_size, backend)
+
+
 def build_index(out_dir: str | Path, documents: Iterable[Document], *,
                 retrieval: RetrievalConfig | None = None, chunking: ChunkingConfig | None = None,
                 delete_ids: Sequence[str] = (), sources: Sequence[str] = (), progress: bool | None = None,
-                ) -> BuildReport:
+                missing_ok: bool = True) -> BuildReport:
     """Add/update `documents` in the index at `out_dir` (created if absent) and delete `delete_ids`.
 
-    progress: True/False forces bars on/off; None shows them only on a terminal."""
+    progress: True/False forces bars on/off; None shows them only on a terminal.
+    missing_ok=False: a delete id that matches nothing is an InputError and the build changes nothing."""
     from expertrag.data.chunking import chunk_documents
 
     retrieval = retrieval or RetrievalConfig()
     chunking = chunking or ChunkingConfig()
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    if out.exists() and not out.is_dir():
+        raise InputError("exists and is not a directory; an index is a directory", path=out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise InputError(f"cannot create the index directory: {e.strerror or e}", path=out) from None
     started = time.perf_counter()
     timings: dict[str, float] = {}
     disable = None if progress is None else not progress
@@ -134,6 +159,7 @@ def build_index(out_dir: str | Path, documents: Iterable[Document], *,
             check_backend_compatible(built_backend or "torch", backend, str(out))
         committed = previous.generation if previous else 0
         gen = committed + 1
+        _remove_stale_temporaries(out)
         store = DocStore(out / STORE_FILE, create=True)
         try:
             rolled_back = store.rollback_uncommitted(committed)
@@ -142,7 +168,7 @@ def build_index(out_dir: str | Path, documents: Iterable[Document], *,
             t = time.perf_counter()
             counts = UpsertCounts()
             tokenizer = load_chunk_tokenizer(retrieval.embedder)
-            passages = chunk_documents(documents, chunking, tokenizer)
+            passages = chunk_documents((validate_document(d) for d in documents), chunking, tokenizer)
             by_doc = itertools.groupby(passages, key=lambda p: p.doc_id)
             bar = tqdm(desc="store", unit="doc", disable=disable)
             while True:
@@ -156,15 +182,26 @@ def build_index(out_dir: str | Path, documents: Iterable[Document], *,
                 bar.update(len(block))
             bar.close()
             missing: list[str] = []
+            removed: dict[str, list[tuple[str, str]]] = {}
             if delete_ids:
                 with store.transaction():
-                    missing = store.delete_ids(delete_ids, gen)
+                    removed = store.delete_ids(delete_ids, gen)
+                    missing = [i for i, r in removed.items() if not r]
+                    if missing and not missing_ok:  # rolls the deletions back; the build commits nothing
+                        shown = ", ".join(repr(m) for m in missing[:10])
+                        raise InputError(f"not in the index: {shown}"
+                                         + (f" and {len(missing) - 10} more" if len(missing) > 10 else "")
+                                         + "; nothing was deleted", path=out)
             timings["store_s"] = time.perf_counter() - t
 
             # 3. embeddings for new text only
             t = time.perf_counter()
-            # cached vectors are keyed by model and vector family (int8 apart from fp32), see Embedder.cache_key
-            embedder = Embedder(retrieval.embedder, retrieval.embed_batch_size, backend)
+            embedder = _embedder(retrieval.embedder, retrieval.embed_batch_size, backend)
+            # cached vectors are keyed by model and vector family (int8 apart from fp32), see Embedder.cache_key;
+            # they are verified, never trusted: a bad one is dropped and embedded again
+            bad = store.bad_embeddings(gen, embedder.cache_key, previous.embedding_dim if previous else None)
+            if bad:
+                store.drop_embeddings(bad, embedder.cache_key)
             todo = store.hashes_missing_embeddings(gen, embedder.cache_key)
             bar = tqdm(total=len(todo), desc="embed", unit="passage", disable=disable)
             for i in range(0, len(todo), EMBED_COMMIT_ROWS):
@@ -187,7 +224,7 @@ def build_index(out_dir: str | Path, documents: Iterable[Document], *,
                 k1=retrieval.bm25_k1, b=retrieval.bm25_b, stem=retrieval.bm25_stemmer,
             )
             bm25.save(tmp_dir)
-            os.replace(tmp_dir, bm25_dir)
+            commit_dir(tmp_dir, bm25_dir)
             timings["bm25_s"] = time.perf_counter() - t
 
             t = time.perf_counter()
@@ -201,9 +238,8 @@ def build_index(out_dir: str | Path, documents: Iterable[Document], *,
                     f"{out}: internal mismatch: {n_live} passages, {len(bm25)} in BM25, {len(dense)} vectors"
                 )
             dense_path = out / dense_filename(gen)
-            tmp_path = dense_path.with_suffix(".faiss.tmp")
-            dense.save(tmp_path)
-            os.replace(tmp_path, dense_path)
+            with atomic_path(dense_path) as tmp_path:
+                dense.save(tmp_path)
             timings["dense_s"] = time.perf_counter() - t
 
             # 5. commit
@@ -233,9 +269,24 @@ def build_index(out_dir: str | Path, documents: Iterable[Document], *,
     seconds = time.perf_counter() - started
     return BuildReport(
         index_dir=str(out), generation=gen, passages=n_live, documents=documents_live, counts=counts.as_dict(),
-        deleted=len(delete_ids) - len(missing), missing_deletes=missing, embedded=len(todo),
+        deleted=len(removed) - len(missing), missing_deletes=missing,
+        removed_by_id={i: [pid for pid, _ in r] for i, r in removed.items()},
+        deleted_passages=sum(len(r) for r in removed.values()), embedded=len(todo), reembedded=len(bad),
         rolled_back=rolled_back, seconds=seconds, timings=timings,
     )
+
+
+def _remove_stale_temporaries(out: Path) -> None:
+    """Temporary files of a build that was killed (`atomic_path`'s `.NAME.XXXX.tmp`, the BM25 folder and
+    FAISS file written before their rename). Only the lock holder writes here, so none is in use."""
+    for path in out.iterdir():
+        name = path.name
+        if not name.endswith(".tmp"):
+            continue
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
 
 
 def _remove_old_generations(out: Path, keep: int) -> None:

@@ -3,6 +3,10 @@
 Layout: manifest.json (the commit point), store.sqlite (passages, groups, embeddings),
 bm25-<generation>/ and dense-<generation>.faiss. The manifest names the files of the committed
 generation; readers never look at anything else, so a build in progress cannot disturb them.
+Readers need no write access: the store is opened read-only.
+
+Access control fails closed: a search without filters (or with `Filters()`) sees public passages only;
+`Filters(groups=...)` adds the passages of those groups; only `Filters(all_groups=True)` sees everything.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from expertrag.retrieval.config import RetrievalConfig
 from expertrag.retrieval.dense import DenseIndex
 from expertrag.retrieval.embedder import Embedder, check_backend_compatible, query_backend
 from expertrag.retrieval.rrf import reciprocal_rank_fusion
-from expertrag.retrieval.types import MODES, Filters, Hit
+from expertrag.retrieval.types import MODES, PUBLIC, Filters, Hit
 from expertrag.store.docstore import DocStore, StoredPassage
 from expertrag.store.manifest import read_manifest, verify_files
 
@@ -88,10 +92,20 @@ class Index:
             )
         return embedder
 
+    @cached_property
+    def has_restricted(self) -> bool:
+        """Whether any passage of this generation carries access groups (fixed per generation)."""
+        return self.store.has_restricted(self.generation)
+
     def allowed(self, filters: Filters | None) -> np.ndarray | None:
-        if filters is None or not filters.active:
-            return None
-        return self.store.allowed_rowids(self.generation, domains=filters.domains, groups=filters.groups)
+        """Rowids the filters let through, or None when they let everything through.
+
+        filters=None is `Filters()`: public passages only."""
+        f = filters if filters is not None else PUBLIC
+        if f.domains is None and (f.all_groups or not self.has_restricted):
+            return None  # nothing to hide from this caller
+        return self.store.allowed_rowids(self.generation, domains=f.domains, groups=None if f.all_groups else (f.groups or ()),
+                                         all_groups=f.all_groups)
 
     # ---- search ----------------------------------------------------------------------------------
     def search(self, query: str, k: int | None = None, mode: str = "hybrid",

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import math
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -26,6 +25,7 @@ from expertrag.serve.keys import Principal
 from expertrag.serve.ratelimit import retry_after_header
 from expertrag.serve.schemas import AnswerBody, ChatBody, DocumentsBody, SearchBody
 from expertrag.serve.service import Forbidden, NotFound, Service, Unauthorized, hits_payload
+from expertrag.text import json_safe
 
 OPEN_PATHS = {"/", "/healthz", "/readyz", "/metrics", "/static/app.js", "/openapi.json", "/docs"}
 
@@ -36,17 +36,6 @@ class RateLimited(ExpertRAGError):
         self.seconds = seconds
 
 
-def clean_json(value: Any) -> Any:
-    """JSON-safe: NaN and infinities become null (strict JSON parsers reject them)."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {str(k): clean_json(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [clean_json(v) for v in value]
-    return value
-
-
 def error_body(message: str, kind: str, field: str | None = None) -> dict[str, Any]:
     # OpenAI's error envelope, so its clients show the message.
     return {"error": {"message": message, "type": kind, "field": field}}
@@ -54,7 +43,7 @@ def error_body(message: str, kind: str, field: str | None = None) -> dict[str, A
 
 def answer_payload(answer: Answer) -> dict[str, Any]:
     by_id = {p["id"]: p for p in answer.passages}
-    return clean_json({
+    return json_safe({
         "question": answer.question, "text": answer.text, "retrieved": answer.retrieved,
         "abstained": answer.abstained, "confidence": answer.confidence,
         "citations": [{"id": c.id, "title": c.title, "marker": c.marker,
@@ -67,7 +56,7 @@ def answer_payload(answer: Answer) -> dict[str, Any]:
 
 
 def sse(event: str, data: Any) -> bytes:
-    return f"event: {event}\ndata: {json.dumps(clean_json(data), ensure_ascii=False)}\n\n".encode()
+    return f"event: {event}\ndata: {json.dumps(json_safe(data), ensure_ascii=False)}\n\n".encode()
 
 
 class _Limits:
@@ -212,12 +201,12 @@ def create_app(service: Service) -> FastAPI:
     @app.post("/v1/search", summary="Search the passages the caller may see")
     async def search(body: SearchBody, who: Principal = Depends(principal)):
         hits = await asyncio.wrap_future(service.search(who, body.query, body.k, body.mode))
-        return {"hits": clean_json(hits_payload(hits))}
+        return {"hits": json_safe(hits_payload(hits))}
 
     @app.get("/v1/documents/{doc_id:path}", summary="A document's passages (404 if the caller may not see it)")
     async def get_document(doc_id: str, who: Principal = Depends(principal)):
         doc = await asyncio.wrap_future(service.document(who, doc_id))
-        return clean_json({"id": doc.id, "title": doc.title, "passages": doc.passages})
+        return json_safe({"id": doc.id, "title": doc.title, "passages": doc.passages})
 
     @app.post("/v1/documents", summary="Add or update documents (admin); the index updates while serving")
     async def add_documents(body: DocumentsBody, who: Principal = Depends(principal)):
@@ -252,7 +241,7 @@ def create_app(service: Service) -> FastAPI:
 
     @app.get("/v1/stats", summary="Live figures for the web page (retrieval rate, stages, experts, latency)")
     async def stats(who: Principal = Depends(principal)):
-        return clean_json(service.metrics.summary())
+        return json_safe(service.metrics.summary())
 
     @app.get("/", include_in_schema=False)
     async def page():
@@ -420,7 +409,7 @@ async def _stream_chat(service: Service, request: Request, who: Principal, quest
                 "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}]}
         if extra is not None:
             body["expertrag"] = extra
-        return f"data: {json.dumps(clean_json(body), ensure_ascii=False)}\n\n".encode()
+        return f"data: {json.dumps(json_safe(body), ensure_ascii=False)}\n\n".encode()
 
     async def stream():
         yield chunk({"role": "assistant", "content": ""})

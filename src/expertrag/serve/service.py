@@ -121,14 +121,16 @@ class Service:
             raise Forbidden("this needs an admin key")
 
     @staticmethod
-    def user_of(principal: Principal) -> User | None:
-        """The pipeline's user: None (no filter) only for an admin key; everyone else sees public passages
-        and those of their own groups."""
-        return None if principal.admin else User(principal.name, principal.groups)
+    def user_of(principal: Principal) -> User:
+        """The pipeline's user: an admin key is the explicit all-groups switch; everyone else sees public
+        passages and those of their own groups."""
+        if principal.admin:
+            return User(principal.name, (), all_groups=True)
+        return User(principal.name, tuple(principal.groups))
 
     @staticmethod
-    def filters_of(principal: Principal) -> Filters | None:
-        return None if principal.admin else Filters(groups=tuple(principal.groups))
+    def filters_of(principal: Principal) -> Filters:
+        return Filters(all_groups=True) if principal.admin else Filters(groups=tuple(principal.groups))
 
     def policy(self, name: str) -> Any:
         if name not in POLICIES:

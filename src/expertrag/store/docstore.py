@@ -7,13 +7,25 @@ build that writes generation G+1 row by row is invisible until the manifest says
 A rerun after a kill first rolls back whatever generation was left uncommitted.
 
 Embeddings are cached by (content_hash, model): a rerun, or re-adding a passage whose text is
-unchanged, never pays for the embedder twice.
+unchanged, never pays for the embedder twice. Each cached vector carries a checksum over (content hash,
+model, vector bytes); a build verifies every vector it reuses and re-embeds any that fail, so a damaged
+cache entry never reaches FAISS.
+
+A passage row is unchanged only when its text (content hash), offsets and metadata (groups, domain and
+everything else) all match: a metadata-only change retires the old row like a text change does, so a
+change of access groups takes effect in the generation that carries it.
+
+Readers (`DocStore(path)`) open the file read-only and never write (not even the WAL switch); in a
+directory they cannot write to, the file is opened as immutable.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import sqlite3
+import urllib.parse
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,9 +67,26 @@ CREATE TABLE IF NOT EXISTS embeddings (
     content_hash TEXT NOT NULL,
     model        TEXT NOT NULL,
     vector       BLOB NOT NULL,
+    checksum     TEXT,
     PRIMARY KEY (content_hash, model)
 );
 """
+
+
+def vector_checksum(content_hash: str, model: str, blob: bytes) -> str:
+    """Ties a cached vector to the text and model it was computed for: any change of a byte shows."""
+    h = hashlib.blake2b(digest_size=16)
+    h.update(content_hash.encode())
+    h.update(b"\0")
+    h.update(model.encode("utf-8", "surrogatepass"))
+    h.update(b"\0")
+    h.update(blob)
+    return h.hexdigest()
+
+
+def canonical_metadata(meta: dict[str, Any]) -> str:
+    """The stored form of passage metadata, and what tells a metadata change."""
+    return json.dumps(meta, ensure_ascii=False, default=str, sort_keys=True)
 
 
 def _live(table: str = "") -> str:
@@ -96,18 +125,25 @@ class DocStore:
     """SQLite passage store. Open with `DocStore(path)`; all writes happen inside transactions."""
 
     def __init__(self, path: str | Path, *, create: bool = False):
+        """create=True: the writer (creates the file and schema when absent). Otherwise a read-only reader."""
         self.path = Path(path)
+        self.readonly = not create
         if not create and not self.path.exists():
             raise IndexFormatError(f"{self.path}: passage store not found")
         try:
-            self.conn = sqlite3.connect(str(self.path), isolation_level=None)  # explicit BEGIN/COMMIT
-            self.conn.execute("PRAGMA journal_mode=WAL")
-            self.conn.execute("PRAGMA synchronous=NORMAL")
             if create:
+                self.conn = sqlite3.connect(str(self.path), isolation_level=None)  # explicit BEGIN/COMMIT
+                self.conn.execute("PRAGMA journal_mode=WAL")
+                self.conn.execute("PRAGMA synchronous=NORMAL")
                 self.conn.executescript(_SCHEMA)
+                columns = {r[1] for r in self.conn.execute("PRAGMA table_info(embeddings)")}
+                if "checksum" not in columns:  # a store written before checksums: its vectors get re-embedded
+                    self.conn.execute("ALTER TABLE embeddings ADD COLUMN checksum TEXT")
                 self.conn.execute(
                     "INSERT OR IGNORE INTO meta VALUES ('format', ?)", (str(STORE_FORMAT),)
                 )
+            else:
+                self.conn = self._open_readonly()
             row = self.conn.execute("SELECT value FROM meta WHERE key='format'").fetchone()
         except sqlite3.DatabaseError as e:
             raise IndexFormatError(f"{self.path}: not a readable passage store ({e})") from None
@@ -115,6 +151,26 @@ class DocStore:
             raise IndexFormatError(
                 f"{self.path}: passage store format {row[0] if row else 'missing'}, expected {STORE_FORMAT}"
             )
+
+    def _open_readonly(self) -> sqlite3.Connection:
+        uri = "file:" + urllib.parse.quote(str(self.path.resolve()))
+        conn = sqlite3.connect(uri + "?mode=ro", uri=True, isolation_level=None)
+        try:
+            conn.execute("SELECT 1 FROM sqlite_master LIMIT 1").fetchall()
+            return conn
+        except sqlite3.OperationalError:
+            conn.close()
+            if os.access(self.path.parent, os.W_OK) and os.access(self.path, os.W_OK):
+                raise
+        # A read-only directory: SQLite cannot create the WAL index beside the file. Nobody can write
+        # here either, so reading the file as immutable is safe, unless a write-ahead log still holds
+        # committed pages (a writer that died before its checkpoint): immutable would not see them.
+        wal = Path(str(self.path) + "-wal")
+        if wal.exists() and wal.stat().st_size > 0:
+            raise IndexFormatError(
+                f"{self.path}: the directory is read-only but {wal.name} still holds committed changes; "
+                "run `expertrag index` or `delete` on it once with write access, or search a copy")
+        return sqlite3.connect(uri + "?mode=ro&immutable=1", uri=True, isolation_level=None)
 
     def close(self) -> None:
         self.conn.close()
@@ -150,9 +206,10 @@ class DocStore:
         The caller groups calls into transactions with `transaction()`.
         """
         live = {
-            pid: (rowid, h)
-            for rowid, pid, h in self.conn.execute(
-                f"SELECT rowid, id, content_hash FROM passages WHERE doc_id = :doc AND {_live()}",
+            pid: (rowid, (h, start, end, self._canonical_stored(meta, rowid)))
+            for rowid, pid, h, start, end, meta in self.conn.execute(
+                "SELECT rowid, id, content_hash, start, end, metadata FROM passages "
+                f"WHERE doc_id = :doc AND {_live()}",
                 {"doc": doc_id, "gen": gen},
             )
         }
@@ -160,7 +217,7 @@ class DocStore:
         for p in passages:
             wanted.add(p.id)
             old = live.get(p.id)
-            if old is not None and old[1] == p.content_hash:
+            if old is not None and old[1] == (p.content_hash, p.start, p.end, canonical_metadata(p.metadata)):
                 counts.unchanged += 1
                 continue
             if old is not None:
@@ -174,21 +231,29 @@ class DocStore:
                 self._retire(rowid, gen)
                 counts.removed += 1
 
-    def delete_ids(self, ids: Iterable[str], gen: int) -> list[str]:
+    def _canonical_stored(self, text: str, rowid: int) -> str:
+        try:
+            return canonical_metadata(json.loads(text))
+        except (json.JSONDecodeError, TypeError):
+            return "\0unreadable"  # never equal to a real value: the row is rewritten
+
+    def delete_ids(self, ids: Iterable[str], gen: int) -> dict[str, list[tuple[str, str]]]:
         """Retire the live passages with these ids, or whole documents with these doc ids.
 
-        Returns the ids that matched nothing."""
-        missing = []
+        Returns, for each id in order, the (passage id, doc id) pairs it removed; [] = it matched nothing
+        (or only passages an earlier id of the same call already removed)."""
+        removed: dict[str, list[tuple[str, str]]] = {}
         for pid in ids:
             rows = self.conn.execute(
-                f"SELECT rowid FROM passages WHERE (id = :id OR doc_id = :id) AND {_live()}",
+                f"SELECT rowid, id, doc_id FROM passages WHERE (id = :id OR doc_id = :id) AND {_live()} "
+                "ORDER BY rowid",
                 {"id": pid, "gen": gen},
             ).fetchall()
-            if not rows:
-                missing.append(pid)
-            for (rowid,) in rows:
+            removed.setdefault(pid, [])
+            for rowid, passage_id, doc in rows:
                 self._retire(rowid, gen)
-        return missing
+                removed[pid].append((passage_id, doc))
+        return removed
 
     def purge_retired(self, committed_gen: int) -> int:
         """Drop rows that no committed or future generation can see any more."""
@@ -210,7 +275,7 @@ class DocStore:
             "INSERT INTO passages (id, doc_id, title, contents, start, end, content_hash, domain, groups,"
             " metadata, added_gen) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
             (p.id, p.doc_id, p.title, p.contents, p.start, p.end, p.content_hash,
-             domain, json.dumps(groups), json.dumps(meta, ensure_ascii=False, default=str), gen),
+             domain, json.dumps(groups), canonical_metadata(meta), gen),
         )
         self.conn.executemany(
             "INSERT INTO passage_groups (rowid, grp) VALUES (?, ?)", [(cur.lastrowid, g) for g in groups]
@@ -258,11 +323,39 @@ class DocStore:
 
     def put_embeddings(self, hashes: Sequence[str], vectors: np.ndarray, model: str) -> None:
         vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+        rows = []
+        for i, h in enumerate(hashes):
+            blob = vectors[i].tobytes()
+            rows.append((h, model, blob, vector_checksum(h, model, blob)))
         with self._tx():
             self.conn.executemany(
-                "INSERT OR REPLACE INTO embeddings (content_hash, model, vector) VALUES (?,?,?)",
-                [(h, model, vectors[i].tobytes()) for i, h in enumerate(hashes)],
+                "INSERT OR REPLACE INTO embeddings (content_hash, model, vector, checksum) VALUES (?,?,?,?)",
+                rows,
             )
+
+    def bad_embeddings(self, gen: int, model: str, dim: int | None) -> list[str]:
+        """Content hashes of live passages whose cached vector fails its checksum, has the wrong size,
+        holds a non-finite value, or has no checksum (written before checksums): not to be trusted."""
+        cur = self.conn.execute(
+            "SELECT e.content_hash, e.vector, e.checksum FROM embeddings e WHERE e.model = :model AND "
+            f"EXISTS (SELECT 1 FROM passages p WHERE p.content_hash = e.content_hash AND {_live('p')})",
+            {"gen": gen, "model": model},
+        )
+        bad = []
+        while rows := cur.fetchmany(4096):
+            for h, blob, checksum in rows:
+                if not isinstance(blob, bytes) or checksum != vector_checksum(h, model, blob):
+                    bad.append(h)
+                elif dim is not None and len(blob) != 4 * dim:
+                    bad.append(h)
+                elif not np.isfinite(np.frombuffer(blob, dtype=np.float32)).all():
+                    bad.append(h)
+        return bad
+
+    def drop_embeddings(self, hashes: Sequence[str], model: str) -> None:
+        with self._tx():
+            self.conn.executemany("DELETE FROM embeddings WHERE content_hash = ? AND model = ?",
+                                  [(h, model) for h in hashes])
 
     def iter_live_vectors(self, gen: int, model: str, dim: int, batch: int = 4096
                           ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
@@ -301,19 +394,38 @@ class DocStore:
             f" FROM passages WHERE rowid IN ({marks})",
             [int(r) for r in rowids],
         ).fetchall()
-        return {
-            r[0]: StoredPassage(r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7], r[8],
-                                json.loads(r[9]), json.loads(r[10]))
-            for r in rows
-        }
+        return {r[0]: StoredPassage(*r[:9], self._json_field(r, 9, "groups", list),
+                                    self._json_field(r, 10, "metadata", dict)) for r in rows}
+
+    def _json_field(self, row: Sequence[Any], i: int, name: str, kind: type) -> Any:
+        try:
+            value = json.loads(row[i])
+        except (json.JSONDecodeError, TypeError, RecursionError) as e:
+            why = e.msg if isinstance(e, json.JSONDecodeError) else type(e).__name__
+            raise IndexFormatError(f"{self.path}: passage row {row[0]} (id {row[1]!r}): column '{name}' holds "
+                                   f"malformed JSON ({why}); rebuild the index") from None
+        if not isinstance(value, kind):
+            raise IndexFormatError(f"{self.path}: passage row {row[0]} (id {row[1]!r}): column '{name}' holds "
+                                   f"{type(value).__name__}, expected {kind.__name__}; rebuild the index")
+        return value
+
+    def has_restricted(self, gen: int) -> bool:
+        """Whether any passage visible at `gen` carries access groups."""
+        return self.conn.execute(
+            f"SELECT 1 FROM passages WHERE {_live()} AND groups != '[]' LIMIT 1", {"gen": gen}
+        ).fetchone() is not None
 
     def allowed_rowids(self, gen: int, *, domains: Sequence[str] | None = None,
-                       groups: Sequence[str] | None = None) -> np.ndarray:
+                       groups: Sequence[str] | None = None, all_groups: bool = False) -> np.ndarray:
         """Rowids visible at `gen` that pass the filters.
 
-        domains: keep passages whose domain is one of these. groups: the user's access groups; a
-        passage with no groups is public, otherwise the user needs one of its groups. None = no filter.
+        domains: keep passages whose domain is one of these (None = any). groups: the user's access
+        groups; a passage with no groups is public, otherwise the user needs one of its groups. No groups
+        (None or empty) = public passages only. all_groups=True (administrators) = no access filter.
         """
+        if all_groups and groups:
+            raise ValueError("allowed_rowids: groups and all_groups=True exclude each other")
+        groups = None if all_groups else tuple(groups or ())
         sql = f"SELECT rowid FROM passages WHERE {_live()}"
         params: dict[str, Any] = {"gen": gen}
         if domains is not None:
