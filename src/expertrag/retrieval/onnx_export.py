@@ -20,14 +20,13 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import shutil
 import tempfile
 import warnings
 from pathlib import Path
 
 from expertrag.errors import ExpertRAGError
-from expertrag.fileio import fsync_dir, sha256_file
+from expertrag.fileio import commit_dir, sha256_file
 from expertrag.paths import cache_dir
 
 EXPORT_VERSION = 1  # bump when the exported graph changes: old cache folders are then not reused
@@ -165,17 +164,12 @@ def onnx_model(model_dir: Path, name: str, variant: str = "fp32") -> Path:
         meta = {"export_version": EXPORT_VERSION, "variant": variant, "model": str(model_dir),
                 "bytes": target.stat().st_size, "sha256": sha256_file(target)}
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2), encoding="utf-8")
-        for p in (target, tmp / META_FILE):
-            with open(p, "rb") as f:
-                os.fsync(f.fileno())
-        fsync_dir(tmp)
         try:
-            os.rename(tmp, folder)
+            commit_dir(tmp, folder)  # fsync files and folder, rename, fsync the parent
         except OSError:
-            # another process finished the same export first: use its folder if it is good
+            # another process finished the same export first (the rename finds a full folder): use it if good
             if not _valid(folder):
                 raise
-        fsync_dir(root)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     if not _valid(folder):
