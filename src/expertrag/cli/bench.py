@@ -47,6 +47,38 @@ def bench_retrieval(
     _emit(run(data=data, limit=limit, num_queries=queries, progress=not as_json), as_json)
 
 
+@bench_app.command("embed")
+def bench_embed(
+    data: Path | None = typer.Option(None, help="shared data folder (corpora/, questions/); default: the packaged wiki corpus, no recall"),
+    limit: int = typer.Option(2000, help="passages embedded by every backend"),
+    rounds: int = typer.Option(1, help="passes over the passages"),
+    threads: int = typer.Option(1, help="intra-op threads of torch and ONNX Runtime alike"),
+    batch_size: int = typer.Option(64, "--batch-size", help="passages per forward"),
+    recall: bool = typer.Option(True, "--recall/--no-recall", help="with --data: answer recall of each backend's index"),
+    rss: bool = typer.Option(True, "--rss/--no-rss", help="peak RSS of each backend in a fresh process"),
+    as_json: bool = typer.Option(False, "--json", help="print the result as JSON on the last line"),
+) -> None:
+    """Passages/s, peak RSS and cosine to torch of each embedding backend (torch, onnx, onnx-int8),
+    interleaved on the same passages; with --data, answer-recall@1/5/20 of each backend's index."""
+    from expertrag.bench.embed import run
+
+    result = run(data=data, limit=limit, rounds=rounds, threads=threads, batch_size=batch_size,
+                 with_recall=recall, with_rss=rss, progress=not as_json)
+    if as_json:
+        print(json.dumps(result))
+        return
+    flat = {k: v for k, v in result.items() if not isinstance(v, dict)}
+    for b, row in result["backends"].items():
+        for key, value in row.items():
+            if key == "recall":
+                for mode, r in value.items():
+                    for m in ("recall@1", "recall@5", "recall@20"):
+                        flat[f"{b}_{mode}_{m}"] = r[m]
+            else:
+                flat[f"{b}_{key}"] = value
+    _emit(flat, False)
+
+
 @bench_app.command("moe")
 def bench_moe(
     tokens: int = typer.Option(2048, help="tokens per forward+backward"),

