@@ -9,7 +9,6 @@ or rewrote groups (the metadata-change leak) fails here too. EXPERTRAG_LONG_TEST
 from __future__ import annotations
 
 import random
-from types import SimpleNamespace
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -17,6 +16,7 @@ from hypothesis import strategies as st
 
 from expertrag.data.types import Document
 from expertrag.gate.policies import make_policy
+from expertrag.model.backend import Capabilities, Generation
 from expertrag.pipeline.answer import User
 from expertrag.pipeline.config import PipelineConfig
 from expertrag.pipeline.rag import ExpertRAG
@@ -63,9 +63,11 @@ def world(tmp_path_factory):
     index = Index(out)
 
     class Silent:  # the generator is not under test: what `answer` retrieves is
+        capabilities = Capabilities(backend="silent", model="none", continuation=False, streaming=False)
+
         def generate(self, messages, **kw):
-            return SimpleNamespace(text="", token_ids=[], logprobs=[], router=None, prompt_tokens=0,
-                                   entropies=[], hidden=None, finish_reason="stop")
+            return Generation(text="", token_ids=[], logprobs=[], entropies=[], state=None, prompt_tokens=0,
+                              finish_reason="stop")
 
     rag = ExpertRAG(index, Silent(), make_policy("always"),
                     PipelineConfig(k=8, answer_cache_size=64, retrieval_cache_size=64), "always")

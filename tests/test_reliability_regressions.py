@@ -18,6 +18,7 @@ import pytest
 from expertrag.data import IngestReport, iter_documents
 from expertrag.data.types import Document
 from expertrag.errors import IndexFormatError, InputError
+from expertrag.model.backend import Capabilities, Generation
 from expertrag.retrieval import Filters, Index, build_index
 from expertrag.retrieval.embedder import Embedder, passage_text
 from reliability_helpers import assert_one_line_error, cli, run_unprivileged
@@ -96,7 +97,6 @@ def test_cli_search_fails_closed_and_all_groups_is_explicit(small_index):
 
 
 def test_pipeline_answer_without_user_is_public_only(small_index):
-    from types import SimpleNamespace
 
     from expertrag.gate.policies import make_policy
     from expertrag.pipeline.answer import User
@@ -104,9 +104,11 @@ def test_pipeline_answer_without_user_is_public_only(small_index):
     from expertrag.pipeline.rag import ExpertRAG
 
     class Silent:  # generation is not under test here: retrieval's access filter is
+        capabilities = Capabilities(backend="silent", model="none", continuation=False, streaming=False)
+
         def generate(self, messages, **kw):
-            return SimpleNamespace(text="", token_ids=[], logprobs=[], router=None, prompt_tokens=0,
-                                   entropies=[], hidden=None, finish_reason="stop")
+            return Generation(text="", token_ids=[], logprobs=[], entropies=[], state=None, prompt_tokens=0,
+                              finish_reason="stop")
 
     rag = ExpertRAG(Index(small_index), Silent(), make_policy("always"),
                     PipelineConfig(k=5, answer_cache_size=0, retrieval_cache_size=0), "always")
