@@ -68,7 +68,7 @@ class RequestCancelled(ExpertRAGError):
     """In place of an answer whose caller cancelled it while it was being generated."""
 
 
-@dataclass
+@dataclass(eq=False)  # compared by identity: field-wise equality would compare KV caches
 class _Job:
     """One request between its gate decision and its answer."""
 
@@ -335,15 +335,17 @@ class ExpertRAG:
     def _generate(self, jobs: Sequence[_Job]) -> None:
         """Generate for every job: continuations of drafts one by one, fresh prompts batched."""
         jobs = [j for j in jobs if j.error is None]
-        fresh = [j for j in jobs if j.draft is None]
         # Our MoE shares one router output over a batch (MoEAux sums over rows) and a passage memory layout is
         # per call, so only memory-free prompts of a backend with per-row router outputs batch.
         caps = self.generator.capabilities
-        batchable = [j for j in fresh if j.memory is None] if caps.batched and not caps.batch_shares_router else []
+        can_batch = caps.batched and not caps.batch_shares_router
         groups: dict[int, list[_Job]] = {}
-        for j in batchable:
-            groups.setdefault(j.config.max_new_tokens, []).append(j)
-        singles = [[j] for j in jobs if j not in batchable]
+        singles: list[list[_Job]] = []
+        for j in jobs:
+            if can_batch and j.draft is None and j.memory is None:
+                groups.setdefault(j.config.max_new_tokens, []).append(j)
+            else:
+                singles.append([j])
         for group in [*groups.values(), *singles]:
             try:
                 if group[0].draft is not None:
@@ -358,27 +360,35 @@ class ExpertRAG:
         cfg = group[0].config
         t = time.perf_counter()
 
-        def on_token(ev: TokenEvent) -> None:
-            if all(j.cancelled() for j in group):
-                raise _Cancelled  # every caller has gone: stop decoding
-            if ev.text:
-                group[ev.row].emit(AnswerEvent("token", {"text": ev.text}))
-
-        streaming = any(j.on_event is not None for j in group)
+        on_token = self._token_sink(group)
         if len(group) == 1:
             j = group[0]
             gens = [self.generator.generate(j.messages, max_new_tokens=cfg.max_new_tokens, stop=cfg.stop,
                                             passages=j.memory, return_router=True,
-                                            on_token=on_token if streaming else None)]
+                                            on_token=on_token)]
         else:
             gens = self.generator.generate_batch([j.messages for j in group], max_new_tokens=cfg.max_new_tokens,
                                                  stop=cfg.stop, return_router=True,
-                                                 on_token=on_token if streaming else None)
+                                                 on_token=on_token)
         ms = (time.perf_counter() - t) * 1000  # each row waited for the whole batch
         for j, g in zip(group, gens, strict=True):
             j.timings.generation_ms = ms
             j.token_ids, j.logprobs, j.text = list(g.token_ids), list(g.logprobs), g.text
             j.router, j.prompt_tokens = g.router_stats, g.prompt_tokens
+
+    @staticmethod
+    def _token_sink(group: Sequence[_Job]) -> Callable[[TokenEvent], None] | None:
+        """The token callback of one generate call over `group` (row i is group[i]): streams each row's
+        text to its caller and stops decoding once every caller has gone; None when nobody streams."""
+        if not any(j.on_event is not None for j in group):
+            return None
+
+        def on_token(ev: TokenEvent) -> None:
+            if all(j.cancelled() for j in group):
+                raise _Cancelled
+            if ev.text:
+                group[ev.row].emit(AnswerEvent("token", {"text": ev.text}))
+        return on_token
 
     def _continue_draft(self, j: _Job) -> None:
         """Continue the probe's draft from its KV cache: nothing recomputed. The draft's own time stays in
@@ -390,14 +400,8 @@ class ExpertRAG:
             j.emit(AnswerEvent("token", {"text": first.text}))
         rest_budget = j.config.max_new_tokens - len(first.token_ids)
         if first.finish_reason == "length" and rest_budget > 0:
-            def on_token(ev: TokenEvent) -> None:
-                if j.cancelled():
-                    raise _Cancelled
-                if ev.text:
-                    j.emit(AnswerEvent("token", {"text": ev.text}))
-
             more = self.generator.generate(None, state=first.state, max_new_tokens=rest_budget,
-                                           stop=j.config.stop, on_token=on_token if j.on_event else None)
+                                           stop=j.config.stop, on_token=self._token_sink([j]))
             j.token_ids += list(more.token_ids)
             j.logprobs += list(more.logprobs)
             j.text = first.text + more.text  # byte-level BPE: pieces decode independently
@@ -471,10 +475,6 @@ def supports(passage: str, answer: str, question: str) -> bool:
 def memory_text(hits: Sequence[Hit]) -> str:
     """What the retrieval expert reads for these hits: every passage, titled, in one memory."""
     return " ".join(f"{h.title}. {h.contents}" for h in hits)
-
-
-def has_moe_layers(generator: Generator) -> bool:
-    return generator.capabilities.router_stats
 
 
 def has_retrieval_expert(generator: Generator) -> bool:

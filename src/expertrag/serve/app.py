@@ -24,7 +24,7 @@ from expertrag.serve.engine import QueueFull, Ticket
 from expertrag.serve.keys import Principal
 from expertrag.serve.ratelimit import retry_after_header
 from expertrag.serve.schemas import AnswerBody, ChatBody, DocumentsBody, SearchBody
-from expertrag.serve.service import Forbidden, NotFound, Service, Unauthorized, hits_payload
+from expertrag.serve.service import Forbidden, NotFound, Service, Unauthorized
 from expertrag.text import json_safe
 
 OPEN_PATHS = {"/", "/healthz", "/readyz", "/metrics", "/static/app.js", "/openapi.json", "/docs"}
@@ -41,16 +41,25 @@ def error_body(message: str, kind: str, field: str | None = None) -> dict[str, A
     return {"error": {"message": message, "type": kind, "field": field}}
 
 
+SNIPPET_CHARS = 240
+
+
+def passage_views(passages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """What a client sees of retrieved passages (`Hit.to_dict()` records): id, title, a snippet, score."""
+    return [{"id": p["id"], "title": p["title"], "snippet": p["contents"][:SNIPPET_CHARS], "score": p["score"],
+             "doc_id": p.get("metadata", {}).get("doc_id")} for p in passages]
+
+
 def answer_payload(answer: Answer) -> dict[str, Any]:
     by_id = {p["id"]: p for p in answer.passages}
     return json_safe({
         "question": answer.question, "text": answer.text, "retrieved": answer.retrieved,
         "abstained": answer.abstained, "confidence": answer.confidence,
         "citations": [{"id": c.id, "title": c.title, "marker": c.marker,
-                       "snippet": by_id.get(c.id, {}).get("contents", "")[:240]} for c in answer.citations],
+                       "snippet": by_id.get(c.id, {}).get("contents", "")[:SNIPPET_CHARS]}
+                      for c in answer.citations],
         "gate": {k: answer.gate.get(k) for k in ("decision", "score", "stage", "policy")},
-        "passages": [{"id": p["id"], "title": p["title"], "snippet": p["contents"][:240], "score": p["score"]}
-                     for p in answer.passages],
+        "passages": passage_views(answer.passages),
         "experts": answer.experts, "timings": vars(answer.timings), "tokens": answer.tokens,
     })
 
@@ -207,7 +216,7 @@ def create_app(service: Service) -> FastAPI:
     @app.post("/v1/search", summary="Search the passages the caller may see")
     async def search(body: SearchBody, who: Principal = Depends(principal)):
         hits = await asyncio.wrap_future(service.search(who, body.query, body.k, body.mode))
-        return {"hits": json_safe(hits_payload(hits))}
+        return {"hits": json_safe(passage_views([h.to_dict() for h in hits]))}
 
     @app.get("/v1/documents/{doc_id:path}", summary="A document's passages (404 if the caller may not see it)")
     async def get_document(doc_id: str, who: Principal = Depends(principal)):
@@ -262,28 +271,29 @@ def create_app(service: Service) -> FastAPI:
 
 
 def error_response(exc: ExpertRAGError) -> JSONResponse:
-    if isinstance(exc, Unauthorized):
-        return JSONResponse(error_body(str(exc), "unauthorized"), 401, headers={"www-authenticate": "Bearer"})
-    if isinstance(exc, Forbidden):
-        return JSONResponse(error_body(str(exc), "forbidden"), 403)
-    if isinstance(exc, NotFound):
-        return JSONResponse(error_body(str(exc), "not_found"), 404)
-    if isinstance(exc, RateLimited):
-        return JSONResponse(error_body(str(exc), "rate_limited"), 429,
-                            headers={"retry-after": retry_after_header(exc.seconds)})
-    if isinstance(exc, QueueFull):
-        return JSONResponse(error_body(str(exc), "overloaded"), 503, headers={"retry-after": "1"})
-    if isinstance(exc, _Timeout):
-        return JSONResponse(error_body(str(exc), "timeout"), 504)
-    if isinstance(exc, RequestCancelled):
-        return JSONResponse(error_body(str(exc), "cancelled"), 499)
-    if isinstance(exc, InputError):
-        return JSONResponse(error_body(exc.reason if exc.field else str(exc), "invalid_request", exc.field), 400)
-    return JSONResponse(error_body(str(exc), "error"), 400)
+    status, name = next((v for kind, v in _STATUS.items() if isinstance(exc, kind)), (400, "error"))
+    headers = {}
+    if status == 401:
+        headers["www-authenticate"] = "Bearer"
+    elif isinstance(exc, RateLimited):
+        headers["retry-after"] = retry_after_header(exc.seconds)
+    elif status == 503:
+        headers["retry-after"] = "1"
+    field = exc.field if isinstance(exc, InputError) else None
+    message = exc.reason if field else str(exc)
+    return JSONResponse(error_body(message, name, field), status, headers=headers)
 
 
 class _Timeout(ExpertRAGError):
     pass
+
+
+# our errors -> (HTTP status, error type), most specific first (InputError last: others may subclass it)
+_STATUS: dict[type, tuple[int, str]] = {
+    Unauthorized: (401, "unauthorized"), Forbidden: (403, "forbidden"), NotFound: (404, "not_found"),
+    RateLimited: (429, "rate_limited"), QueueFull: (503, "overloaded"), _Timeout: (504, "timeout"),
+    RequestCancelled: (499, "cancelled"), InputError: (400, "invalid_request"),
+}
 
 
 def _last_user_text(body: ChatBody) -> str:
@@ -398,7 +408,7 @@ async def _stream_answer(service: Service, request: Request, who: Principal, bod
                 service.metrics.observe_answer(ev.data["answer"])
                 yield sse("answer", answer_payload(ev.data["answer"]))
             elif ev.kind == "passages":
-                yield sse("passages", {"passages": hits_payload_from_dicts(ev.data["passages"])})
+                yield sse("passages", {"passages": passage_views(ev.data["passages"])})
             else:
                 yield sse(ev.kind, ev.data)
 
@@ -471,8 +481,3 @@ def _error_data(exc: BaseException) -> dict[str, Any]:
         resp = error_response(exc)
         return json.loads(resp.body)
     return error_body(f"internal error ({type(exc).__name__})", "internal")
-
-
-def hits_payload_from_dicts(passages: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    return [{"id": p["id"], "title": p["title"], "snippet": p["contents"][:240], "score": p["score"],
-             "doc_id": p.get("metadata", {}).get("doc_id")} for p in passages]

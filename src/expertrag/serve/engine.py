@@ -140,11 +140,7 @@ class AnswerEngine:
         self._fail_all(ExpertRAGError("the service is shutting down"))
 
     def _run_controls(self, rag: ExpertRAG) -> None:
-        while True:
-            try:
-                c = self._control.get_nowait()
-            except queue.Empty:
-                return
+        for c in _drain(self._control):
             try:
                 c.future.set_result(c.fn(rag))
             except BaseException as e:
@@ -182,16 +178,17 @@ class AnswerEngine:
             self._on_cancelled()
 
     def _fail_all(self, error: BaseException) -> None:
-        while True:
-            try:
-                item = self._queue.get_nowait()
-            except queue.Empty:
-                break
+        for item in _drain(self._queue):
             if isinstance(item, Ticket) and not item.future.done():
                 item.future.set_exception(error)
-        while True:
-            try:
-                c = self._control.get_nowait()
-            except queue.Empty:
-                break
+        for c in _drain(self._control):
             c.future.set_exception(error)
+
+
+def _drain(q: queue.Queue):
+    """Take what `q` holds now, without waiting."""
+    while True:
+        try:
+            yield q.get_nowait()
+        except queue.Empty:
+            return

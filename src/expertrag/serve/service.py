@@ -22,7 +22,7 @@ from expertrag.pipeline.build import PipelineSettings, gate_dir, load_generator
 from expertrag.pipeline.rag import AnswerRequest, ExpertRAG, validate_question
 from expertrag.retrieval.builder import BuildReport, build_index
 from expertrag.retrieval.index import Index
-from expertrag.retrieval.types import MODES, Filters, Hit
+from expertrag.retrieval.types import MODES, Filters
 from expertrag.serve.config import ServeConfig
 from expertrag.serve.engine import AnswerEngine, Ticket
 from expertrag.serve.keys import KeyStore, Principal, keys_path
@@ -55,8 +55,11 @@ class DocumentView:
 
 
 def open_index(index_dir: Path, settings: PipelineSettings) -> Index:
-    """An index with every part loaded now, so later builds removing old generation files cannot hurt it."""
-    index = Index(index_dir, settings.retrieval)
+    """An index with every part loaded now, so later builds removing old generation files cannot hurt it.
+
+    Not re-verified: the service checksums the index once at start, and every later generation is one its
+    own ingest worker has just written and checksummed."""
+    index = Index(index_dir, settings.retrieval, verify=False)
     _ = index.bm25, index.dense, index.embedder
     return index
 
@@ -214,8 +217,3 @@ class Service:
         # the model thread swaps in the new generation between batches; wait so the caller reads its write
         self.engine.call(lambda rag: rag.set_index(open_index(self.index_dir, self.settings))).result()
         return report
-
-
-def hits_payload(hits: list[Hit], snippet_chars: int = 240) -> list[dict[str, Any]]:
-    return [{"id": h.id, "title": h.title, "snippet": h.contents[:snippet_chars], "score": h.score,
-             "doc_id": h.metadata.get("doc_id")} for h in hits]
