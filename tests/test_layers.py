@@ -19,7 +19,7 @@ LAYERS: list[set[str]] = [
     {"data", "store"},
     {"retrieval"},
     {"moe", "model"},
-    {"gate"},
+    {"gate", "experts"},  # experts (domain routing, policy expert) sit beside the gate
     {"pipeline"},
     {"eval", "bench", "serve"},  # serve reads the sections it needs, never the root config
     {"config"},  # composes every part's config section, so only the top layer may import it

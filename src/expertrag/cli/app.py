@@ -21,6 +21,7 @@ from expertrag.cli import (  # noqa: E402,F401
     eval_cmd,
     eval_gates,
     eval_routing,
+    expert,
     index,
     merge_results,
     recall,
