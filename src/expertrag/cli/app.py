@@ -28,4 +28,5 @@ from expertrag.cli import (  # noqa: E402,F401
     serve,
     train,
     train_lm,
+    train_router,
 )

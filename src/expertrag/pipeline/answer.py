@@ -23,6 +23,7 @@ class Citation:
     id: str
     title: str
     marker: int  # the [n] the answer uses for it
+    expert: str | None = None  # the domain expert whose passage it is (None: no expert routing)
 
 
 @dataclass
@@ -30,7 +31,7 @@ class Timings:
     """Where one answer's time went. The five parts partition the total: gate + probe + retrieval +
     generation + other == total (other: validation, cache look-ups, citations)."""
 
-    gate_ms: float = 0.0  # policy decision, without the closed-book probe
+    gate_ms: float = 0.0  # policy decision and domain-expert routing, without the closed-book probe
     probe_ms: float = 0.0  # closed-book draft; reused as the answer's start when not retrieving
     retrieval_ms: float = 0.0
     generation_ms: float = 0.0  # generation after the gate (the probe's continuation counts here, not the draft)
@@ -58,6 +59,9 @@ class Answer:
     generated: str = ""  # the model's own words, before abstention replaced them
     token_ids: list[int] = field(default_factory=list)  # the generated tokens (the draft's included)
     logprobs: list[float] = field(default_factory=list)  # log p of each of those tokens (serve's `logprobs`)
+    # domain-expert routing (experts/): experts chosen, weights, the layer that settled, why, and what each
+    # contributed. Empty when the index has no domain experts. (`experts` above is MoE token usage.)
+    routing: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -68,11 +68,15 @@ def load_generator(config: PipelineSettings) -> Generator:
 
 def load_pipeline(index_dir: str | Path, config: PipelineSettings | None = None, policy: str | None = None,
                   gate: str | Path | None = None, generator: Generator | None = None) -> ExpertRAG:
-    """Index + generator + policy. The policy's artifacts come from `gate` or the index's gate folder."""
+    """Index + generator + policy. The policy's artifacts come from `gate` or the index's gate folder.
+    The index's domain experts (INDEX/experts.json, INDEX/router/) are watched: with active domain experts
+    every question is routed; without, the pipeline answers exactly as it did before experts existed."""
+    from expertrag.experts.live import LiveExperts
     from expertrag.gate.policies import make_policy
 
     config = config or PipelineSections()
     index = Index(index_dir, config.retrieval)
     name = policy or config.gate.policy
     pol = make_policy(name, config.gate, artifacts_dir=gate or gate_dir(index_dir))
-    return ExpertRAG(index, generator or load_generator(config), pol, config.pipeline, name)
+    return ExpertRAG(index, generator or load_generator(config), pol, config.pipeline, name,
+                     experts=LiveExperts(index_dir))

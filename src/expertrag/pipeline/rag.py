@@ -20,6 +20,10 @@ import numpy as np
 
 from expertrag.answers import contains_answer, normalize_answer
 from expertrag.errors import ExpertRAGError, InputError
+from expertrag.experts.fusion import ExpertCandidate, fuse
+from expertrag.experts.live import DomainMap, ExpertState, LiveExperts
+from expertrag.experts.registry import ExpertRecord
+from expertrag.experts.router import Route, RoutingSettings, route
 from expertrag.gate.features import query_features
 from expertrag.gate.policies.base import Policy
 from expertrag.gate.requirements import check_policy
@@ -91,6 +95,11 @@ class _Job:
     router: RouterStats | None = None
     prompt_tokens: int = 0
     error: Exception | None = None
+    route: Route | None = None  # domain-expert routing (None: the index has no domain experts)
+    state: ExpertState | None = None  # the registry + router this question started on
+    expert: ExpertRecord | None = None  # the expert this job answers as
+    weight: float = 1.0
+    branches: list[_Job] = field(default_factory=list)  # one job per expert when several answer
 
     def emit(self, event: AnswerEvent) -> None:
         if self.on_event is not None:
@@ -177,8 +186,12 @@ class ExpertRAG:
     """The orchestrator: owns the index, the generator, the policy, timings and caches."""
 
     def __init__(self, index: Index, generator: Generator, policy: Policy, config: PipelineConfig | None = None,
-                 policy_name: str | None = None):
+                 policy_name: str | None = None, experts: LiveExperts | None = None):
         self.index = index
+        # domain experts of the index (registry + router), re-read when they change; None: no routing
+        self.experts = experts
+        self.routing_settings = RoutingSettings()
+        self._domain_map: DomainMap | None = None
         self.generator = generator
         self.policy = policy
         self.policy_name = policy_name or getattr(policy, "name", type(policy).__name__)
@@ -243,18 +256,24 @@ class ExpertRAG:
             else:
                 if isinstance(jobs[-1], _Job) and jobs[-1].cancelled():
                     jobs[-1].error = RequestCancelled("the caller went away before generation")
-        pending = [j for j in jobs if isinstance(j, _Job)]
+        pending = [b for j in jobs if isinstance(j, _Job) for b in (j.branches or [j]) if j.error is None]
         self._generate(pending)
         out: list[Answer | Exception] = []
         for j in jobs:
             if not isinstance(j, _Job):
                 out.append(j)
                 continue
-            if j.error is not None:
-                out.append(j.error)
+            error = j.error or next((b.error for b in j.branches if b.error is not None), None)
+            if error is not None:
+                out.append(error)
                 continue
-            answer = self._finish(j.question, j.text, j.token_ids, j.logprobs, j.hits, j.decision, j.timings,
-                                  j.router, j.prompt_tokens, policy_name=j.policy_name)
+            answer = self._finish_routed(j) if j.branches else self._finish(
+                j.question, j.text, j.token_ids, j.logprobs, j.hits, j.decision, j.timings, j.router,
+                j.prompt_tokens, policy_name=j.policy_name)
+            if j.route is not None and not j.branches:
+                answer.routing = self._routing_record(j, [j], None)
+                for c in answer.citations:
+                    c.expert = j.expert.name
             total = (time.perf_counter() - j.started) * 1000
             answer.timings.total_ms = total
             answer.timings.other_ms = max(total - answer.timings.parts_ms(), 0.0)
@@ -284,9 +303,13 @@ class ExpertRAG:
             check_policy(policy, self.generator.capabilities, policy_name)
         q = validate_question(req.question, cfg.max_query_chars)
         filters = self.filters_for(req.user)
+        state = self.experts.current() if self.experts is not None else None
+        if state is not None and not state.routing:
+            state = None  # no domain expert: answer exactly as without a registry
         key = None
         if self.answer_cache is not None and req.metadata is None:
-            key = cache_key(q, self.index.version, policy_name, cfg.model_dump(), filters.access_key())
+            key = cache_key(q, self.index.version, policy_name, cfg.model_dump(), filters.access_key(),
+                            *([state.key] if state is not None else []))
             cached = self.answer_cache.get(key)
             if cached is not None:
                 answer = Answer.from_dict(cached)
@@ -302,18 +325,28 @@ class ExpertRAG:
 
         ctx = PipelineGateContext(self, q, dict(req.metadata or {}), filters, cfg)
         t = time.perf_counter()
+        chosen = self._route(ctx, state, req.user) if state is not None else None
         decision: Decision = policy.decide(ctx)
-        decide_ms = (time.perf_counter() - t) * 1000
+        decide_ms = (time.perf_counter() - t) * 1000  # routing + the gate
         probe = ctx.probed
         probe_ms = probe.ms if probe is not None else 0.0
-        ranked_for_gate_ms = ctx.retrieval_ms  # index lookups the policy triggered (query features)
+        ranked_for_gate_ms = ctx.retrieval_ms  # index lookups the router and policy triggered
         job = _Job(question=q, config=cfg, decision=decision, policy_name=policy_name, started=started,
                    cache_key=key, on_event=req.on_event, is_cancelled=req.cancelled,
-                   timings=Timings(gate_ms=max(decide_ms - probe_ms - ranked_for_gate_ms, 0.0), probe_ms=probe_ms))
+                   timings=Timings(gate_ms=max(decide_ms - probe_ms - ranked_for_gate_ms, 0.0), probe_ms=probe_ms),
+                   route=chosen, state=state)
+        if chosen is not None:
+            job.expert, job.weight = chosen.experts[0]
         job.emit(AnswerEvent("decision", {"gate": {
             "decision": "retrieve" if decision.retrieve else "no_retrieve", "score": decision.score,
             "stage": decision.stage, "policy": policy_name}}))
-        if decision.retrieve:
+        if decision.retrieve and chosen is not None:
+            t = time.perf_counter()
+            self._retrieve_routed(job, ctx, filters)
+            job.timings.retrieval_ms = (time.perf_counter() - t) * 1000 + ranked_for_gate_ms
+            job.emit(AnswerEvent("passages", {"passages": [
+                {**h.to_dict(), "expert": b.expert.name} for b in (job.branches or [job]) for h in b.hits]}))
+        elif decision.retrieve:
             t = time.perf_counter()
             job.hits, cached = self._retrieve(ctx, q, filters, cfg)
             if cached:
@@ -329,8 +362,112 @@ class ExpertRAG:
             if probe is not None:
                 job.draft = probe.draft
             else:
-                job.messages = closed_book_messages(q)
+                job.messages = self._with_prompt(closed_book_messages(q), job.expert)
         return job
+
+    # ---- domain experts ------------------------------------------------------------------------------
+    def _route(self, ctx: PipelineGateContext, state: ExpertState, user: User | None) -> Route:
+        """Pick the expert(s) for this question. The fast layer reads the query embedding (computed
+        once: the gate and dense retrieval use the same vector); the refining layer reads the domains of
+        the top hits of the caller's global ranking, which the gate's query features compute anyway."""
+        if self._domain_map is None or self._domain_map.generation != self.index.generation:
+            self._domain_map = DomainMap(self.index)
+        dmap = self._domain_map
+
+        def hit_domains() -> list[str | None]:
+            bm25, dense = ctx.rankings()
+            depth = self.routing_settings.depth
+            return dmap.domains([r for r, _ in self.index.fuse(bm25, dense, depth, "hybrid")])
+
+        groups, all_groups = (tuple(user.groups), user.all_groups) if user is not None else ((), False)
+        embedding = ctx.query_embedding() if state.router is not None else None
+        return route(state.snapshot, state.router, embedding, groups=groups, all_groups=all_groups,
+                     metadata=ctx.metadata, hit_domains=hit_domains, settings=self.routing_settings)
+
+    def _retrieve_routed(self, job: _Job, ctx: PipelineGateContext, filters: Filters) -> None:
+        """Each chosen expert retrieves from its own domain (inside the caller's access), with its own k
+        and mode; several experts: one branch job each, generated separately and fused at the end."""
+        experts = job.route.experts
+        jobs = [job] if len(experts) == 1 else [
+            _Job(question=job.question, config=job.config, decision=job.decision, policy_name=job.policy_name,
+                 started=job.started, timings=Timings(), is_cancelled=job.is_cancelled, route=job.route,
+                 state=job.state, expert=e, weight=w) for e, w in experts]
+        cached_any = False
+        for b in jobs:
+            cfg = _expert_config(job.config, b.expert)
+            b.config = cfg
+            if b.expert.domain is None and cfg is job.config:
+                ectx, f = ctx, filters  # the general expert searches what the gate already ranked
+            else:
+                f = Filters(domains=(b.expert.domain,) if b.expert.domain is not None else None,
+                            groups=filters.groups, all_groups=filters.all_groups)
+                ectx = PipelineGateContext(self, job.question, ctx.metadata, f, cfg)
+                ectx._embedding = ctx.query_embedding()  # one embedding per question, whatever the experts
+            b.hits, cached = self._retrieve(ectx, job.question, f, cfg)
+            cached_any = cached_any or cached
+            b.messages = self._with_prompt(
+                closed_book_messages(job.question) if cfg.fusion == "expert" and has_retrieval_expert(self.generator)
+                else open_book_messages(job.question, b.hits, cfg.passage_max_chars), b.expert)
+            b.memory = self._passage_memory(b.hits)
+        if cached_any:
+            job.timings.cache = "retrieval"
+        if len(jobs) > 1:
+            job.branches = jobs
+
+    @staticmethod
+    def _with_prompt(messages: list[dict[str, str]], expert: ExpertRecord | None) -> list[dict[str, str]]:
+        """The expert's system prompt goes before the pipeline's own instructions (kept: they define the
+        answer format and citation markers the rest of the pipeline relies on)."""
+        if expert is None or not expert.system_prompt or not messages or messages[0]["role"] != "system":
+            return messages
+        return [{"role": "system", "content": f"{expert.system_prompt}\n{messages[0]['content']}"}, *messages[1:]]
+
+    def _routing_record(self, job: _Job, branches: Sequence[_Job], contributions: list[dict] | None
+                        ) -> dict[str, Any]:
+        r = job.route
+        out = {"registry_version": job.state.snapshot.version,
+               "router": job.state.router.digest[:12] if job.state.router is not None else None, **r.to_dict()}
+        if contributions is None:
+            contributions = [{"expert": b.expert.name, "weight": round(b.weight, 4), "chosen": True}
+                             for b in branches]
+        for c, b in zip(contributions, branches, strict=True):
+            c["passage_ids"] = [h.id for h in b.hits]
+        out["contributions"] = contributions
+        out["fusion"] = "single" if len(branches) == 1 else None
+        return out
+
+    def _finish_routed(self, job: _Job) -> Answer:
+        """Several experts answered: finish each on its own evidence, fuse, and cite each passage as the
+        expert that supplied it (markers renumbered over the answer's concatenated passage list)."""
+        parts = [self._finish(job.question, b.text, b.token_ids, b.logprobs, b.hits, job.decision, b.timings,
+                              b.router, b.prompt_tokens, policy_name=job.policy_name) for b in job.branches]
+        cands = [ExpertCandidate(
+            expert=b.expert.name, weight=b.weight, text=a.generated, confidence=a.confidence, abstained=a.abstained,
+            supported=sum(supports(f"{h.title} {h.contents}", a.generated, job.question) for h in b.hits),
+            passages=len(b.hits), citations=a.citations) for a, b in zip(parts, job.branches, strict=True)]
+        fused = fuse(cands)
+        answer = parts[fused.chosen]
+        offsets, passages, n = [], [], 0
+        for b in job.branches:
+            offsets.append(n)
+            passages += [h.to_dict() for h in b.hits]
+            n += len(b.hits)
+        citations = []
+        for i in ([fused.chosen] + [i for i in fused.agreeing if i != fused.chosen]):
+            for c in parts[i].citations:
+                citations.append(Citation(id=c.id, title=c.title, marker=c.marker + offsets[i],
+                                          expert=cands[i].expert))
+        answer.citations = [] if answer.abstained else citations
+        answer.passages = passages
+        t = job.timings
+        t.generation_ms = sum(b.timings.generation_ms for b in job.branches)
+        answer.timings = t
+        answer.tokens = {"prompt": sum(a.tokens["prompt"] for a in parts),
+                         "generated": sum(a.tokens["generated"] for a in parts)}
+        answer.routing = self._routing_record(job, job.branches, fused.describe(cands))
+        answer.routing["fusion"] = fused.mode
+        job.emit(AnswerEvent("token", {"text": answer.text}))  # branches do not stream: the fused text
+        return answer
 
     def _generate(self, jobs: Sequence[_Job]) -> None:
         """Generate for every job: continuations of drafts one by one, fresh prompts batched."""
@@ -412,7 +549,8 @@ class ExpertRAG:
                   ) -> tuple[list[Hit], bool]:
         """The k hits for `q`, and whether they came from the retrieval cache (keyed by the caller's
         groups: hits computed for one group are never served to another)."""
-        key = cache_key(q, self.index.version, cfg.k, cfg.search_mode, filters.access_key())
+        key = cache_key(q, self.index.version, cfg.k, cfg.search_mode, filters.access_key(),
+                        *([list(filters.domains)] if filters.domains is not None else []))
         if self.retrieval_cache is not None:
             cached = self.retrieval_cache.get(key)
             if cached is not None:
@@ -479,6 +617,14 @@ def memory_text(hits: Sequence[Hit]) -> str:
 
 def has_retrieval_expert(generator: Generator) -> bool:
     return generator.capabilities.passage_memory
+
+
+def _expert_config(cfg: PipelineConfig, expert: ExpertRecord | None) -> PipelineConfig:
+    """The question's config with the expert's retrieval settings (the same object when it has none)."""
+    if expert is None or (expert.k is None and expert.mode is None):
+        return cfg
+    update = {n: v for n, v in (("k", expert.k), ("search_mode", expert.mode)) if v is not None}
+    return cfg.model_copy(update=update)
 
 
 def _as_vector(hidden: Any) -> np.ndarray | None:

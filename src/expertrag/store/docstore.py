@@ -442,6 +442,19 @@ class DocStore:
             params.update(zip(keys, groups, strict=True))
         return np.fromiter((r[0] for r in self.conn.execute(sql, params)), dtype=np.int64)
 
+    def domain_counts(self, gen: int) -> dict[str | None, int]:
+        """Live passages per `metadata.domain` (None: passages without one)."""
+        return {r[0]: r[1] for r in self.conn.execute(
+            f"SELECT domain, COUNT(*) FROM passages WHERE {_live()} GROUP BY domain ORDER BY domain",
+            {"gen": gen})}
+
+    def live_domains(self, gen: int) -> tuple[np.ndarray, list[str | None]]:
+        """(rowids int64, their domains) of the live passages, by rowid: a router maps hits to domains
+        with it without a store lookup per hit."""
+        rows = self.conn.execute(f"SELECT rowid, domain FROM passages WHERE {_live()} ORDER BY rowid",
+                                 {"gen": gen}).fetchall()
+        return np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows)), [r[1] for r in rows]
+
     def live_ids(self, gen: int) -> list[str]:
         return [r[0] for r in self.conn.execute(
             f"SELECT id FROM passages WHERE {_live()} ORDER BY rowid", {"gen": gen})]
