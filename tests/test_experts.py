@@ -444,3 +444,36 @@ def test_answer_many_routes_each_request(index_dir, embedder):
                                        AnswerRequest("Why is Mars red?", metadata={"domain": "cooking"})])
     assert [a.routing["experts"][0]["name"] for a in out] == ["cooking", "law", "cooking"]
     assert out[2].routing["layer"] == "metadata"
+
+
+def test_eval_experts_scores_only_held_out_questions(index_dir, tmp_path):
+    _register_three(index_dir)
+    gold = {"astronomy": ["a1", "a2", "a3", "a4", "a5", "a6"], "cooking": ["c1", "c2", "c3", "c4", "c5", "c6"],
+            "law": ["l1", "l2", "l3", "l4", "l5", "l6"]}
+    rows = [{"id": f"{d}-{i}", "question": q, "golden_answers": ["x"],
+             "metadata": {"domain": d, "gold_passage_ids": [gold[d][i % 6]]}}
+            for d, qs in QUESTIONS.items() for i, q in enumerate(qs)]
+    ds = tmp_path / "q.jsonl"
+    ds.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    code, _, err = cli("train", "router", "--index", str(index_dir), "--dataset", str(ds), "--holdout", "0.4",
+                       "--folds", "3", "--json")
+    assert code == 0, err
+    out = tmp_path / "eval"
+    code, stdout, err = cli("eval-experts", "--index", str(index_dir), "--dataset", str(ds), "--out", str(out),
+                            "--json")
+    assert code == 0, err
+    head = json.loads(stdout.strip().splitlines()[-1])
+    for key in ("routing_accuracy", "routing_macro_f1", "fast_layer_share", "recall_at_5_routed",
+                "recall_at_5_global"):
+        assert 0.0 <= head[key] <= 1.0, (key, head)
+    report = json.loads((out / "experts.json").read_text())
+    trained = set(load_router(router_dir(index_dir)).info["trained_ids"])
+    scored = {p["id"] for p in report["predictions"]}
+    assert scored and not (scored & trained) and len(scored) == head["questions"]
+    assert report["excluded_training_questions"] == len(trained)
+    assert {r["router"] for r in report["routers"]} == {"fast", "two-layer", "knn"}
+    assert (out / "confusion_two-layer.png").read_bytes()[:4] == b"\x89PNG"
+    two = next(r for r in report["routers"] if r["router"] == "two-layer")
+    assert sum(map(sum, two["confusion"]["matrix"])) == head["questions"]
+    assert_one_line_error(*cli("eval-experts", "--index", str(index_dir), "--dataset", str(ds), "--out",
+                               str(out), "--limit", "0")[::2], "--limit")

@@ -19,6 +19,7 @@ from expertrag.cli import (  # noqa: E402,F401
     bench_pipeline,
     demo,
     eval_cmd,
+    eval_experts,
     eval_gates,
     eval_routing,
     expert,

@@ -22,7 +22,7 @@ from expertrag.experts.registry import GENERAL
 from expertrag.experts.router import RouterModel, RoutingSettings, hit_domain_distribution
 from expertrag.retrieval.index import Index
 
-C_GRID = (1.0, 4.0, 16.0, 64.0)
+C_GRID = (0.25, 0.5, 1.0, 4.0, 16.0)
 THRESHOLD_GRID = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.98, 1.01)  # 1.01: never settle fast
 MIX_GRID = (0.0, 0.25, 0.5, 0.75, 1.0)
 TIE = 0.005  # accuracy within this of the best counts as a tie (then: more fast-layer settling)
