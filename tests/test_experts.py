@@ -467,7 +467,10 @@ def test_eval_experts_scores_only_held_out_questions(index_dir, tmp_path):
                 "recall_at_5_global"):
         assert 0.0 <= head[key] <= 1.0, (key, head)
     report = json.loads((out / "experts.json").read_text())
-    trained = set(load_router(router_dir(index_dir)).info["trained_ids"])
+    router = load_router(router_dir(index_dir))
+    trained = set(router.info["trained_ids"])
+    # gold passages in the training split: widen_below was chosen on them (a grid value, recorded)
+    assert router.widen_below is not None and router.info["cv"]["widen_below"]["grid"]
     scored = {p["id"] for p in report["predictions"]}
     assert scored and not (scored & trained) and len(scored) == head["questions"]
     assert report["excluded_training_questions"] == len(trained)

@@ -21,8 +21,11 @@ def _print_answer(a) -> None:
     print(f"A: {printable_body(a.text)}" + ("   (abstained)" if a.abstained else ""))
     print(f"   decision: {decision} by {a.gate.get('policy')} (score {a.gate.get('score', 0):.3f}, "
           f"stage {a.gate.get('stage')}); confidence {a.confidence:.2f}")
+    if a.routing:
+        chosen = ", ".join(f"{e['name']} {e['weight']:.2f}" for e in a.routing["experts"])
+        print(f"   experts: {esc(chosen)} ({a.routing['layer']} layer: {esc(a.routing['reason'])})")
     for c in a.citations:
-        print(f"   [{c.marker}] {esc(c.title)} ({esc(c.id)})")
+        print(f"   [{c.marker}] {esc(c.title)} ({esc(c.id)})" + (f" from {esc(c.expert)}" if c.expert else ""))
     if a.abstained and a.passages:
         print("   best passages:")
         for n, p in enumerate(a.passages[:3], 1):

@@ -34,6 +34,7 @@ def train_router_cmd(
     from expertrag.experts.router import router_dir, save_router
     from expertrag.experts.router_train import (
         DomainMap,
+        RecallOracle,
         fit_router,
         global_hit_domains,
         held_out,
@@ -59,9 +60,13 @@ def train_router_cmd(
         X = idx.embedder.encode(texts)
         t_embed = time.perf_counter() - t0
         dm = DomainMap(idx)
-        signals = global_hit_domains(idx, dm, texts, X, depth=20)
+        top5: list = []
+        signals = global_hit_domains(idx, dm, texts, X, depth=20, top_ids=top5)
+        gold = [r[3] for r in train]
+        # with gold passages, widen_below is chosen for retrieval recall on this training split
+        recall = RecallOracle(idx, texts, X, gold, top5) if any(gold) else None
         model = fit_router(X, [r[2] for r in train], signals, embedder=idx.manifest.embedder, seed=seed,
-                           folds=folds, source="questions", log=log)
+                           folds=folds, source="questions", log=log, recall=recall)
         model.info.update(datasets=[str(p) for p in dataset], holdout=holdout,
                           trained_ids=sorted(r[0] for r in train), embed_s=round(t_embed, 2))
     else:
@@ -72,6 +77,7 @@ def train_router_cmd(
     model.info["seconds"] = round(time.perf_counter() - t0, 2)
     out = save_router(router_dir(index), model)
     report = {"router": str(out), "classes": model.classes, "threshold": model.threshold, "mix": model.mix,
+              "widen_below": model.widen_below,
               **{k: v for k, v in model.info.items() if k != "trained_ids"}}
     if as_json:
         print(json.dumps(report))

@@ -163,7 +163,7 @@ def evaluate_experts(index: Index, snapshot: RegistrySnapshot, model: RouterMode
         hit_doms.append(dmap.domains([r for r, _ in index.fuse(sp[0], de[0], settings.depth, "hybrid")]))
 
     # two-layer router, as the pipeline runs it
-    two_pred, layers, refine_ms, route_ms, chosen_names, n_experts = [], [], [], [], [], []
+    two_pred, layers, refine_ms, route_ms, chosen_names, n_experts, scopes = [], [], [], [], [], [], []
     for i, x in enumerate(X):
         t = time.perf_counter()
         r = route(snapshot, model, x, hit_domains=lambda i=i: hit_doms[i], settings=settings)
@@ -171,6 +171,7 @@ def evaluate_experts(index: Index, snapshot: RegistrySnapshot, model: RouterMode
         top = r.experts[0][0]
         two_pred.append(top.domain or GENERAL)
         layers.append(r.layer)
+        scopes.append(r.scope)
         chosen_names.append(r.names)
         n_experts.append(len(r.experts))
         if r.layer == "refine":
@@ -189,6 +190,7 @@ def evaluate_experts(index: Index, snapshot: RegistrySnapshot, model: RouterMode
             "refine_ms_router_only": latency_summary(refine_ms),
             "refine_ms_with_global_search": latency_summary(refine_with_search),
             "multi_expert_share": mean_or_nan([n > 1 for n in n_experts]),
+            "global_scope_share": mean_or_nan([sc == "global" for sc in scopes]), "widen_below": model.widen_below,
             "threshold": model.threshold, "mix": model.mix}),
     ]
     t = time.perf_counter()
@@ -215,7 +217,9 @@ def evaluate_experts(index: Index, snapshot: RegistrySnapshot, model: RouterMode
             ids.append(_doc_ids(hits))
         return ids, ms
 
-    routed_ids, routed_ms = domain_search(two_pred)
+    # the pipeline's retrieval: the routed expert's domain, or every partition for an unsure route
+    routed_ids, routed_ms = domain_search([GENERAL if sc == "global" else d for d, sc in
+                                           zip(two_pred, scopes, strict=True)])
     oracle_ids, oracle_ms = domain_search(truth)
     retrieval = {}
     for name, ids, ms in (("global", global_ids, global_ms), ("routed", routed_ids, routed_ms),
@@ -230,8 +234,9 @@ def evaluate_experts(index: Index, snapshot: RegistrySnapshot, model: RouterMode
     return {"questions": len(test), "domains": domains, "embed_ms_per_question": embed_ms,
             "routers": routers, "retrieval": retrieval, "recall_at_5_per_domain": per_domain_recall,
             "utilisation": {n: c / len(test) for n, c in sorted(utilisation.items())},
-            "predictions": [{"id": q.id, "label": q.label, "fast": f, "two_layer": p, "layer": lay, "experts": c}
-                            for q, f, p, lay, c in zip(test, fast_pred, two_pred, layers, chosen_names, strict=True)]}
+            "predictions": [{"id": q.id, "label": q.label, "fast": f, "two_layer": p, "layer": lay, "scope": sc,
+                             "experts": c} for q, f, p, lay, sc, c in
+                            zip(test, fast_pred, two_pred, layers, scopes, chosen_names, strict=True)]}
 
 
 def _doc_ids(hits) -> list[str]:

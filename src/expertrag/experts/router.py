@@ -9,12 +9,15 @@
    may see (the pipeline's gate computes that ranking anyway): the domains of the top hits, weighted by
    rank, mixed with the fast distribution (`mix`, also cross-validated). It picks one expert, several
    (top-m whose weight reaches `multi_min_weight`), or the general expert when nothing reaches
-   `general_below`.
+   `general_below`. When its top weight is under `widen_below` (cross-validated for retrieval recall),
+   the chosen expert answers but retrieves over every partition: a wrong domain would lose the evidence.
 
-Domains map onto the caller's candidate experts (active, and allowed by their access groups); mass of a
-domain without a candidate expert (none registered, retired, or not allowed) goes to the general expert,
-which searches everything the caller may see. So a retired expert's questions fall to the general expert,
-and an expert added after training is reached through the refining layer until `train router` is re-run.
+Both layers score domains (GENERAL: passages without one); the top domain is then mapped onto the caller's
+candidate experts (active, and allowed by their access groups). A domain without a candidate expert (none
+registered, retired, or not allowed) maps to the general expert, which searches everything the caller may
+see. Domains are compared one by one, never pooled: three unregistered domains of 0.2 each do not outvote a
+registered one of 0.4. So a retired expert's questions fall to the general expert, and an expert added
+after training is reached through the refining layer until `train router` is re-run.
 
 Pure: numpy in, a `Route` out. Loading/saving the artifact (INDEX/router/) is at the bottom.
 """
@@ -43,7 +46,8 @@ FORMAT = "expertrag-router/1"
 @dataclass(frozen=True)
 class RoutingSettings:
     """Choices of the refining layer that labelled questions of seven domains cannot tune (no question
-    there belongs to the general expert, none is meant to go to two experts): fixed, documented defaults."""
+    there belongs to the general expert, none is meant to go to two experts): fixed, documented defaults.
+    (The one retrieval choice they can tune, `RouterModel.widen_below`, is cross-validated.)"""
 
     general_below: float = 0.3  # top combined weight under this: the general expert answers
     multi_min_weight: float = 0.35  # a second expert joins when its weight reaches this
@@ -60,6 +64,10 @@ class RouterModel:
     intercept: np.ndarray  # [C]
     threshold: float  # the fast layer settles when its top probability reaches this
     mix: float  # weight of the fast distribution in the refining layer (1 - mix: retrieval's)
+    # refined questions whose top weight is under this keep their expert but retrieve over every partition
+    # the caller may see: a wrong domain loses the gold passage outright. Chosen on the training split's
+    # gold-passage recall@5 (router_train.py); None: always retrieve within the expert's domain
+    widen_below: float | None = None
     embedder: str = ""
     info: dict[str, Any] = field(default_factory=dict)  # how it was trained, CV figures
     digest: str = ""  # sha256 of the weights file: a changed router changes cache keys
@@ -84,6 +92,7 @@ class Route:
     experts: list[tuple[ExpertRecord, float]]
     layer: str  # "metadata" | "fast" | "refine" | "general-only"
     reason: str
+    scope: str = "domain"  # "domain": each expert retrieves within its domain; "global": over every partition
     fast: dict[str, float] = field(default_factory=dict)  # the fast layer's weight per candidate expert
     retrieval: dict[str, float] | None = None  # the top hits' weight per candidate expert (refining only)
     combined: dict[str, float] | None = None
@@ -97,7 +106,7 @@ class Route:
     def to_dict(self) -> dict[str, Any]:
         return {"experts": [{"name": e.name, "version": e.version, "domain": e.domain, "weight": round(w, 4)}
                             for e, w in self.experts],
-                "layer": self.layer, "reason": self.reason,
+                "layer": self.layer, "reason": self.reason, "scope": self.scope,
                 "fast": {k: round(v, 4) for k, v in self.fast.items()},
                 "retrieval": None if self.retrieval is None else {k: round(v, 4) for k, v in self.retrieval.items()},
                 "combined": None if self.combined is None else {k: round(v, 4) for k, v in self.combined.items()},
@@ -109,25 +118,6 @@ def candidates(snapshot: RegistrySnapshot, groups: Sequence[str], all_groups: bo
     only ever sees the passages the caller may see)."""
     act = snapshot.active
     return [e for e in act[:-1] if e.allows(groups, all_groups)] + [act[-1]]
-
-
-def domain_to_experts(cands: Sequence[ExpertRecord], dist: Mapping[str | None, float]) -> dict[str, float]:
-    """A distribution over domains -> one over the candidate experts' names. Experts sharing a domain
-    split its mass; a domain without a candidate expert (and passages without a domain) goes to general."""
-    by_domain: dict[str, list[str]] = {}
-    for e in cands:
-        if e.domain is not None:
-            by_domain.setdefault(e.domain, []).append(e.name)
-    general = cands[-1].name
-    out = {e.name: 0.0 for e in cands}
-    for dom, mass in dist.items():
-        names = by_domain.get(dom) if dom not in (None, GENERAL) else None
-        if names:
-            for n in names:
-                out[n] += mass / len(names)
-        else:
-            out[general] += mass
-    return out
 
 
 def hit_domain_distribution(domains: Sequence[str | None], depth: int = 20) -> dict[str | None, float]:
@@ -167,44 +157,71 @@ def route(snapshot: RegistrySnapshot, model: RouterModel | None, embedding: np.n
         return Route([(hinted, 1.0)], "metadata", f"request metadata names {hinted.name}")
 
     t = time.perf_counter()
-    fast: dict[str, float] = {}
+    fast: dict[str, float] = {}  # by domain (GENERAL: passages without one)
     if model is not None and embedding is not None:
-        fast = domain_to_experts(cands, dict(zip(model.classes, model.proba(embedding).tolist(), strict=True)))
+        fast = dict(zip(model.classes, model.proba(embedding).tolist(), strict=True))
     fast_ms = (time.perf_counter() - t) * 1000
+    why = why_not + "; " if why_not else ""
     if fast:
         top = max(fast, key=fast.get)
         if fast[top] >= model.threshold:
-            return Route([(_named(cands, top), 1.0)], "fast", (why_not + "; " if why_not else "") +
-                         f"fast layer {fast[top]:.2f} >= threshold {model.threshold:.2f}", fast=fast, fast_ms=fast_ms)
+            expert = expert_for(cands, top)
+            return Route([(expert, 1.0)], "fast", why + f"fast layer: {top} {fast[top]:.2f} >= threshold "
+                         f"{model.threshold:.2f}" + _no_expert_note(expert, top), fast=fast, fast_ms=fast_ms)
 
     t = time.perf_counter()
-    retrieval = domain_to_experts(cands, hit_domain_distribution(list(hit_domains()), settings.depth)) \
-        if hit_domains is not None else {}
-    if fast and any(retrieval.values()):
-        mix = model.mix
-        combined = {n: mix * fast[n] + (1 - mix) * retrieval[n] for n in fast}
+    retrieval: dict[str, float] = {}
+    if hit_domains is not None:
+        for d, w in hit_domain_distribution(list(hit_domains()), settings.depth).items():
+            key = d if d is not None else GENERAL
+            retrieval[key] = retrieval.get(key, 0.0) + w
+    if fast and retrieval:
+        keys = set(fast) | set(retrieval)
+        combined = {d: model.mix * fast.get(d, 0.0) + (1 - model.mix) * retrieval.get(d, 0.0) for d in keys}
     else:
-        combined = fast if fast else retrieval
+        combined = dict(fast or retrieval)
     if not combined or not any(combined.values()):
-        return Route([(general, 1.0)], "refine", "no router and no retrieval signal", fast=fast,
+        return Route([(general, 1.0)], "refine", why + "no router and no retrieval signal", fast=fast,
                      retrieval=retrieval or None, fast_ms=fast_ms, refine_ms=(time.perf_counter() - t) * 1000)
-    ranked = sorted(combined, key=lambda n: (-combined[n], n))
-    if combined[ranked[0]] < settings.general_below:
-        chosen, reason = [general.name], (f"low confidence: top {ranked[0]} {combined[ranked[0]]:.2f} < "
-                                          f"{settings.general_below:.2f}, the general expert answers")
+    ranked = sorted(combined, key=lambda d: (-combined[d], d))
+    top, top_w = ranked[0], combined[ranked[0]]
+    if top_w < settings.general_below:
+        chosen = [(general, top_w)]
+        reason = (f"low confidence: top {top} {top_w:.2f} < {settings.general_below:.2f}, "
+                  "the general expert answers")
     else:
-        chosen = [ranked[0]] + [n for n in ranked[1:settings.top_m] if combined[n] >= settings.multi_min_weight]
-        reason = (f"refined with retrieval signals: {', '.join(f'{n} {combined[n]:.2f}' for n in chosen)}"
-                  + (f" (fast layer alone {max(fast.values()):.2f} < {model.threshold:.2f})" if fast else ""))
-    total = sum(combined[n] for n in chosen) or 1.0
-    experts = [(_named(cands, n), (combined[n] / total) if combined[n] > 0 else 1.0 / len(chosen)) for n in chosen]
-    return Route(experts, "refine", (why_not + "; " if why_not else "") + reason, fast=fast,
-                 retrieval=retrieval or None, combined=combined, fast_ms=fast_ms,
-                 refine_ms=(time.perf_counter() - t) * 1000)
+        chosen = [(expert_for(cands, top), top_w)]
+        for d in ranked[1:settings.top_m]:
+            e = expert_for(cands, d)
+            if combined[d] >= settings.multi_min_weight and all(e is not c for c, _ in chosen):
+                chosen.append((e, combined[d]))
+        reason = (f"refined with retrieval signals: {', '.join(f'{d} {combined[d]:.2f}' for d in ranked[:len(chosen)])}"
+                  + (f" (fast layer alone {max(fast.values()):.2f} < {model.threshold:.2f})" if fast else "")
+                  + _no_expert_note(chosen[0][0], top))
+    total = sum(w for _, w in chosen) or 1.0
+    experts = [(e, w / total) for e, w in chosen]
+    scope = "domain"
+    if model is not None and model.widen_below is not None and experts[0][0] is not general \
+            and top_w < model.widen_below:
+        scope = "global"
+        reason += f"; unsure ({top_w:.2f} < {model.widen_below:.2f}): retrieving over every partition"
+    return Route(experts, "refine", why + reason, scope=scope, fast=fast, retrieval=retrieval or None,
+                 combined=combined, fast_ms=fast_ms, refine_ms=(time.perf_counter() - t) * 1000)
 
 
-def _named(cands: Sequence[ExpertRecord], name: str) -> ExpertRecord:
-    return next(e for e in cands if e.name == name)
+def expert_for(cands: Sequence[ExpertRecord], domain: str) -> ExpertRecord:
+    """The candidate expert owning `domain` (the first registered, when several do); the general expert
+    when none does (retired, not allowed to this caller, never registered) or for GENERAL itself."""
+    if domain != GENERAL:
+        for e in cands:
+            if e.domain == domain:
+                return e
+    return cands[-1]
+
+
+def _no_expert_note(expert: ExpertRecord, domain: str) -> str:
+    return f" ({domain} has no expert this caller may use: general)" if expert.domain is None and \
+        domain != GENERAL else ""
 
 
 # ---- the artifact: INDEX/router/router.npz (weights) + router.json (everything else) -------------------
@@ -222,7 +239,8 @@ def save_router(directory: str | Path, model: RouterModel) -> Path:
     digest = sha256_file(directory / WEIGHTS_FILE)
     atomic_write_json(directory / META_FILE, {
         "format": FORMAT, "classes": list(model.classes), "threshold": float(model.threshold),
-        "mix": float(model.mix), "embedder": model.embedder, "weights_sha256": digest, "info": model.info})
+        "mix": float(model.mix), "widen_below": model.widen_below, "embedder": model.embedder,
+        "weights_sha256": digest, "info": model.info})
     model.digest = digest
     return directory
 
@@ -252,6 +270,7 @@ def load_router(directory: str | Path) -> RouterModel | None:
                          path=weights_path)
     return RouterModel(classes=[str(c) for c in meta["classes"]], coef=coef, intercept=intercept,
                        threshold=float(meta["threshold"]), mix=float(meta["mix"]),
+                       widen_below=float(meta["widen_below"]) if meta.get("widen_below") is not None else None,
                        embedder=str(meta.get("embedder", "")), info=dict(meta.get("info") or {}),
                        digest=meta["weights_sha256"])
 

@@ -29,9 +29,10 @@ TIE = 0.005  # accuracy within this of the best counts as a tie (then: more fast
 
 
 def global_hit_domains(index: Index, domain_map: DomainMap, questions: Sequence[str], vectors: np.ndarray,
-                       depth: int, mode: str = "hybrid") -> list[list[str | None]]:
+                       depth: int, mode: str = "hybrid", top_ids: list | None = None) -> list[list[str | None]]:
     """Per question, the domains of its top `depth` hits over every public partition (what the pipeline's
-    refining layer sees for an anonymous caller)."""
+    refining layer sees for an anonymous caller). `top_ids`, when given, receives each question's top-5
+    document ids (for the training split's global recall)."""
     allowed = index.allowed(None)
     out = []
     batch = 64
@@ -42,7 +43,62 @@ def global_hit_domains(index: Index, domain_map: DomainMap, questions: Sequence[
         for sp, de in zip(sparse, dense, strict=True):
             ranked = index.fuse(sp, de, depth, mode)
             out.append(domain_map.domains([r for r, _ in ranked]))
+            if top_ids is not None:
+                top_ids.append([h.metadata.get("doc_id", h.id) for h in index.hits([ranked[:5]], allowed)[0]])
     return out
+
+
+WIDEN_BELOW_GRID = (0.0, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.01)  # 1.01: every refined question searches globally
+RECALL_TIE = 0.002
+
+
+class RecallOracle:
+    """Gold-passage recall@5 of the training questions: global (computed up front) and within a domain
+    (searched on demand, cached). Only training questions: the evaluation's never enter here."""
+
+    def __init__(self, index: Index, texts: Sequence[str], vectors: np.ndarray, gold: Sequence[Sequence[str]],
+                 global_top5: Sequence[Sequence[str]]):
+        self.index, self.texts, self.vectors, self.gold = index, texts, vectors, [set(g) for g in gold]
+        self.global_recall = np.array([self._recall(i, ids) for i, ids in enumerate(global_top5)])
+        self._cache: dict[tuple[int, str], float] = {}
+
+    def _recall(self, i: int, doc_ids: Sequence[str]) -> float:
+        g = self.gold[i]
+        return len(g & set(doc_ids[:5])) / len(g) if g else float("nan")
+
+    def in_domain(self, i: int, domain: str) -> float:
+        key = (i, domain)
+        if key not in self._cache:
+            from expertrag.retrieval.types import Filters
+
+            allowed = self.index.allowed(Filters(domains=(domain,)))
+            sp, de = self.index.component_rankings([self.texts[i]], self.index.config.candidates, allowed,
+                                                   query_vectors=self.vectors[i:i + 1])
+            hits = self.index.hits([self.index.fuse(sp[0], de[0], 5, "hybrid")], allowed)[0]
+            self._cache[key] = self._recall(i, [h.metadata.get("doc_id", h.id) for h in hits])
+        return self._cache[key]
+
+
+def _choose_widen_below(P, classes, y, hit_domains, threshold, mix, settings, recall: RecallOracle, log):
+    """Out-of-fold routes of the training questions, replayed: for each widen_below on the grid, the
+    training recall@5 when refined questions under it search globally (the general expert's questions
+    always do). The best wins; within RECALL_TIE the smaller (more domain-scoped search)."""
+    weight = np.full(len(P), np.inf)  # fast-settled questions always search their domain
+    pred, _ = replay_two_layer(P, classes, y, hit_domains, threshold, mix, settings, weight)
+    has_gold = ~np.isnan(recall.global_recall)
+    rows = []
+    for g in WIDEN_BELOW_GRID:
+        wide = (weight < g) | (pred < 0)
+        r = [recall.global_recall[i] if wide[i] else recall.in_domain(i, classes[pred[i]])
+             for i in np.flatnonzero(has_gold)]
+        rows.append({"widen_below": g, "recall_at_5": float(np.mean(r)), "global_share": float(wide.mean())})
+        if log:
+            log(f"  widen_below={g:.2f}: training recall@5 {rows[-1]['recall_at_5']:.4f}, searched globally "
+                f"{rows[-1]['global_share']:.3f}")
+    best = max(r["recall_at_5"] for r in rows)
+    chosen = min((r for r in rows if r["recall_at_5"] >= best - RECALL_TIE), key=lambda r: r["widen_below"])
+    return chosen["widen_below"], {"chosen": chosen, "grid": rows,
+                                   "global_recall_at_5": float(np.nanmean(recall.global_recall))}
 
 
 @dataclass
@@ -54,10 +110,11 @@ class TwoLayerReplay:
 
 
 def replay_two_layer(P: np.ndarray, classes: Sequence[str], y: np.ndarray, hit_domains: Sequence[Sequence],
-                     threshold: float, mix: float, settings: RoutingSettings = RoutingSettings()
-                     ) -> tuple[np.ndarray, np.ndarray]:
+                     threshold: float, mix: float, settings: RoutingSettings = RoutingSettings(),
+                     top_weight: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """The router's rule (route()) for every question with one expert per class: (predicted class index,
-    -1 for general; settled-fast flags). Used for CV here and mirrored by route() itself."""
+    -1 for general; settled-fast flags). Used for CV here and mirrored by route() itself. `top_weight`,
+    when given, receives each refined question's top combined weight (the general_below and widen_below tests read it)."""
     k = len(classes)
     col = {c: i for i, c in enumerate(classes)}
     general = col.get(GENERAL, -1)  # the general expert's class, when it was trained as one (passages)
@@ -79,6 +136,8 @@ def replay_two_layer(P: np.ndarray, classes: Sequence[str], y: np.ndarray, hit_d
             comb[k] += comb[general]
             comb[general] = 0.0
         j = int(comb.argmax())
+        if top_weight is not None:
+            top_weight[i] = comb[j]
         pred[i] = general if j == k or comb[j] < settings.general_below else j
     return pred, fast
 
@@ -91,11 +150,15 @@ def _fit_lr(X: np.ndarray, y: np.ndarray, C: float, seed: int):
 
 def fit_router(X: np.ndarray, labels: Sequence[str], hit_domains: Sequence[Sequence[str | None]] | None = None, *,
                embedder: str = "", seed: int = 0, folds: int = 5, source: str = "questions",
-               settings: RoutingSettings = RoutingSettings(), log=None) -> RouterModel:
+               settings: RoutingSettings = RoutingSettings(), log=None,
+               recall: RecallOracle | None = None) -> RouterModel:
     """Fit the fast layer on (X, labels) and choose C, threshold and mix by cross-validation.
 
     hit_domains: per training question, its global top hits' domains (None: no refining signal, then the
-    threshold is the lowest whose out-of-fold fast accuracy reaches 0.95 and mix is 0.5)."""
+    threshold is the lowest whose out-of-fold fast accuracy reaches 0.95 and mix is 0.5).
+    recall: gold-passage recall@5 of training questions, globally and within a domain; with it (and
+    hit_domains) widen_below is chosen too: the value whose replayed routes retrieve the training
+    questions' gold passages best (unsure questions searched globally, the rest in their domain)."""
     from sklearn.model_selection import StratifiedKFold
 
     X = np.asarray(X, dtype=np.float32)
@@ -120,6 +183,7 @@ def fit_router(X: np.ndarray, labels: Sequence[str], hit_domains: Sequence[Seque
         if best is None or acc > best[1] + 1e-9:
             best = (C, acc, P)
     C, fast_acc, P = best
+    widen_below = None
     grid: list[TwoLayerReplay] = []
     if hit_domains is not None:
         for t in THRESHOLD_GRID:
@@ -131,6 +195,9 @@ def fit_router(X: np.ndarray, labels: Sequence[str], hit_domains: Sequence[Seque
         threshold, mix = chosen.threshold, chosen.mix
         cv = {"two_layer_accuracy": chosen.accuracy, "fast_share": chosen.fast_share,
               "best_two_layer_accuracy": top}
+        if recall is not None:
+            widen_below, cv["widen_below"] = _choose_widen_below(P, classes, y, hit_domains, threshold, mix,
+                                                                settings, recall, log)
     else:
         threshold, mix = 1.01, 0.5
         conf = P.max(1)
@@ -145,7 +212,8 @@ def fit_router(X: np.ndarray, labels: Sequence[str], hit_domains: Sequence[Seque
             "cv_fast_accuracy": fast_acc, "cv": cv, "settings": settings.__dict__}
     return RouterModel(classes=classes, coef=model.coef_.astype(np.float32),
                        intercept=model.intercept_.astype(np.float32), threshold=float(threshold), mix=float(mix),
-                       embedder=embedder, info=info)
+                       embedder=embedder, info=info,
+                       widen_below=widen_below)
 
 
 def passage_training_set(index: Index, per_domain: int = 400, seed: int = 0) -> tuple[np.ndarray, list[str]]:
@@ -181,9 +249,9 @@ def held_out(question_id: str, seed: int, fraction: float) -> bool:
     return int.from_bytes(h[:8], "big") / 2**64 < fraction
 
 
-def labelled_questions(paths: Sequence) -> list[tuple[str, str, str]]:
-    """(id, question, domain label) of every question in the files; a question without a string
-    `metadata.domain` is an error naming the file and the question."""
+def labelled_questions(paths: Sequence) -> list[tuple[str, str, str, list[str]]]:
+    """(id, question, domain label, gold passage ids) of every question in the files; a question without
+    a string `metadata.domain` is an error naming the file and the question."""
     from expertrag.data.questions import load_questions
 
     out, seen = [], set()
@@ -195,5 +263,6 @@ def labelled_questions(paths: Sequence) -> list[tuple[str, str, str]]:
             if q.id in seen:
                 raise InputError(f"question id {q.id!r} appears in two files", path=path, field="id")
             seen.add(q.id)
-            out.append((q.id, q.question, dom))
+            gold = q.metadata.get("gold_passage_ids") or []
+            out.append((q.id, q.question, dom, [str(g) for g in gold] if isinstance(gold, list) else []))
     return out

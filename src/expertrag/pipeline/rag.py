@@ -396,10 +396,12 @@ class ExpertRAG:
         for b in jobs:
             cfg = _expert_config(job.config, b.expert)
             b.config = cfg
-            if b.expert.domain is None and cfg is job.config:
-                ectx, f = ctx, filters  # the general expert searches what the gate already ranked
+            # the general expert, or an unsure route (scope "global"), searches everything the caller may see
+            domain = b.expert.domain if job.route.scope == "domain" else None
+            if domain is None and cfg is job.config:
+                ectx, f = ctx, filters  # what the gate already ranked
             else:
-                f = Filters(domains=(b.expert.domain,) if b.expert.domain is not None else None,
+                f = Filters(domains=(domain,) if domain is not None else None,
                             groups=filters.groups, all_groups=filters.all_groups)
                 ectx = PipelineGateContext(self, job.question, ctx.metadata, f, cfg)
                 ectx._embedding = ctx.query_embedding()  # one embedding per question, whatever the experts

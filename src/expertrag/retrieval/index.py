@@ -30,6 +30,7 @@ from expertrag.store.manifest import read_manifest, verify_files
 
 STORE_FILE = "store.sqlite"
 PASSAGE_CACHE = 4096  # passages kept in memory: they never change within a generation
+ALLOWED_CACHE = 64  # distinct filters (domain x access groups) whose rowids are kept
 
 
 def bm25_dirname(gen: int) -> str:
@@ -62,6 +63,8 @@ class Index:
             self.store.check()
         self.generation = self.manifest.generation
         self._passages: OrderedDict[int, StoredPassage] = OrderedDict()
+        # rowids per filter: fixed within a generation, and a domain expert's filter repeats every question
+        self._allowed: OrderedDict[tuple, np.ndarray] = OrderedDict()
 
     @property
     def version(self) -> str:
@@ -104,8 +107,18 @@ class Index:
         f = filters if filters is not None else PUBLIC
         if f.domains is None and (f.all_groups or not self.has_restricted):
             return None  # nothing to hide from this caller
-        return self.store.allowed_rowids(self.generation, domains=f.domains, groups=None if f.all_groups else (f.groups or ()),
-                                         all_groups=f.all_groups)
+        key = (f.domains, tuple(sorted(set(f.groups or ()))), f.all_groups)
+        rows = self._allowed.get(key)
+        if rows is None:
+            rows = self.store.allowed_rowids(self.generation, domains=f.domains,
+                                             groups=None if f.all_groups else (f.groups or ()), all_groups=f.all_groups)
+            rows.setflags(write=False)  # shared between searches: nobody may change it in place
+            self._allowed[key] = rows
+            while len(self._allowed) > ALLOWED_CACHE:
+                self._allowed.popitem(last=False)
+        else:
+            self._allowed.move_to_end(key)
+        return rows
 
     # ---- search ----------------------------------------------------------------------------------
     def search(self, query: str, k: int | None = None, mode: str = "hybrid",
