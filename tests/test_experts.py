@@ -469,8 +469,9 @@ def test_eval_experts_scores_only_held_out_questions(index_dir, tmp_path):
     report = json.loads((out / "experts.json").read_text())
     router = load_router(router_dir(index_dir))
     trained = set(router.info["trained_ids"])
-    # gold passages in the training split: widen_below was chosen on them (a grid value, recorded)
-    assert router.widen_below is not None and router.info["cv"]["widen_below"]["grid"]
+    # gold passages in the training split: the retrieval scope was chosen on them (recorded with its grid)
+    assert router.info["cv"]["domain_boost"]["chosen"]["domain_boost"] == router.domain_boost
+    assert len(router.info["cv"]["domain_boost"]["grid"]) > 2
     scored = {p["id"] for p in report["predictions"]}
     assert scored and not (scored & trained) and len(scored) == head["questions"]
     assert report["excluded_training_questions"] == len(trained)
@@ -480,3 +481,21 @@ def test_eval_experts_scores_only_held_out_questions(index_dir, tmp_path):
     assert sum(map(sum, two["confusion"]["matrix"])) == head["questions"]
     assert_one_line_error(*cli("eval-experts", "--index", str(index_dir), "--dataset", str(ds), "--out",
                                str(out), "--limit", "0")[::2], "--limit")
+
+
+def test_boost_scope_lifts_in_domain_hits_of_the_global_ranking(index_dir, embedder):
+    _register_three(index_dir)
+    _train_router(index_dir, embedder)
+    model = load_router(router_dir(index_dir))
+    model.domain_boost = 1.0  # as if `train router` had chosen it: in-domain hits of the ranking come first
+    save_router(router_dir(index_dir), model)
+    a = _rag(index_dir).answer("How do I make risotto creamy?", metadata={"domain": "cooking"})
+    assert a.routing["scope"] == "boost" and a.routing["confidence"] == 1.0
+    assert [p["metadata"]["domain"] for p in a.passages] == ["cooking", "cooking"]
+    # a boost of 0 is the global ranking itself
+    model.domain_boost = 0.0
+    save_router(router_dir(index_dir), model)
+    rag = _rag(index_dir)
+    b = rag.answer("How do I make risotto creamy?", metadata={"domain": "law"})
+    glob = rag.index.search("How do I make risotto creamy?", 2)
+    assert [p["id"] for p in b.passages] == [h.id for h in glob]

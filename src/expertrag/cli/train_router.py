@@ -60,11 +60,11 @@ def train_router_cmd(
         X = idx.embedder.encode(texts)
         t_embed = time.perf_counter() - t0
         dm = DomainMap(idx)
-        top5: list = []
-        signals = global_hit_domains(idx, dm, texts, X, depth=20, top_ids=top5)
+        ranked: list = []
+        signals = global_hit_domains(idx, dm, texts, X, depth=20, ranked_out=ranked)
         gold = [r[3] for r in train]
-        # with gold passages, widen_below is chosen for retrieval recall on this training split
-        recall = RecallOracle(idx, texts, X, gold, top5) if any(gold) else None
+        # with gold passages, the retrieval scope (filter or boost) is chosen for recall on this split
+        recall = RecallOracle(idx, texts, X, gold, ranked) if any(gold) else None
         model = fit_router(X, [r[2] for r in train], signals, embedder=idx.manifest.embedder, seed=seed,
                            folds=folds, source="questions", log=log, recall=recall)
         model.info.update(datasets=[str(p) for p in dataset], holdout=holdout,
@@ -77,7 +77,7 @@ def train_router_cmd(
     model.info["seconds"] = round(time.perf_counter() - t0, 2)
     out = save_router(router_dir(index), model)
     report = {"router": str(out), "classes": model.classes, "threshold": model.threshold, "mix": model.mix,
-              "widen_below": model.widen_below,
+              "domain_boost": model.domain_boost,
               **{k: v for k, v in model.info.items() if k != "trained_ids"}}
     if as_json:
         print(json.dumps(report))

@@ -27,7 +27,7 @@ from expertrag.data.types import Question
 from expertrag.eval.metrics import latency_summary, mean_or_nan, token_f1
 from expertrag.experts.live import DomainMap
 from expertrag.experts.registry import GENERAL, RegistrySnapshot
-from expertrag.experts.router import RouterModel, RoutingSettings, route
+from expertrag.experts.router import RouterModel, RoutingSettings, boost_order, route
 from expertrag.retrieval.index import Index
 from expertrag.retrieval.types import Filters
 
@@ -152,7 +152,7 @@ def evaluate_experts(index: Index, snapshot: RegistrySnapshot, model: RouterMode
     # one global ranking per question: the refining layer's signal and the global retrieval baseline
     depth = max(max(KS), index.config.candidates, settings.depth)
     allowed = index.allowed(None)
-    global_ms, global_ids, hit_doms = [], [], []
+    global_ms, global_ids, hit_doms, global_ranked = [], [], [], []
     for i, q in enumerate(texts):
         t = time.perf_counter()
         sp, de = index.component_rankings([q], depth, allowed, query_vectors=X[i:i + 1])
@@ -160,6 +160,8 @@ def evaluate_experts(index: Index, snapshot: RegistrySnapshot, model: RouterMode
         hits = index.hits([ranked], allowed)[0]
         global_ms.append((time.perf_counter() - t) * 1000)
         global_ids.append(_doc_ids(hits))
+        full = index.fuse(sp[0], de[0], depth, "hybrid")
+        global_ranked.append((full, dmap.domains([r for r, _ in full])))
         hit_doms.append(dmap.domains([r for r, _ in index.fuse(sp[0], de[0], settings.depth, "hybrid")]))
 
     # two-layer router, as the pipeline runs it
@@ -171,7 +173,7 @@ def evaluate_experts(index: Index, snapshot: RegistrySnapshot, model: RouterMode
         top = r.experts[0][0]
         two_pred.append(top.domain or GENERAL)
         layers.append(r.layer)
-        scopes.append(r.scope)
+        scopes.append((r.scope, r.confidence))
         chosen_names.append(r.names)
         n_experts.append(len(r.experts))
         if r.layer == "refine":
@@ -190,7 +192,7 @@ def evaluate_experts(index: Index, snapshot: RegistrySnapshot, model: RouterMode
             "refine_ms_router_only": latency_summary(refine_ms),
             "refine_ms_with_global_search": latency_summary(refine_with_search),
             "multi_expert_share": mean_or_nan([n > 1 for n in n_experts]),
-            "global_scope_share": mean_or_nan([sc == "global" for sc in scopes]), "widen_below": model.widen_below,
+            "scope": "boost" if model.domain_boost is not None else "domain", "domain_boost": model.domain_boost,
             "threshold": model.threshold, "mix": model.mix}),
     ]
     t = time.perf_counter()
@@ -217,13 +219,32 @@ def evaluate_experts(index: Index, snapshot: RegistrySnapshot, model: RouterMode
             ids.append(_doc_ids(hits))
         return ids, ms
 
-    # the pipeline's retrieval: the routed expert's domain, or every partition for an unsure route
-    routed_ids, routed_ms = domain_search([GENERAL if sc == "global" else d for d, sc in
-                                           zip(two_pred, scopes, strict=True)])
+    # the pipeline's retrieval: within the routed expert's domain (hard filter), or (scope "boost") the
+    # global ranking with that domain's hits lifted by the route's confidence
+    filtered_ids, filtered_ms = domain_search(two_pred)
+    routed_ids, routed_ms = filtered_ids, filtered_ms
+    if model.domain_boost is not None:
+        routed_ids, routed_ms = [], []
+        for i, (d, (_, conf)) in enumerate(zip(two_pred, scopes, strict=True)):
+            full, doms = global_ranked[i]
+            t = time.perf_counter()
+            if d in (GENERAL, NONE):
+                picked = full[:max(KS)]
+            else:
+                order = boost_order(np.array([sc for _, sc in full]), doms, d, model.domain_boost * conf)
+                picked = [full[j] for j in order[:max(KS)]]
+            hits = index.hits([picked], allowed)[0]
+            # the boost re-uses the global ranking the pipeline's gate computes anyway: its cost is the
+            # re-ranking and the store look-up (global_ms is the search itself)
+            routed_ms.append((time.perf_counter() - t) * 1000)
+            routed_ids.append(_doc_ids(hits))
     oracle_ids, oracle_ms = domain_search(truth)
     retrieval = {}
-    for name, ids, ms in (("global", global_ids, global_ms), ("routed", routed_ids, routed_ms),
-                          ("oracle_domain", oracle_ids, oracle_ms)):
+    runs = [("global", global_ids, global_ms), ("routed", routed_ids, routed_ms)]
+    if model.domain_boost is not None:
+        runs.append(("routed_filter", filtered_ids, filtered_ms))
+    runs.append(("oracle_domain", oracle_ids, oracle_ms))
+    for name, ids, ms in runs:
         retrieval[name] = {f"recall_at_{k}": mean_or_nan([recall_at(r, q.gold, k) for r, q in
                                                            zip(ids, test, strict=True) if q.gold]) for k in KS}
         retrieval[name]["search_ms"] = latency_summary(ms)
@@ -234,8 +255,8 @@ def evaluate_experts(index: Index, snapshot: RegistrySnapshot, model: RouterMode
     return {"questions": len(test), "domains": domains, "embed_ms_per_question": embed_ms,
             "routers": routers, "retrieval": retrieval, "recall_at_5_per_domain": per_domain_recall,
             "utilisation": {n: c / len(test) for n, c in sorted(utilisation.items())},
-            "predictions": [{"id": q.id, "label": q.label, "fast": f, "two_layer": p, "layer": lay, "scope": sc,
-                             "experts": c} for q, f, p, lay, sc, c in
+            "predictions": [{"id": q.id, "label": q.label, "fast": f, "two_layer": p, "layer": lay,
+                             "confidence": sc[1], "experts": c} for q, f, p, lay, sc, c in
                             zip(test, fast_pred, two_pred, layers, scopes, chosen_names, strict=True)]}
 
 

@@ -9,8 +9,13 @@
    may see (the pipeline's gate computes that ranking anyway): the domains of the top hits, weighted by
    rank, mixed with the fast distribution (`mix`, also cross-validated). It picks one expert, several
    (top-m whose weight reaches `multi_min_weight`), or the general expert when nothing reaches
-   `general_below`. When its top weight is under `widen_below` (cross-validated for retrieval recall),
-   the chosen expert answers but retrieves over every partition: a wrong domain would lose the evidence.
+   `general_below`.
+
+Retrieval scope (`Route.scope`): "domain" filters retrieval to the expert's domain; "boost" (when
+`train router` found it retrieves the training split's gold passages better) re-ranks the caller's global
+ranking, lifting in-domain hits by `domain_boost` x the route's confidence: a confident route reads
+(almost) only its domain, an unsure one keeps strong hits of other domains, so a misroute does not lose
+the evidence outright.
 
 Both layers score domains (GENERAL: passages without one); the top domain is then mapped onto the caller's
 candidate experts (active, and allowed by their access groups). A domain without a candidate expert (none
@@ -47,7 +52,7 @@ FORMAT = "expertrag-router/1"
 class RoutingSettings:
     """Choices of the refining layer that labelled questions of seven domains cannot tune (no question
     there belongs to the general expert, none is meant to go to two experts): fixed, documented defaults.
-    (The one retrieval choice they can tune, `RouterModel.widen_below`, is cross-validated.)"""
+    (The retrieval choice they can tune, `RouterModel.domain_boost`, is cross-validated.)"""
 
     general_below: float = 0.3  # top combined weight under this: the general expert answers
     multi_min_weight: float = 0.35  # a second expert joins when its weight reaches this
@@ -64,10 +69,10 @@ class RouterModel:
     intercept: np.ndarray  # [C]
     threshold: float  # the fast layer settles when its top probability reaches this
     mix: float  # weight of the fast distribution in the refining layer (1 - mix: retrieval's)
-    # refined questions whose top weight is under this keep their expert but retrieve over every partition
-    # the caller may see: a wrong domain loses the gold passage outright. Chosen on the training split's
-    # gold-passage recall@5 (router_train.py); None: always retrieve within the expert's domain
-    widen_below: float | None = None
+    # None: retrieve within the expert's domain (hard filter). A number: re-rank the global ranking with
+    # this boost (RRF units, times the route's confidence) for in-domain hits. Chosen on the training
+    # split's gold-passage recall@5 (router_train.py)
+    domain_boost: float | None = None
     embedder: str = ""
     info: dict[str, Any] = field(default_factory=dict)  # how it was trained, CV figures
     digest: str = ""  # sha256 of the weights file: a changed router changes cache keys
@@ -92,7 +97,8 @@ class Route:
     experts: list[tuple[ExpertRecord, float]]
     layer: str  # "metadata" | "fast" | "refine" | "general-only"
     reason: str
-    scope: str = "domain"  # "domain": each expert retrieves within its domain; "global": over every partition
+    scope: str = "domain"  # "domain": within each expert's domain; "boost": global ranking, in-domain lifted
+    confidence: float = 1.0  # the fast layer's top probability, or the refined top weight
     fast: dict[str, float] = field(default_factory=dict)  # the fast layer's weight per candidate expert
     retrieval: dict[str, float] | None = None  # the top hits' weight per candidate expert (refining only)
     combined: dict[str, float] | None = None
@@ -107,6 +113,7 @@ class Route:
         return {"experts": [{"name": e.name, "version": e.version, "domain": e.domain, "weight": round(w, 4)}
                             for e, w in self.experts],
                 "layer": self.layer, "reason": self.reason, "scope": self.scope,
+                "confidence": round(self.confidence, 4),
                 "fast": {k: round(v, 4) for k, v in self.fast.items()},
                 "retrieval": None if self.retrieval is None else {k: round(v, 4) for k, v in self.retrieval.items()},
                 "combined": None if self.combined is None else {k: round(v, 4) for k, v in self.combined.items()},
@@ -154,7 +161,7 @@ def route(snapshot: RegistrySnapshot, model: RouterModel | None, embedding: np.n
         return Route([(general, 1.0)], "general-only", "no domain expert this caller may use")
     hinted, why_not = _hint(metadata or {}, cands)
     if hinted is not None:
-        return Route([(hinted, 1.0)], "metadata", f"request metadata names {hinted.name}")
+        return Route([(hinted, 1.0)], "metadata", f"request metadata names {hinted.name}", scope=_scope(model))
 
     t = time.perf_counter()
     fast: dict[str, float] = {}  # by domain (GENERAL: passages without one)
@@ -167,7 +174,8 @@ def route(snapshot: RegistrySnapshot, model: RouterModel | None, embedding: np.n
         if fast[top] >= model.threshold:
             expert = expert_for(cands, top)
             return Route([(expert, 1.0)], "fast", why + f"fast layer: {top} {fast[top]:.2f} >= threshold "
-                         f"{model.threshold:.2f}" + _no_expert_note(expert, top), fast=fast, fast_ms=fast_ms)
+                         f"{model.threshold:.2f}" + _no_expert_note(expert, top), scope=_scope(model),
+                         confidence=fast[top], fast=fast, fast_ms=fast_ms)
 
     t = time.perf_counter()
     retrieval: dict[str, float] = {}
@@ -200,13 +208,21 @@ def route(snapshot: RegistrySnapshot, model: RouterModel | None, embedding: np.n
                   + _no_expert_note(chosen[0][0], top))
     total = sum(w for _, w in chosen) or 1.0
     experts = [(e, w / total) for e, w in chosen]
-    scope = "domain"
-    if model is not None and model.widen_below is not None and experts[0][0] is not general \
-            and top_w < model.widen_below:
-        scope = "global"
-        reason += f"; unsure ({top_w:.2f} < {model.widen_below:.2f}): retrieving over every partition"
-    return Route(experts, "refine", why + reason, scope=scope, fast=fast, retrieval=retrieval or None,
-                 combined=combined, fast_ms=fast_ms, refine_ms=(time.perf_counter() - t) * 1000)
+    return Route(experts, "refine", why + reason, scope=_scope(model), confidence=top_w, fast=fast,
+                 retrieval=retrieval or None, combined=combined, fast_ms=fast_ms,
+                 refine_ms=(time.perf_counter() - t) * 1000)
+
+
+def _scope(model: RouterModel | None) -> str:
+    return "boost" if model is not None and model.domain_boost is not None else "domain"
+
+
+def boost_order(scores: np.ndarray, domains: Sequence[str | None], domain: str, boost: float) -> list[int]:
+    """Positions of a fused global ranking re-sorted after adding `boost` to the hits of `domain`
+    (stable: ties keep the ranking's order)."""
+    s = np.asarray(scores, dtype=np.float64) + boost * np.fromiter((d == domain for d in domains), dtype=np.float64,
+                                                                   count=len(domains))
+    return np.argsort(-s, kind="stable").tolist()
 
 
 def expert_for(cands: Sequence[ExpertRecord], domain: str) -> ExpertRecord:
@@ -239,7 +255,7 @@ def save_router(directory: str | Path, model: RouterModel) -> Path:
     digest = sha256_file(directory / WEIGHTS_FILE)
     atomic_write_json(directory / META_FILE, {
         "format": FORMAT, "classes": list(model.classes), "threshold": float(model.threshold),
-        "mix": float(model.mix), "widen_below": model.widen_below, "embedder": model.embedder,
+        "mix": float(model.mix), "domain_boost": model.domain_boost, "embedder": model.embedder,
         "weights_sha256": digest, "info": model.info})
     model.digest = digest
     return directory
@@ -270,7 +286,7 @@ def load_router(directory: str | Path) -> RouterModel | None:
                          path=weights_path)
     return RouterModel(classes=[str(c) for c in meta["classes"]], coef=coef, intercept=intercept,
                        threshold=float(meta["threshold"]), mix=float(meta["mix"]),
-                       widen_below=float(meta["widen_below"]) if meta.get("widen_below") is not None else None,
+                       domain_boost=float(meta["domain_boost"]) if meta.get("domain_boost") is not None else None,
                        embedder=str(meta.get("embedder", "")), info=dict(meta.get("info") or {}),
                        digest=meta["weights_sha256"])
 

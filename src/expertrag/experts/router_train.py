@@ -19,7 +19,7 @@ import numpy as np
 from expertrag.errors import InputError
 from expertrag.experts.live import DomainMap
 from expertrag.experts.registry import GENERAL
-from expertrag.experts.router import RouterModel, RoutingSettings, hit_domain_distribution
+from expertrag.experts.router import RouterModel, RoutingSettings, boost_order, hit_domain_distribution
 from expertrag.retrieval.index import Index
 
 C_GRID = (0.25, 0.5, 1.0, 4.0, 16.0)
@@ -29,42 +29,55 @@ TIE = 0.005  # accuracy within this of the best counts as a tie (then: more fast
 
 
 def global_hit_domains(index: Index, domain_map: DomainMap, questions: Sequence[str], vectors: np.ndarray,
-                       depth: int, mode: str = "hybrid", top_ids: list | None = None) -> list[list[str | None]]:
+                       depth: int, mode: str = "hybrid", ranked_out: list | None = None) -> list[list[str | None]]:
     """Per question, the domains of its top `depth` hits over every public partition (what the pipeline's
-    refining layer sees for an anonymous caller). `top_ids`, when given, receives each question's top-5
-    document ids (for the training split's global recall)."""
+    refining layer sees for an anonymous caller). `ranked_out`, when given, receives per question the
+    fused global ranking at the fusion depth as (document ids, domains, scores): the training split's
+    global recall and the domain-boost replay read it."""
     allowed = index.allowed(None)
     out = []
     batch = 64
+    full = max(depth, index.config.candidates)
     for s in range(0, len(questions), batch):
         qs = list(questions[s:s + batch])
-        sparse, dense = index.component_rankings(qs, max(depth, index.config.candidates), allowed, mode=mode,
-                                                 query_vectors=vectors[s:s + batch])
+        sparse, dense = index.component_rankings(qs, full, allowed, mode=mode, query_vectors=vectors[s:s + batch])
         for sp, de in zip(sparse, dense, strict=True):
-            ranked = index.fuse(sp, de, depth, mode)
-            out.append(domain_map.domains([r for r, _ in ranked]))
-            if top_ids is not None:
-                top_ids.append([h.metadata.get("doc_id", h.id) for h in index.hits([ranked[:5]], allowed)[0]])
+            ranked = index.fuse(sp, de, full, mode)
+            doms = domain_map.domains([r for r, _ in ranked])
+            out.append(doms[:depth])
+            if ranked_out is not None:
+                by_row = {r: p for r, p in index.passages({r for r, _ in ranked}).items()}
+                ranked_out.append(([by_row[r].doc_id if r in by_row else "" for r, _ in ranked], doms,
+                                   np.array([sc for _, sc in ranked], dtype=np.float64)))
     return out
 
 
-WIDEN_BELOW_GRID = (0.0, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.01)  # 1.01: every refined question searches globally
+# domain boost per unit of routing confidence, in RRF units (1/(rrf_k + 1) ~ 0.016 is one retriever's top
+# rank); None = the hard domain filter. 1.0 puts every in-domain hit of the global top-50 first.
+BOOST_GRID = (None, 0.0, 0.002, 0.005, 0.01, 0.02, 0.05, 1.0)
 RECALL_TIE = 0.002
 
 
 class RecallOracle:
-    """Gold-passage recall@5 of the training questions: global (computed up front) and within a domain
-    (searched on demand, cached). Only training questions: the evaluation's never enter here."""
+    """Gold-passage recall@5 of the training questions: globally, with the domain boost (both replayed on
+    the stored global rankings) and within a domain (searched on demand, cached). Only training
+    questions: the evaluation's never enter here."""
 
     def __init__(self, index: Index, texts: Sequence[str], vectors: np.ndarray, gold: Sequence[Sequence[str]],
-                 global_top5: Sequence[Sequence[str]]):
+                 global_ranked: Sequence[tuple[list[str], list[str | None], np.ndarray]]):
         self.index, self.texts, self.vectors, self.gold = index, texts, vectors, [set(g) for g in gold]
-        self.global_recall = np.array([self._recall(i, ids) for i, ids in enumerate(global_top5)])
+        self.ranked = global_ranked
+        self.global_recall = np.array([self._recall(i, ids) for i, (ids, _, _) in enumerate(global_ranked)])
         self._cache: dict[tuple[int, str], float] = {}
 
     def _recall(self, i: int, doc_ids: Sequence[str]) -> float:
         g = self.gold[i]
         return len(g & set(doc_ids[:5])) / len(g) if g else float("nan")
+
+    def boosted(self, i: int, domain: str, boost: float) -> float:
+        ids, doms, scores = self.ranked[i]
+        order = boost_order(scores, doms, domain, boost)
+        return self._recall(i, [ids[j] for j in order[:5]])
 
     def in_domain(self, i: int, domain: str) -> float:
         key = (i, domain)
@@ -79,26 +92,31 @@ class RecallOracle:
         return self._cache[key]
 
 
-def _choose_widen_below(P, classes, y, hit_domains, threshold, mix, settings, recall: RecallOracle, log):
-    """Out-of-fold routes of the training questions, replayed: for each widen_below on the grid, the
-    training recall@5 when refined questions under it search globally (the general expert's questions
-    always do). The best wins; within RECALL_TIE the smaller (more domain-scoped search)."""
-    weight = np.full(len(P), np.inf)  # fast-settled questions always search their domain
-    pred, _ = replay_two_layer(P, classes, y, hit_domains, threshold, mix, settings, weight)
-    has_gold = ~np.isnan(recall.global_recall)
+def _choose_domain_boost(P, classes, y, hit_domains, threshold, mix, settings, recall: RecallOracle, log):
+    """Out-of-fold routes of the training questions, replayed: training recall@5 of the hard domain filter
+    and of each boost on the grid (the general expert's questions search globally in every case). The
+    best wins; within RECALL_TIE the earlier on the grid (the filter first: what the issue asks for)."""
+    conf = np.zeros(len(P))
+    pred, _ = replay_two_layer(P, classes, y, hit_domains, threshold, mix, settings, conf)
+    rows_with_gold = np.flatnonzero(~np.isnan(recall.global_recall))
     rows = []
-    for g in WIDEN_BELOW_GRID:
-        wide = (weight < g) | (pred < 0)
-        r = [recall.global_recall[i] if wide[i] else recall.in_domain(i, classes[pred[i]])
-             for i in np.flatnonzero(has_gold)]
-        rows.append({"widen_below": g, "recall_at_5": float(np.mean(r)), "global_share": float(wide.mean())})
+    for boost in BOOST_GRID:
+        r = []
+        for i in rows_with_gold:
+            if pred[i] < 0 or classes[pred[i]] == GENERAL:
+                r.append(recall.global_recall[i])
+            elif boost is None:
+                r.append(recall.in_domain(i, classes[pred[i]]))
+            else:
+                r.append(recall.boosted(i, classes[pred[i]], boost * conf[i]))
+        rows.append({"domain_boost": boost, "recall_at_5": float(np.mean(r))})
         if log:
-            log(f"  widen_below={g:.2f}: training recall@5 {rows[-1]['recall_at_5']:.4f}, searched globally "
-                f"{rows[-1]['global_share']:.3f}")
+            log(f"  domain {'filter' if boost is None else f'boost {boost:g}'}: training recall@5 "
+                f"{rows[-1]['recall_at_5']:.4f}")
     best = max(r["recall_at_5"] for r in rows)
-    chosen = min((r for r in rows if r["recall_at_5"] >= best - RECALL_TIE), key=lambda r: r["widen_below"])
-    return chosen["widen_below"], {"chosen": chosen, "grid": rows,
-                                   "global_recall_at_5": float(np.nanmean(recall.global_recall))}
+    chosen = next(r for r in rows if r["recall_at_5"] >= best - RECALL_TIE)
+    return chosen["domain_boost"], {"chosen": chosen, "grid": rows,
+                                    "global_recall_at_5": float(np.nanmean(recall.global_recall))}
 
 
 @dataclass
@@ -114,7 +132,8 @@ def replay_two_layer(P: np.ndarray, classes: Sequence[str], y: np.ndarray, hit_d
                      top_weight: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """The router's rule (route()) for every question with one expert per class: (predicted class index,
     -1 for general; settled-fast flags). Used for CV here and mirrored by route() itself. `top_weight`,
-    when given, receives each refined question's top combined weight (the general_below and widen_below tests read it)."""
+    when given, receives each question's routing confidence (Route.confidence: the fast layer's top
+    probability, or the refined top weight)."""
     k = len(classes)
     col = {c: i for i, c in enumerate(classes)}
     general = col.get(GENERAL, -1)  # the general expert's class, when it was trained as one (passages)
@@ -124,6 +143,8 @@ def replay_two_layer(P: np.ndarray, classes: Sequence[str], y: np.ndarray, hit_d
         top = int(p.argmax())
         if p[top] >= threshold:
             pred[i], fast[i] = top, True
+            if top_weight is not None:
+                top_weight[i] = p[top]
             continue
         ret = np.zeros(k + 1)  # last column: the general expert (domains without an expert)
         for d, w in hit_domain_distribution(list(hit_domains[i]), settings.depth).items():
@@ -157,8 +178,8 @@ def fit_router(X: np.ndarray, labels: Sequence[str], hit_domains: Sequence[Seque
     hit_domains: per training question, its global top hits' domains (None: no refining signal, then the
     threshold is the lowest whose out-of-fold fast accuracy reaches 0.95 and mix is 0.5).
     recall: gold-passage recall@5 of training questions, globally and within a domain; with it (and
-    hit_domains) widen_below is chosen too: the value whose replayed routes retrieve the training
-    questions' gold passages best (unsure questions searched globally, the rest in their domain)."""
+    hit_domains) the retrieval scope is chosen too: the hard domain filter or a confidence-weighted boost of
+    in-domain hits in the global ranking, whichever retrieves the training questions' gold passages best."""
     from sklearn.model_selection import StratifiedKFold
 
     X = np.asarray(X, dtype=np.float32)
@@ -183,7 +204,7 @@ def fit_router(X: np.ndarray, labels: Sequence[str], hit_domains: Sequence[Seque
         if best is None or acc > best[1] + 1e-9:
             best = (C, acc, P)
     C, fast_acc, P = best
-    widen_below = None
+    domain_boost = None
     grid: list[TwoLayerReplay] = []
     if hit_domains is not None:
         for t in THRESHOLD_GRID:
@@ -196,8 +217,8 @@ def fit_router(X: np.ndarray, labels: Sequence[str], hit_domains: Sequence[Seque
         cv = {"two_layer_accuracy": chosen.accuracy, "fast_share": chosen.fast_share,
               "best_two_layer_accuracy": top}
         if recall is not None:
-            widen_below, cv["widen_below"] = _choose_widen_below(P, classes, y, hit_domains, threshold, mix,
-                                                                settings, recall, log)
+            domain_boost, cv["domain_boost"] = _choose_domain_boost(P, classes, y, hit_domains, threshold, mix,
+                                                                   settings, recall, log)
     else:
         threshold, mix = 1.01, 0.5
         conf = P.max(1)
@@ -213,7 +234,7 @@ def fit_router(X: np.ndarray, labels: Sequence[str], hit_domains: Sequence[Seque
     return RouterModel(classes=classes, coef=model.coef_.astype(np.float32),
                        intercept=model.intercept_.astype(np.float32), threshold=float(threshold), mix=float(mix),
                        embedder=embedder, info=info,
-                       widen_below=widen_below)
+                       domain_boost=domain_boost)
 
 
 def passage_training_set(index: Index, per_domain: int = 400, seed: int = 0) -> tuple[np.ndarray, list[str]]:

@@ -23,7 +23,7 @@ from expertrag.errors import ExpertRAGError, InputError
 from expertrag.experts.fusion import ExpertCandidate, fuse
 from expertrag.experts.live import DomainMap, ExpertState, LiveExperts
 from expertrag.experts.registry import ExpertRecord
-from expertrag.experts.router import Route, RoutingSettings, route
+from expertrag.experts.router import Route, RoutingSettings, boost_order, route
 from expertrag.gate.features import query_features
 from expertrag.gate.policies.base import Policy
 from expertrag.gate.requirements import check_policy
@@ -396,17 +396,21 @@ class ExpertRAG:
         for b in jobs:
             cfg = _expert_config(job.config, b.expert)
             b.config = cfg
-            # the general expert, or an unsure route (scope "global"), searches everything the caller may see
-            domain = b.expert.domain if job.route.scope == "domain" else None
-            if domain is None and cfg is job.config:
-                ectx, f = ctx, filters  # what the gate already ranked
+            domain = b.expert.domain
+            if domain is not None and job.route.scope == "boost" and cfg.search_mode == "hybrid":
+                # the caller's global ranking (the gate's), in-domain hits lifted by the route's confidence
+                b.hits = self._boosted_hits(ctx, domain, job.state.router.domain_boost * job.route.confidence,
+                                            cfg.k)
             else:
-                f = Filters(domains=(domain,) if domain is not None else None,
-                            groups=filters.groups, all_groups=filters.all_groups)
-                ectx = PipelineGateContext(self, job.question, ctx.metadata, f, cfg)
-                ectx._embedding = ctx.query_embedding()  # one embedding per question, whatever the experts
-            b.hits, cached = self._retrieve(ectx, job.question, f, cfg)
-            cached_any = cached_any or cached
+                if domain is None and cfg is job.config:
+                    ectx, f = ctx, filters  # the general expert: what the gate already ranked
+                else:
+                    f = Filters(domains=(domain,) if domain is not None else None,
+                                groups=filters.groups, all_groups=filters.all_groups)
+                    ectx = PipelineGateContext(self, job.question, ctx.metadata, f, cfg)
+                    ectx._embedding = ctx.query_embedding()  # one embedding per question, whatever the experts
+                b.hits, cached = self._retrieve(ectx, job.question, f, cfg)
+                cached_any = cached_any or cached
             b.messages = self._with_prompt(
                 closed_book_messages(job.question) if cfg.fusion == "expert" and has_retrieval_expert(self.generator)
                 else open_book_messages(job.question, b.hits, cfg.passage_max_chars), b.expert)
@@ -415,6 +419,13 @@ class ExpertRAG:
             job.timings.cache = "retrieval"
         if len(jobs) > 1:
             job.branches = jobs
+
+    def _boosted_hits(self, ctx: PipelineGateContext, domain: str, boost: float, k: int) -> list[Hit]:
+        bm25, dense = ctx.rankings()
+        ranked = self.index.fuse(bm25, dense, max(k, self.index.config.candidates), "hybrid")
+        doms = self._domain_map.domains([r for r, _ in ranked])
+        order = boost_order(np.array([sc for _, sc in ranked]), doms, domain, boost)
+        return self.index.hits([[ranked[j] for j in order[:k]]], ctx._allowed)[0]
 
     @staticmethod
     def _with_prompt(messages: list[dict[str, str]], expert: ExpertRecord | None) -> list[dict[str, str]]:
