@@ -499,3 +499,17 @@ def test_boost_scope_lifts_in_domain_hits_of_the_global_ranking(index_dir, embed
     b = rag.answer("How do I make risotto creamy?", metadata={"domain": "law"})
     glob = rag.index.search("How do I make risotto creamy?", 2)
     assert [p["id"] for p in b.passages] == [h.id for h in glob]
+
+
+def test_a_router_caught_mid_write_keeps_the_previous_one(index_dir, embedder):
+    from expertrag.experts.router import WEIGHTS_FILE, RouterFile
+
+    _train_router(index_dir, embedder)
+    live = RouterFile(index_dir)
+    before = live.current()
+    assert before is not None
+    # the weights of a new training run are in place, its JSON not yet: a mismatch for a moment
+    np.savez(router_dir(index_dir) / WEIGHTS_FILE, coef=before.coef * 2, intercept=before.intercept)
+    assert live.current() is before
+    with pytest.raises(InputError, match="not the ones router.json names"):
+        RouterFile(index_dir).current()  # a reader with no previous router says what is wrong

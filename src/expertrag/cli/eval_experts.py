@@ -90,8 +90,9 @@ def eval_experts_cmd(
     if answers:
         from expertrag.pipeline.build import load_pipeline
 
-        routed = load_pipeline(index, config, generator=generator)
-        plain = load_pipeline(index, config, generator=generator)
+        # policy "always": the comparison is of evidence (routed vs global), so every question retrieves
+        routed = load_pipeline(index, config, "always", generator=generator)
+        plain = load_pipeline(index, config, "always", generator=generator)
         plain.experts = None  # the same pipeline without routing: one global index
         sample = select_questions(test, answers, seed, "answers")
         result["answers"] = er.answer_quality(routed, plain, sample)

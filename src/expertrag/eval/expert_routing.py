@@ -203,9 +203,15 @@ def evaluate_experts(index: Index, snapshot: RegistrySnapshot, model: RouterMode
         "neighbours": 10, "train_questions": len(train), "ms_total_incl_train_embedding": knn_ms}))
     if llm is not None and llm_limit > 0:
         n = min(llm_limit, len(test))
-        llm_pred, llm_ms = llm(texts[:n], domains)
-        routers.append(routing_summary("llm", truth[:n], llm_pred, domains, {"ms": latency_summary(llm_ms),
-                                                                             "sample": n}))
+        # a seeded sample across the files (their order groups questions by domain)
+        pick = np.random.default_rng(0).permutation(len(test))[:n].tolist()
+        llm_pred, llm_ms = llm([texts[i] for i in pick], domains)
+        sample_truth = [truth[i] for i in pick]
+        sample_two = [two_pred[i] for i in pick]
+        routers.append(routing_summary("llm", sample_truth, llm_pred, domains, {
+            "ms": latency_summary(llm_ms), "sample": n,
+            "two_layer_accuracy_same_sample": mean_or_nan([a == b for a, b in zip(sample_truth, sample_two,
+                                                                                  strict=True)])}))
         log(f"llm baseline on {n} questions: {routers[-1]['accuracy']:.3f}")
 
     # retrieval within the routed domain vs global (and the true domain, the ceiling)

@@ -313,5 +313,13 @@ class RouterFile:
     def current(self) -> RouterModel | None:
         sig = self._signature()
         if sig != self._sig:
-            self._model, self._sig = load_router(self.dir), sig
+            try:
+                model = load_router(self.dir)
+            except InputError:
+                # `train router` writes the weights, then the JSON naming them: between the two a reader
+                # sees a mismatch. Keep answering with the router we had and look again next question.
+                if self._model is not None:
+                    return self._model
+                raise
+            self._model, self._sig = model, sig
         return self._model
