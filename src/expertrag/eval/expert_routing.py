@@ -99,7 +99,7 @@ def llm_predict(generator: Any, questions: Sequence[str], domains: Sequence[str]
     for q in questions:
         msgs = [{"role": "user", "content": LLM_PROMPT.format(domains=", ".join(domains), question=q)}]
         t = time.perf_counter()
-        g = generator.generate(msgs, max_new_tokens=6, stop=["\n"])
+        g = generator.generate(msgs, max_new_tokens=24, stop=["\n"])  # it tends to open with a preamble
         ms.append((time.perf_counter() - t) * 1000)
         m = pat.search(g.text)
         preds.append(m.group(1).lower() if m else NONE)
