@@ -513,3 +513,17 @@ def test_a_router_caught_mid_write_keeps_the_previous_one(index_dir, embedder):
     assert live.current() is before
     with pytest.raises(InputError, match="not the ones router.json names"):
         RouterFile(index_dir).current()  # a reader with no previous router says what is wrong
+
+
+def test_passage_router_reads_int8_vectors_of_an_onnx_index(tmp_path):
+    # vectors of an onnx-int8 index are stored under their own key: the passage fallback must find them
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnx")
+    from expertrag.experts.router_train import passage_training_set
+    from expertrag.retrieval.config import RetrievalConfig
+
+    out = tmp_path / "int8"
+    cfg = RetrievalConfig(embed_backend="onnx-int8")
+    build_index(out, _docs(), retrieval=cfg, progress=False)
+    X, labels = passage_training_set(Index(out, cfg), per_domain=3)
+    assert X.shape == (12, 384) and sorted(set(labels)) == ["astronomy", "cooking", "general", "law"]

@@ -249,8 +249,11 @@ def passage_training_set(index: Index, per_domain: int = 400, seed: int = 0) -> 
             picks[code] = rng.choice(rows, size=min(per_domain, len(rows)), replace=False)
     wanted = {int(r): c for c, rows in picks.items() for r in rows.tolist()}
     X, y = [], []
-    for rowids, vecs in index.store.iter_live_vectors(index.generation, index.manifest.embedder,
-                                                      index.manifest.embedding_dim):
+    from expertrag.retrieval.embedder import vector_cache_key
+
+    # stored vectors are keyed by model and vector family (int8 apart from fp32): the backend that built them
+    key = vector_cache_key(index.manifest.embedder, index.manifest.extra.get("embed_backend") or "torch")
+    for rowids, vecs in index.store.iter_live_vectors(index.generation, key, index.manifest.embedding_dim):
         for r, v in zip(rowids.tolist(), vecs, strict=True):
             c = wanted.get(int(r))
             if c is not None:
