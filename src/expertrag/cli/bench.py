@@ -97,7 +97,8 @@ def bench_generate(
     prompts: int = typer.Option(4, help="number of prompts"),
     as_json: bool = typer.Option(False, "--json", help="print the result as JSON on the last line"),
     backends: str | None = typer.Option(None, "--backends",
-                                        help="compare generator backends instead, e.g. native,transformers: "
+                                        help="compare generator backends instead, e.g. native,transformers,llamacpp,"
+                                             "llamacpp:q8_0: "
                                              "closed-book and 5-passage prompts, 24 tokens, per phase"),
     threads: str = typer.Option("1,2", "--threads", help="with --backends: torch thread counts to measure"),
     rounds: int = typer.Option(3, "--rounds", min=1, help="with --backends: timed rounds"),
@@ -114,10 +115,17 @@ def bench_generate(
     from expertrag.config import ExpertRAGConfig
     from expertrag.errors import InputError
     from expertrag.model.backend import BACKENDS
+    from expertrag.model.llamacpp_backend import GGUF_TYPES
 
     names = [b.strip() for b in backends.split(",") if b.strip()]
-    if not names or any(b not in BACKENDS for b in names):
-        raise InputError(f"--backends {backends!r}: give a comma-separated subset of {', '.join(BACKENDS)}")
+
+    def known(name: str) -> bool:  # `llamacpp:q8_0` names a re-encoding of the GGUF
+        kind, _, gguf_type = name.partition(":")
+        return kind in BACKENDS and (not gguf_type or (kind == "llamacpp" and gguf_type in GGUF_TYPES))
+
+    if not names or not all(known(b) for b in names):
+        raise InputError(f"--backends {backends!r}: give a comma-separated subset of {', '.join(BACKENDS)} "
+                         f"(llamacpp may carry a file type: {', '.join('llamacpp:' + t for t in GGUF_TYPES)})")
     try:
         counts = [int(t) for t in threads.split(",") if t.strip()]
     except ValueError:

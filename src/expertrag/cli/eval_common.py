@@ -67,7 +67,7 @@ def read_label_files(paths: list[Path]) -> dict[str, Any]:
     return out
 
 
-BACKEND_HELP = "generator backend: native | transformers | openai (overrides model.backend)"
+BACKEND_HELP = "generator backend: native | transformers | llamacpp | openai (overrides model.backend)"
 
 
 def with_backend(config: ExpertRAGConfig, backend: str | None) -> ExpertRAGConfig:

@@ -52,6 +52,10 @@ def load_generator(config: PipelineSettings) -> Generator:
         from expertrag.model.hf_backend import TransformersGenerator
 
         return TransformersGenerator.from_config(config.model)
+    if backend == "llamacpp":
+        from expertrag.model.llamacpp_backend import LlamaCppGenerator
+
+        return LlamaCppGenerator.from_config(config.model)
     if backend == "openai":
         from expertrag.model.openai_backend import OpenAIGenerator
 
