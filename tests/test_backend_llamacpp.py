@@ -78,7 +78,11 @@ def test_continuation_equals_one_call_and_survives_another_prompt(gen):
     gen.generate("Something else entirely", max_new_tokens=2, stop=[])  # the context now holds other tokens
     rest = gen.generate(state=draft.state, max_new_tokens=3, stop=[])
     assert draft.token_ids + rest.token_ids == full.token_ids
-    assert rest.prompt_tokens >= 1
+    assert rest.prompt_tokens == 1  # the draft's KV cells were put back, not recomputed
+    draft.state.kv = None  # without them, the prompt is recomputed to the same tokens
+    gen.generate("Something else entirely", max_new_tokens=2, stop=[])
+    slow = gen.generate(state=draft.state, max_new_tokens=3, stop=[])
+    assert slow.token_ids == rest.token_ids and slow.prompt_tokens == len(draft.state.tokens)
     # continuing right away reuses the cache: only the pending token is evaluated
     again = gen.generate(closed_book_messages(Q), max_new_tokens=3, stop=[])
     more = gen.generate(state=again.state, max_new_tokens=2, stop=[])

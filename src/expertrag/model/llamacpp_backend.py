@@ -11,16 +11,19 @@ floats), so log-probs and entropies are of the model's whole distribution, as on
 
 One context holds one sequence. A new prompt reuses the longest prefix of tokens already in the KV cache
 (the system prompt and chat preamble of the previous question, or the probe's draft when the pipeline
-continues it), so a continued `state` costs nothing when nothing ran in between and a recompute of the
-tokens not cached otherwise. Not batched: llama.cpp's batch API needs one sequence id per row and a
+continues it). A generation that may be continued (it ended on its length) also keeps a copy of its KV
+cells (llama.cpp's per-sequence state, ~22 KB a token for SmolLM2): when other prompts ran in between, as
+when the service probes several questions before continuing one, the copy is put back instead of
+recomputing the prompt. Not batched: llama.cpp's batch API needs one sequence id per row and a
 shared KV budget; the pipeline answers rows one by one here.
 """
 
 from __future__ import annotations
 
+import ctypes
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +63,7 @@ class LlamaCppState:
 
     tokens: list[int]
     ended: str | None = None  # "eos" / "stop" once generation ended
+    kv: bytes | None = field(default=None, repr=False)  # the KV cells of tokens[:-1] (llama.cpp seq 0 state)
 
 
 def converted_gguf(source: Path, gguf_type: str) -> Path:
@@ -94,7 +98,7 @@ class LlamaCppGenerator:
 
     def __init__(self, path: str | Path, cfg: GenerationConfig | None = None, *, n_ctx: int = 4096,
                  threads: int | None = None, name: str | None = None):
-        lc = _llama_cpp()
+        self._lc = lc = _llama_cpp()
         path = Path(path)
         if not path.is_file():
             raise ExpertRAGError(f"model.path {path}: no such GGUF file")
@@ -203,23 +207,51 @@ class LlamaCppGenerator:
         if len(tokens) + max_new > self.llm.n_ctx():
             raise ExpertRAGError(f"prompt of {len(tokens)} tokens + {max_new} new exceeds the context window "
                                  f"of {self.llm.n_ctx()} tokens")
-        fed = self._feed(tokens)
+        fed = self._feed(tokens, state)
         return self._decode(tokens, fed, max_new, stops, temperature, top_p, seed, on_token)
 
-    def _feed(self, tokens: list[int]) -> int:
-        """Bring the context to `tokens`: keep the longest cached prefix, evaluate the rest (at least the
-        last token, whose logits the first step reads). Returns the number of tokens evaluated."""
+    def _cached_prefix(self, tokens: list[int]) -> int:
+        """How many leading `tokens` the context's KV cache already holds (at most all but the last)."""
         llm = self.llm
-        cached = llm.n_tokens
-        same = 0
-        if cached:
-            have = llm.input_ids[:cached]
-            n = min(cached, len(tokens) - 1)
-            diff = np.flatnonzero(have[:n] != np.asarray(tokens[:n], dtype=have.dtype))
-            same = int(diff[0]) if diff.size else n
+        n = min(llm.n_tokens, len(tokens) - 1)
+        if n <= 0:
+            return 0
+        diff = np.flatnonzero(llm.input_ids[:n] != np.asarray(tokens[:n], dtype=llm.input_ids.dtype))
+        return int(diff[0]) if diff.size else n
+
+    def _feed(self, tokens: list[int], state: LlamaCppState | None) -> int:
+        """Bring the context to `tokens`: keep the longest cached prefix (or put a continued state's KV
+        cells back), evaluate the rest (at least the last token, whose logits the first step reads).
+        Returns the number of tokens evaluated."""
+        llm = self.llm
+        same = self._cached_prefix(tokens)
+        if state is not None and state.kv is not None and same < len(state.tokens) - 1:
+            same = len(state.tokens) - 1 if self._restore(state) else 0
         llm.n_tokens = same  # eval drops the KV cells from here on
         llm.eval(tokens[same:])
         return len(tokens) - same
+
+    def _snapshot(self) -> bytes | None:
+        """A copy of sequence 0's KV cells (what the context holds now)."""
+        lc, ctx = self._lc, self.llm._ctx.ctx
+        size = lc.llama_state_seq_get_size(ctx, 0)
+        buf = (ctypes.c_uint8 * size)()
+        n = lc.llama_state_seq_get_data(ctx, buf, size, 0)
+        return ctypes.string_at(buf, n) if 0 < n <= size else None
+
+    def _restore(self, state: LlamaCppState) -> bool:
+        """Put `state`'s KV cells back into sequence 0; False when llama.cpp refuses them (the context is
+        then empty and the caller recomputes)."""
+        lc, llm, kv = self._lc, self.llm, state.kv
+        assert kv is not None
+        buf = (ctypes.c_uint8 * len(kv)).from_buffer_copy(kv)
+        if lc.llama_state_seq_set_data(llm._ctx.ctx, buf, len(kv), 0) != len(kv):
+            llm.reset()
+            return False
+        n = len(state.tokens) - 1
+        llm.input_ids[:n] = state.tokens[:n]
+        llm.n_tokens = n
+        return True
 
     def _logits(self) -> np.ndarray:
         """The last evaluated position's logits (float32 copy: the buffer is reused by the next eval)."""
@@ -257,7 +289,8 @@ class LlamaCppGenerator:
                 on_token(TokenEvent(0, t, piece, logprobs[-1], entropies[-1]))
             if finished:
                 break
-        state = LlamaCppState([*tokens, *ids], finished)
+        # only a generation cut by its length can be continued: keep its KV cells for that
+        state = LlamaCppState([*tokens, *ids], finished, self._snapshot() if finished is None else None)
         return Generation(text=text, token_ids=ids, logprobs=logprobs, entropies=entropies, state=state,
                           prompt_tokens=fed if fed else len(tokens), finish_reason=finished or "length")
 
