@@ -113,6 +113,7 @@ class LlamaCppGenerator:
         self.n_vocab = self.llm.n_vocab()
         meta = self.llm.metadata or {}
         self._template = meta.get("tokenizer.chat_template")
+        self._compiled: Any = None
         self._add_bos = meta.get("tokenizer.ggml.add_bos_token", "false") == "true"
         self._eos = {self.llm.token_eos()}
         eot = getattr(self.llm._model, "token_eot", None)  # end of turn, where the vocabulary has one
@@ -153,15 +154,17 @@ class LlamaCppGenerator:
             messages = [{"role": "system", "content": sp}, *messages]
         if not self._template:
             raise ExpertRAGError(f"model {self.capabilities.model}: its GGUF has no chat template")
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
+        if self._compiled is None:  # compiling the template costs ~20 ms: once
+            from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-        def raise_exception(msg: str) -> None:
-            raise ExpertRAGError(f"model {self.capabilities.model}: chat template: {msg}")
+            def raise_exception(msg: str) -> None:
+                raise ExpertRAGError(f"model {self.capabilities.model}: chat template: {msg}")
 
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-        env.globals["raise_exception"] = raise_exception
+            env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+            env.globals["raise_exception"] = raise_exception
+            self._compiled = env.from_string(self._template)
         tok = self.llm._model
-        return env.from_string(self._template).render(
+        return self._compiled.render(
             messages=messages, add_generation_prompt=True,
             bos_token=_piece(tok, self.llm.token_bos()), eos_token=_piece(tok, self.llm.token_eos()))
 
@@ -269,11 +272,11 @@ class LlamaCppGenerator:
             if step:
                 self.llm.eval([ids[-1]])
             logits = self._logits()
-            logp = _log_softmax(logits)
             t = _sample(logits, temperature, top_p, rng) if rng is not None else int(np.argmax(logits))
+            lp, ent = _logprob_entropy(logits, t)
             ids.append(t)
-            logprobs.append(float(logp[t]))
-            entropies.append(float(-(np.exp(logp) * logp).sum()))
+            logprobs.append(lp)
+            entropies.append(ent)
             full = self.decode(ids)
             cut = min((i for i in (full.find(s) for s in stops) if i >= 0), default=-1)
             if cut >= 0:
@@ -310,10 +313,14 @@ def _piece(model: Any, token: int) -> str:
     return model.token_to_piece(token, special=True).decode("utf-8", errors="replace")
 
 
-def _log_softmax(x: np.ndarray) -> np.ndarray:
-    m = x.max()
-    z = x - m
-    return z - np.log(np.exp(z).sum())
+def _logprob_entropy(logits: np.ndarray, token: int) -> tuple[float, float]:
+    """log p(token) and the entropy (nats) of softmax(logits), with one exp over the vocabulary
+    (this runs once per generated token: log Z - E[z] with z = logits - max)."""
+    z = logits - logits.max()
+    e = np.exp(z)
+    total = float(e.sum())
+    log_z = float(np.log(total))
+    return float(z[token]) - log_z, log_z - float(np.dot(e, z)) / total
 
 
 def _sample(logits: np.ndarray, temperature: float, top_p: float, rng: np.random.Generator) -> int:
