@@ -154,3 +154,32 @@ def test_cli_ask_with_the_backend_override(tmp_path):
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout.strip().splitlines()[-1])
     assert out["retrieved"] and out["text"]
+
+
+def test_long_prompts_go_to_the_long_prompt_engine(tmp_path):
+    """model.long_prompt_backend: a 5-passage prompt runs on our decoder, a closed-book one on llama.cpp; each
+    continuation returns to the engine that made it; capabilities are what both give."""
+    from expertrag.gate.policies import FlarePolicy, make_policy
+    from expertrag.retrieval import Index, build_index
+
+    g = load_generator(PipelineSections(model=ModelConfig(backend="llamacpp", threads=1, long_prompt_backend="native",
+                                                          long_prompt_tokens=60)))
+    caps = g.capabilities
+    assert caps.backend == "llamacpp+native" and caps.entropy == "full" and not caps.hidden_states
+    assert not caps.batched and caps.continuation
+    short = g.generate(closed_book_messages(Q), max_new_tokens=3, stop=[])
+    assert g.routed == {"short": 1, "long": 0}
+    long_prompt = closed_book_messages(" ".join(["Paris is the capital of France."] * 10) + " " + Q)
+    g.generate(long_prompt, max_new_tokens=3, stop=[])
+    assert g.routed == {"short": 1, "long": 1}
+    g.generate(state=short.state, max_new_tokens=2, stop=[])
+    assert g.routed == {"short": 2, "long": 1}
+    build_index(tmp_path / "idx", DOCS, progress=False)
+    cfg = PipelineConfig(k=2, max_new_tokens=4, probe_tokens=2, answer_cache_size=0, retrieval_cache_size=0,
+                         abstain_below=0.0, stop=[])
+    index = Index(tmp_path / "idx")
+    a = ExpertRAG(index, g, make_policy("always"), cfg, "always").answer(Q)
+    b = ExpertRAG(index, g, FlarePolicy(theta=0.0), cfg, "flare").answer(Q)
+    assert a.retrieved and not b.retrieved and len(b.token_ids) == 4
+    with pytest.raises(ExpertRAGError, match="long_prompt_backend needs model.backend: llamacpp"):
+        load_generator(PipelineSections(model=ModelConfig(backend="native", long_prompt_backend="native")))

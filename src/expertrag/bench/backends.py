@@ -11,7 +11,8 @@ process holds every backend, so per-backend peaks are upper bounds of their own.
 compared token for token with the native backend's.
 
 A backend may be named with a llama.cpp file type, `llamacpp:q8_0` (see `model.gguf_type`), to compare
-re-encodings of the same GGUF. llama.cpp reuses the cached prefix of the previous prompt, which would make
+re-encodings of the same GGUF, and with an engine for long prompts, `llamacpp:q8_0+native`
+(`model.long_prompt_backend`: the 5-passage prompt runs there, the closed-book one on llama.cpp). llama.cpp reuses the cached prefix of the previous prompt, which would make
 repeated prompts free: its cache is dropped before every timed call, so each pays its full prefill as the
 other backends do. For llamacpp the run also times llama-cpp-python's own `create_completion` on the same
 tokens (greedy, same length): `overhead_vs_raw` is our call's time over the library's.
@@ -40,6 +41,19 @@ HITS = [Hit(f"p{n}", f"Eiffel Tower ({n})", _PASSAGE.format(n=n), 1.0 / n) for n
 NEW_TOKENS = 24
 
 
+def backend_update(name: str) -> dict[str, Any]:
+    """`native`, `llamacpp:q8_0` (a llama.cpp file type) or `llamacpp:q8_0+native` (long prompts to native:
+    model.long_prompt_backend) -> the model-section fields that name it."""
+    engine, _, long = name.partition("+")
+    kind, _, gguf_type = engine.partition(":")
+    update: dict[str, Any] = {"backend": kind}
+    if gguf_type:
+        update["gguf_type"] = gguf_type
+    if long:
+        update["long_prompt_backend"] = long
+    return update
+
+
 def _rss_mb(field: str = "VmRSS") -> float | None:
     try:
         with open("/proc/self/status", encoding="ascii") as f:
@@ -63,10 +77,7 @@ def run(backends: Sequence[str], threads: Sequence[int] = (1, 2), rounds: int = 
     rss: dict[str, float | None] = {}
     for name in backends:
         before = _rss_mb()
-        kind, _, gguf_type = name.partition(":")
-        update: dict[str, Any] = {"backend": kind}
-        if gguf_type:
-            update["gguf_type"] = gguf_type
+        update = backend_update(name)
         model = base.model.model_copy(update=update)
         gens[name] = load_generator(PipelineSections(base.retrieval, model, base.gate, base.pipeline))
         after = _rss_mb()

@@ -34,6 +34,10 @@ class ModelConfig(BaseModel):
         "as-is", description="llamacpp backend: re-encode the GGUF once into this llama.cpp type (cached); as-is = "
                              "read the file itself")
     threads: int | None = Field(None, ge=1, description="llamacpp backend: CPU threads (null = torch's count)")
+    long_prompt_backend: Literal["native", "transformers"] | None = Field(
+        None, description="llamacpp backend: the engine for prompts of at least long_prompt_tokens tokens (fast "
+                          "prefill), e.g. native; null = llamacpp answers every prompt (model.length_routed)")
+    long_prompt_tokens: int = Field(256, ge=1, description="with long_prompt_backend: where a prompt counts as long")
     base_url: str | None = Field(None, description="openai backend: server URL, e.g. http://127.0.0.1:8000/v1")
     name: str | None = Field(None, description="openai backend: the served model's name")
     api_key_env: str | None = Field(None, description="openai backend: env var holding the API key (null = none)")
