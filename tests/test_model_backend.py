@@ -61,3 +61,20 @@ def test_openai_backend_needs_its_settings(monkeypatch):
     with pytest.raises(ExpertRAGError, match="EXPERTRAG_TEST_NO_SUCH_KEY, which is not set"):
         OpenAIGenerator.from_config(ModelConfig(backend="openai", base_url="http://127.0.0.1:9/v1", name="m",
                                                 api_key_env="EXPERTRAG_TEST_NO_SUCH_KEY"))
+
+
+def test_auto_backend_resolves_to_what_is_installed():
+    """`model.backend: auto` is llama.cpp with long prompts on native where llama-cpp-python imports, else
+    native; a named backend or a native-only setting (an MoE checkpoint) is left to native."""
+    from expertrag.model import llamacpp_backend
+    from expertrag.model.auto_backend import describe, resolve
+    from expertrag.model.config import ModelConfig
+
+    auto = resolve(ModelConfig(backend="auto"))
+    if llamacpp_backend.available():
+        assert auto.backend == "llamacpp" and auto.long_prompt_backend == "native"
+        assert describe(ModelConfig(backend="auto")).startswith("llamacpp (the packaged GGUF")
+    else:
+        assert auto.backend == "native" and "make llamacpp" in describe(ModelConfig(backend="auto"))
+    assert resolve(ModelConfig(backend="auto", checkpoint="runs/moe")).backend == "native"
+    assert resolve(ModelConfig(backend="transformers")).backend == "transformers"

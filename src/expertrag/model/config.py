@@ -27,7 +27,8 @@ class ModelConfig(BaseModel):
     `api_key_env`)."""
 
     model_config = ConfigDict(extra="forbid")
-    backend: Literal["native", "transformers", "llamacpp", "openai"] = Field("native", description="generator backend")
+    backend: Literal["native", "transformers", "llamacpp", "openai", "auto"] = Field(
+        "native", description="generator backend; auto = the fastest one installed (model.auto_backend)")
     path: str | None = Field(None, description="transformers backend: a local model folder; llamacpp: a .gguf file "
                                                 "(null = the base)")
     gguf_type: Literal["as-is", "q8_0", "f16", "f32", "q4_1"] = Field(

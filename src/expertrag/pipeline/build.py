@@ -49,7 +49,9 @@ class PipelineSections:
 def load_generator(config: PipelineSettings) -> Generator:
     """The generator `config.model.backend` names (see ModelConfig); with `model.long_prompt_backend`, long
     prompts go to that engine and short ones to `backend` (model.length_routed)."""
-    cfg = config.model
+    from expertrag.model.auto_backend import resolve
+
+    cfg = resolve(config.model)
     if cfg.long_prompt_backend is None:
         return _one_generator(cfg)
     if cfg.backend != "llamacpp":
