@@ -45,7 +45,9 @@ def test_model_config_names_the_backend_and_its_settings():
     cfg = ModelConfig(backend="openai", base_url="http://127.0.0.1:8000/v1", name="m", api_key_env="KEY")
     assert cfg.timeout_s > 0 and cfg.retries >= 0 and cfg.top_logprobs == 5
     with pytest.raises(ValidationError):
-        ModelConfig(backend="llamacpp")  # not built yet: refused, not silently native
+        ModelConfig(backend="llama.cpp")  # a misspelt backend is refused, not silently native
+    with pytest.raises(ValidationError):
+        ModelConfig(backend="llamacpp", gguf_type="q5_k")  # a file type we do not offer
     with pytest.raises(ValidationError):
         ModelConfig(top_logprobs=21)  # OpenAI's limit is 20
 
