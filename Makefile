@@ -6,7 +6,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: demo test lint bench browser clean-venv
+.PHONY: demo test lint bench browser llamacpp clean-venv
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -23,6 +23,17 @@ $(STAMP): pyproject.toml Makefile
 
 demo: $(STAMP)
 	$(VENV)/bin/expertrag demo --config configs/demo.yaml
+
+# The optional llamacpp backend (model.backend: llamacpp). pip compiles llama.cpp from source, ~20 min on
+# 2 cores. GGML_NATIVE=OFF: the -march=native build segfaults on CPUs with AMX (an upstream bug), and a
+# portable build is what a cached wheel must be anyway; --no-cache-dir so an old native wheel is not reused.
+# Where it does not build, its tests are skipped and the other backends work as before.
+llamacpp: $(STAMP)
+	@$(PY) -c "import llama_cpp" 2>/dev/null && echo "llama-cpp-python is installed" || \
+	  (echo "compiling llama-cpp-python (llama.cpp from source, ~20 min on 2 cores)"; \
+	   CMAKE_ARGS="-DGGML_NATIVE=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF" \
+	   $(PY) -m pip install -q --disable-pip-version-check --no-cache-dir -e '.[llamacpp]' \
+	   || echo "note: llama-cpp-python did not build; the llamacpp backend and its tests are unavailable")
 
 # Debian's Chromium and its driver for the web page's browser test (nothing downloads a browser). Where
 # they cannot be installed, that one test is skipped and says why.

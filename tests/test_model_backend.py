@@ -45,7 +45,9 @@ def test_model_config_names_the_backend_and_its_settings():
     cfg = ModelConfig(backend="openai", base_url="http://127.0.0.1:8000/v1", name="m", api_key_env="KEY")
     assert cfg.timeout_s > 0 and cfg.retries >= 0 and cfg.top_logprobs == 5
     with pytest.raises(ValidationError):
-        ModelConfig(backend="llamacpp")  # not built yet: refused, not silently native
+        ModelConfig(backend="llama.cpp")  # a misspelt backend is refused, not silently native
+    with pytest.raises(ValidationError):
+        ModelConfig(backend="llamacpp", gguf_type="q5_k")  # a file type we do not offer
     with pytest.raises(ValidationError):
         ModelConfig(top_logprobs=21)  # OpenAI's limit is 20
 
@@ -61,3 +63,20 @@ def test_openai_backend_needs_its_settings(monkeypatch):
     with pytest.raises(ExpertRAGError, match="EXPERTRAG_TEST_NO_SUCH_KEY, which is not set"):
         OpenAIGenerator.from_config(ModelConfig(backend="openai", base_url="http://127.0.0.1:9/v1", name="m",
                                                 api_key_env="EXPERTRAG_TEST_NO_SUCH_KEY"))
+
+
+def test_auto_backend_resolves_to_what_is_installed():
+    """`model.backend: auto` is llama.cpp with long prompts on native where llama-cpp-python imports, else
+    native; a named backend or a native-only setting (an MoE checkpoint) is left to native."""
+    from expertrag.model import llamacpp_backend
+    from expertrag.model.auto_backend import describe, resolve
+    from expertrag.model.config import ModelConfig
+
+    auto = resolve(ModelConfig(backend="auto"))
+    if llamacpp_backend.available():
+        assert auto.backend == "llamacpp" and auto.long_prompt_backend == "native"
+        assert describe(ModelConfig(backend="auto")).startswith("llamacpp (the packaged GGUF")
+    else:
+        assert auto.backend == "native" and "make llamacpp" in describe(ModelConfig(backend="auto"))
+    assert resolve(ModelConfig(backend="auto", checkpoint="runs/moe")).backend == "native"
+    assert resolve(ModelConfig(backend="transformers")).backend == "transformers"

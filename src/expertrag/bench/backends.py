@@ -9,6 +9,13 @@ interleave the backends (alternating who goes first) so machine load hits each a
 from /proc (VmRSS after loading each backend, over the process's baseline; VmHWM of the whole run): one
 process holds every backend, so per-backend peaks are upper bounds of their own. Greedy outputs are
 compared token for token with the native backend's.
+
+A backend may be named with a llama.cpp file type, `llamacpp:q8_0` (see `model.gguf_type`), to compare
+re-encodings of the same GGUF, and with an engine for long prompts, `llamacpp:q8_0+native`
+(`model.long_prompt_backend`: the 5-passage prompt runs there, the closed-book one on llama.cpp). llama.cpp reuses the cached prefix of the previous prompt, which would make
+repeated prompts free: its cache is dropped before every timed call, so each pays its full prefill as the
+other backends do. For llamacpp the run also times llama-cpp-python's own `create_completion` on the same
+tokens (greedy, same length): `overhead_vs_raw` is our call's time over the library's.
 """
 
 from __future__ import annotations
@@ -34,6 +41,19 @@ HITS = [Hit(f"p{n}", f"Eiffel Tower ({n})", _PASSAGE.format(n=n), 1.0 / n) for n
 NEW_TOKENS = 24
 
 
+def backend_update(name: str) -> dict[str, Any]:
+    """`native`, `llamacpp:q8_0` (a llama.cpp file type) or `llamacpp:q8_0+native` (long prompts to native:
+    model.long_prompt_backend) -> the model-section fields that name it."""
+    engine, _, long = name.partition("+")
+    kind, _, gguf_type = engine.partition(":")
+    update: dict[str, Any] = {"backend": kind}
+    if gguf_type:
+        update["gguf_type"] = gguf_type
+    if long:
+        update["long_prompt_backend"] = long
+    return update
+
+
 def _rss_mb(field: str = "VmRSS") -> float | None:
     try:
         with open("/proc/self/status", encoding="ascii") as f:
@@ -57,25 +77,50 @@ def run(backends: Sequence[str], threads: Sequence[int] = (1, 2), rounds: int = 
     rss: dict[str, float | None] = {}
     for name in backends:
         before = _rss_mb()
-        model = base.model.model_copy(update={"backend": name})
+        update = backend_update(name)
+        model = base.model.model_copy(update=update)
         gens[name] = load_generator(PipelineSections(base.retrieval, model, base.gate, base.pipeline))
         after = _rss_mb()
         rss[name] = None if before is None or after is None else after - before
 
+    def fresh(name: str) -> None:
+        forget = getattr(gens[name], "forget_cache", None)  # llamacpp: drop the cached prompt prefix
+        if forget is not None:
+            forget()
+
     def call(name: str, prompt: Any, n: int):
+        fresh(name)
         t = time.perf_counter()
         g = gens[name].generate(prompt, max_new_tokens=n, stop=[], temperature=0.0)
         return time.perf_counter() - t, g
+
+    def raw(name: str, prompt: Any, n: int) -> float | None:
+        """llama-cpp-python's own completion of the same tokens (the library without us)."""
+        g = gens[name]
+        if not hasattr(g, "llm"):
+            return None
+        ids = g.encode(prompt)
+        fresh(name)
+        t = time.perf_counter()
+        out = g.llm.create_completion(ids, max_tokens=n, temperature=0.0, top_k=1)
+        dt = time.perf_counter() - t
+        if out["usage"]["completion_tokens"] != n:  # it stopped at EOS: not the same work
+            return None
+        return dt
 
     per: dict[int, dict[str, dict[str, list]]] = {}
     outputs: dict[str, dict[str, list[int]]] = {n: {} for n in backends}
     prompt_tokens: dict[str, int] = {}
     for th in threads:
         torch.set_num_threads(th)
+        for name in backends:
+            set_threads = getattr(gens[name], "set_threads", None)  # llama.cpp keeps its own thread pool
+            if set_threads is not None:
+                set_threads(th)
         for name in backends:  # warm-up at this thread count
             call(name, closed, 2)
             call(name, opened, 2)
-        acc = {name: {"closed": [], "open": [], "open1": []} for name in backends}
+        acc = {name: {"closed": [], "open": [], "open1": [], "raw_closed": [], "raw_open": []} for name in backends}
         for r in range(rounds):
             order = list(backends) if r % 2 == 0 else list(reversed(backends))
             for name in order:
@@ -88,6 +133,10 @@ def run(backends: Sequence[str], threads: Sequence[int] = (1, 2), rounds: int = 
                 prompt_tokens["open"] = g.prompt_tokens
                 t, g1 = call(name, opened, 1)
                 acc[name]["open1"].append(t)
+                for key, prompt in (("raw_closed", closed), ("raw_open", opened)):
+                    t_raw = raw(name, prompt, NEW_TOKENS)
+                    if t_raw is not None:
+                        acc[name][key].append(t_raw)
         per[th] = acc
     prompt_tokens["closed"] = call(backends[0], closed, 1)[1].prompt_tokens
 
@@ -101,6 +150,10 @@ def run(backends: Sequence[str], threads: Sequence[int] = (1, 2), rounds: int = 
                 "closed_book_s": c, "open_book_s": o, "prefill_tok_s": prompt_tokens["open"] / o1,
                 "decode_tok_s": (NEW_TOKENS - 1) / max(o - o1, 1e-9),
             }
+            if a["raw_closed"] and a["raw_open"]:
+                rc, ro = statistics.median(a["raw_closed"]), statistics.median(a["raw_open"])
+                table[name][th].update({"raw_closed_book_s": rc, "raw_open_book_s": ro,
+                                        "overhead_vs_raw": (c + o) / (rc + ro)})
     best = {name: min(threads, key=lambda th, n=name: table[n][th]["closed_book_s"] + table[n][th]["open_book_s"])
             for name in backends}
     summary = {name: {**table[name][best[name]], "threads": best[name], "rss_after_load_mb": rss[name]}

@@ -97,7 +97,8 @@ def bench_generate(
     prompts: int = typer.Option(4, help="number of prompts"),
     as_json: bool = typer.Option(False, "--json", help="print the result as JSON on the last line"),
     backends: str | None = typer.Option(None, "--backends",
-                                        help="compare generator backends instead, e.g. native,transformers: "
+                                        help="compare generator backends instead, e.g. native,transformers,llamacpp,"
+                                             "llamacpp:q8_0+native: "
                                              "closed-book and 5-passage prompts, 24 tokens, per phase"),
     threads: str = typer.Option("1,2", "--threads", help="with --backends: torch thread counts to measure"),
     rounds: int = typer.Option(3, "--rounds", min=1, help="with --backends: timed rounds"),
@@ -110,14 +111,23 @@ def bench_generate(
 
         _emit(run(max_new_tokens=max_new_tokens, num_prompts=prompts), as_json)
         return
+    from expertrag.bench.backends import backend_update
     from expertrag.bench.backends import run as run_backends
     from expertrag.config import ExpertRAGConfig
     from expertrag.errors import InputError
     from expertrag.model.backend import BACKENDS
+    from expertrag.model.config import ModelConfig
 
     names = [b.strip() for b in backends.split(",") if b.strip()]
-    if not names or any(b not in BACKENDS for b in names):
-        raise InputError(f"--backends {backends!r}: give a comma-separated subset of {', '.join(BACKENDS)}")
+    for name in names:  # each name validated as the config fields it stands for
+        try:
+            ModelConfig.model_validate(backend_update(name))
+        except ValueError:
+            raise InputError(f"--backends: {name!r} is not a backend; give a comma-separated subset of "
+                             f"{', '.join(BACKENDS)}, llamacpp may carry a file type and a long-prompt engine, "
+                             "e.g. llamacpp:q8_0 or llamacpp:q8_0+native") from None
+    if not names:
+        raise InputError("--backends: give at least one backend")
     try:
         counts = [int(t) for t in threads.split(",") if t.strip()]
     except ValueError:

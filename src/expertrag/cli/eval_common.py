@@ -67,7 +67,7 @@ def read_label_files(paths: list[Path]) -> dict[str, Any]:
     return out
 
 
-BACKEND_HELP = "generator backend: native | transformers | openai (overrides model.backend)"
+BACKEND_HELP = "generator backend: native | transformers | llamacpp | openai | auto (overrides model.backend)"
 
 
 def with_backend(config: ExpertRAGConfig, backend: str | None) -> ExpertRAGConfig:
@@ -82,7 +82,7 @@ def with_backend(config: ExpertRAGConfig, backend: str | None) -> ExpertRAGConfi
     try:
         model = ModelConfig.model_validate({**config.model.model_dump(), "backend": backend})
     except ValidationError:
-        raise InputError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}",
+        raise InputError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}, auto",
                          field="--backend") from None
     return config.model_copy(update={"model": model})
 

@@ -7,8 +7,9 @@ entropies of the full next-token distribution (or a top-k approximation), top-k 
 at the prompt's last token, router statistics, passage memory for a retrieval expert, batched generation.
 
 Backends: `native` (our decoder, model.generator.ExpertRAGGenerator), `transformers` (any local causal-LM
-folder, model.hf_backend.TransformersGenerator), `openai` (an OpenAI-compatible HTTP server,
-model.openai_backend.OpenAIGenerator). `model.factory.load_generator` picks one from `ModelConfig.backend`.
+folder, model.hf_backend.TransformersGenerator), `llamacpp` (a GGUF file run by llama.cpp,
+model.llamacpp_backend.LlamaCppGenerator), `openai` (an OpenAI-compatible HTTP server,
+model.openai_backend.OpenAIGenerator). `pipeline.build.load_generator` picks one from `ModelConfig.backend`.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from typing import Any, Literal, Protocol, runtime_checkable
 Message = dict[str, str]
 Prompt = str | Sequence[Message]  # raw text, or a chat (rendered with the model's chat template)
 EntropyKind = Literal["full", "top_k", "none"]
-BACKENDS: tuple[str, ...] = ("native", "transformers", "openai")
+BACKENDS: tuple[str, ...] = ("native", "transformers", "llamacpp", "openai")
 
 
 @dataclass
@@ -92,7 +93,7 @@ class Generation:
 class Capabilities:
     """What a backend can give beyond the required fields; read by the pipeline and the gate."""
 
-    backend: str  # "native" | "transformers" | "openai"
+    backend: str  # one of BACKENDS
     model: str  # a human name of the model (for messages)
     entropy: EntropyKind = "full"
     top_logprobs: bool = False

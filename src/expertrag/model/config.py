@@ -21,12 +21,24 @@ class ModelConfig(BaseModel):
     """The decoder model and where its base weights come from. Owned by the model/ package.
 
     `backend` picks the engine behind the Generator seam (model.backend): `native` (our decoder: `base`,
-    `checkpoint`), `transformers` (any local causal-LM folder: `path`; null = the converted base), `openai`
-    (an OpenAI-compatible server: `base_url`, `name`, the key read from the env var `api_key_env`)."""
+    `checkpoint`), `transformers` (any local causal-LM folder: `path`; null = the converted base), `llamacpp`
+    (a GGUF file run by llama.cpp: `path`; null = the packaged GGUF of `base`, re-encoded once if `gguf_type`
+    says so), `openai` (an OpenAI-compatible server: `base_url`, `name`, the key read from the env var
+    `api_key_env`)."""
 
     model_config = ConfigDict(extra="forbid")
-    backend: Literal["native", "transformers", "openai"] = Field("native", description="generator backend")
-    path: str | None = Field(None, description="transformers backend: a local model folder (null = the base)")
+    backend: Literal["native", "transformers", "llamacpp", "openai", "auto"] = Field(
+        "native", description="generator backend; auto = the fastest one installed (model.auto_backend)")
+    path: str | None = Field(None, description="transformers backend: a local model folder; llamacpp: a .gguf file "
+                                                "(null = the base)")
+    gguf_type: Literal["as-is", "q8_0", "f16", "f32", "q4_1"] = Field(
+        "as-is", description="llamacpp backend: re-encode the GGUF once into this llama.cpp type (cached); as-is = "
+                             "read the file itself")
+    threads: int | None = Field(None, ge=1, description="llamacpp backend: CPU threads (null = torch's count)")
+    long_prompt_backend: Literal["native", "transformers"] | None = Field(
+        None, description="llamacpp backend: the engine for prompts of at least long_prompt_tokens tokens (fast "
+                          "prefill), e.g. native; null = llamacpp answers every prompt (model.length_routed)")
+    long_prompt_tokens: int = Field(256, ge=1, description="with long_prompt_backend: where a prompt counts as long")
     base_url: str | None = Field(None, description="openai backend: server URL, e.g. http://127.0.0.1:8000/v1")
     name: str | None = Field(None, description="openai backend: the served model's name")
     api_key_env: str | None = Field(None, description="openai backend: env var holding the API key (null = none)")

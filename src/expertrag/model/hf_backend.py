@@ -21,6 +21,7 @@ from expertrag.errors import ExpertRAGError
 from expertrag.model.backend import Capabilities, Generation, Prompt, TokenEvent
 from expertrag.model.config import GenerationConfig, ModelConfig
 from expertrag.model.router_stats import router_stats, span_token_mask
+from expertrag.model.stops import held_back
 
 _MOE_KEYS = ("num_experts", "num_local_experts")
 
@@ -43,17 +44,6 @@ class _Row:
     text: str = ""
     emitted: int = 0
     finished: str | None = None
-
-
-def _held_back(text: str, stops: Sequence[str]) -> int:
-    """How many trailing characters could still become a stop string (or are an incomplete character)."""
-    hold = 1 if text.endswith("\ufffd") else 0
-    for s in stops:
-        for k in range(min(len(s) - 1, len(text)), 0, -1):
-            if text.endswith(s[:k]):
-                hold = max(hold, k)
-                break
-    return hold
 
 
 class TransformersGenerator:
@@ -263,7 +253,7 @@ class TransformersGenerator:
                     end = len(text)
                 else:
                     r.text = text
-                    end = len(text) if step == max_new - 1 else len(text) - _held_back(text, stops)
+                    end = len(text) if step == max_new - 1 else len(text) - held_back(text, stops)
                 if on_token is not None:
                     piece = r.text[r.emitted:end] if end > r.emitted else ""
                     r.emitted = max(r.emitted, end)

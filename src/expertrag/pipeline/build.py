@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
+from expertrag.errors import InputError
 from expertrag.gate.config import GateConfig
 from expertrag.model.backend import Generator
 from expertrag.model.config import ModelConfig
@@ -46,24 +47,45 @@ class PipelineSections:
 
 
 def load_generator(config: PipelineSettings) -> Generator:
-    """The generator `config.model.backend` names (see ModelConfig)."""
-    backend = config.model.backend
+    """The generator `config.model.backend` names (see ModelConfig); with `model.long_prompt_backend`, long
+    prompts go to that engine and short ones to `backend` (model.length_routed)."""
+    from expertrag.model.auto_backend import resolve
+
+    cfg = resolve(config.model)
+    if cfg.long_prompt_backend is None:
+        return _one_generator(cfg)
+    if cfg.backend != "llamacpp":
+        raise InputError(f"model.long_prompt_backend needs model.backend: llamacpp (got {cfg.backend!r}): the short "
+                         "prompts' engine counts the tokens")
+    from expertrag.model.length_routed import LengthRoutedGenerator
+
+    short = _one_generator(cfg)
+    long = _one_generator(cfg.model_copy(update={"backend": cfg.long_prompt_backend, "path": None}))
+    return LengthRoutedGenerator(short, long, cfg.long_prompt_tokens, lambda p: len(short.encode(p)))
+
+
+def _one_generator(cfg: ModelConfig) -> Generator:
+    backend = cfg.backend
     if backend == "transformers":
         from expertrag.model.hf_backend import TransformersGenerator
 
-        return TransformersGenerator.from_config(config.model)
+        return TransformersGenerator.from_config(cfg)
+    if backend == "llamacpp":
+        from expertrag.model.llamacpp_backend import LlamaCppGenerator
+
+        return LlamaCppGenerator.from_config(cfg)
     if backend == "openai":
         from expertrag.model.openai_backend import OpenAIGenerator
 
-        return OpenAIGenerator.from_config(config.model)
+        return OpenAIGenerator.from_config(cfg)
     from expertrag.model.generator import ExpertRAGGenerator
 
-    if config.model.checkpoint:
+    if cfg.checkpoint:
         from expertrag.model.moe_model import load_moe_model
 
-        model, tokenizer = load_moe_model(config.model, None, config.model.checkpoint)
-        return ExpertRAGGenerator(model, tokenizer, config.model.generation)
-    return ExpertRAGGenerator.from_config(config.model)
+        model, tokenizer = load_moe_model(cfg, None, cfg.checkpoint)
+        return ExpertRAGGenerator(model, tokenizer, cfg.generation)
+    return ExpertRAGGenerator.from_config(cfg)
 
 
 def load_pipeline(index_dir: str | Path, config: PipelineSettings | None = None, policy: str | None = None,
