@@ -20,6 +20,7 @@ from expertrag.cli import (  # noqa: E402,F401
     demo,
     eval_cmd,
     eval_gates,
+    eval_policy,
     eval_routing,
     expert,
     index,

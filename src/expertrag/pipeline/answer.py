@@ -58,6 +58,10 @@ class Answer:
     generated: str = ""  # the model's own words, before abstention replaced them
     token_ids: list[int] = field(default_factory=list)  # the generated tokens (the draft's included)
     logprobs: list[float] = field(default_factory=list)  # log p of each of those tokens (serve's `logprobs`)
+    # the policy expert's verdict (experts/policy.py): a flagged question is marked for a human to review,
+    # and `policy` says which rules matched, the action taken and why ({} when nothing matched)
+    needs_review: bool = False
+    policy: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
