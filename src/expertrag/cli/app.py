@@ -23,6 +23,7 @@ from expertrag.cli import (  # noqa: E402,F401
     eval_policy,
     eval_routing,
     expert,
+    expert_train,
     index,
     merge_results,
     recall,
