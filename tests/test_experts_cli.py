@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+
 from test_index_cli import run_cli, write_jsonl
 
 pytestmark = pytest.mark.slow
