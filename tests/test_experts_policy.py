@@ -357,7 +357,11 @@ def test_pipeline_refuses_without_retrieving_or_generating(policy_index, smollm2
 @pytest.mark.slow
 def test_pipeline_cite_only_retrieves_and_abstains_without_a_citation(policy_index, smollm2, tmp_path):
     rag, gen, embedder = _rag(policy_index, smollm2, tmp_path, {"topics": TOPICS["topics"]})
-    a = rag.answer("What is the maximum dose of ibuprofen for adults?")
+    events = []
+    a = rag.answer("What is the maximum dose of ibuprofen for adults?", on_event=events.append)
+    # nothing is streamed before it is known to stand with a citation: one token event, the final text
+    assert [e.kind for e in events] == ["decision", "passages", "token", "answer"]
+    assert events[2].data["text"] == a.text
     assert a.retrieved and a.gate["stage"] == "policy" and a.policy["action"] == "cite_only" and a.needs_review
     assert a.citations or a.abstained  # only with citations, or not at all
     if not a.citations:

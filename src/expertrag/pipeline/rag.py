@@ -94,8 +94,14 @@ class _Job:
     error: Exception | None = None
     screening: Screening | None = None  # the policy expert's verdict, when it screens
 
+    @property
+    def holds_tokens(self) -> bool:
+        """cite_only: the text may only stand with a citation, known once it is complete, so it is not
+        streamed token by token (the final text comes as one token event before the answer)."""
+        return self.screening is not None and self.screening.action == "cite_only"
+
     def emit(self, event: AnswerEvent) -> None:
-        if self.on_event is not None:
+        if self.on_event is not None and not (event.kind == "token" and self.holds_tokens):
             self.on_event(event)
 
     def cancelled(self) -> bool:
@@ -263,6 +269,8 @@ class ExpertRAG:
             answer.timings.other_ms = max(total - answer.timings.parts_ms(), 0.0)
             if self.answer_cache is not None and j.cache_key is not None:
                 self.answer_cache.put(j.cache_key, answer.to_dict())
+            if j.holds_tokens and j.on_event is not None:
+                j.on_event(AnswerEvent("token", {"text": answer.text}))
             j.emit(AnswerEvent("answer", {"answer": answer}))
             out.append(answer)
         return out
