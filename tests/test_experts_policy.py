@@ -370,3 +370,17 @@ def test_pipeline_cite_only_retrieves_and_abstains_without_a_citation(policy_ind
     assert embedder.texts.count("What is the maximum dose of ibuprofen for adults?") == 1
     other = rag.answer("What is the capital of France?")
     assert other.gate["stage"] == "fixed" and other.policy == {}
+
+
+@pytest.mark.slow
+def test_load_pipeline_wires_the_rules_and_only_them(policy_index, smollm2):
+    from expertrag.model.generator import ExpertRAGGenerator
+    from expertrag.pipeline.build import PipelineSections, load_pipeline
+
+    gen = ExpertRAGGenerator(*smollm2)
+    assert load_pipeline(policy_index, PipelineSections(), "never", generator=gen).screen is None
+    rag = load_pipeline(policy_index, PipelineSections(policy=PII), "never", generator=gen)
+    assert rag.screen is not None and rag.screen.audit.path == policy_index / "audit.jsonl"
+    a = rag.answer("mail bob@example.com the capital of France")
+    assert a.question == "mail [EMAIL] the capital of France" and a.needs_review
+    assert AuditLog(policy_index / "audit.jsonl").read()[-1]["query_redacted"] == a.question
