@@ -18,6 +18,7 @@ import json
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -240,7 +241,7 @@ class PolicyExpert:
         path = config.audit_path or audit_path
         return cls(config, embedder, audit=AuditLog(path) if path is not None else None, base_dir=base_dir)
 
-    @property
+    @cached_property
     def fingerprint(self) -> str:
         """Changes whenever the rules do (part of the answer cache key: new rules never meet stale answers)."""
         import hashlib
