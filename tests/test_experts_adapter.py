@@ -179,3 +179,21 @@ def test_with_adapter_on_the_real_generator(smollm2, tmp_path):
         second = gen.generate(prompt, max_new_tokens=8).token_ids
     assert first == second != plain  # identical across loads, and the adapter changes something
     assert not has_adapter(model) and gen.generate(prompt, max_new_tokens=8).token_ids == plain
+
+
+@pytest.mark.slow
+def test_an_adapter_of_the_real_model_loads_onto_transformers_smollm2(smollm2, hf_smollm2, tmp_path):
+    from peft import PeftModel
+
+    model, tok = smollm2
+    work = copy.deepcopy(model)
+    attach(work, lora_config(rank=4))
+    _randomise_b(work, seed=11)
+    save_adapter(work, tmp_path / "a")
+    peft_model = PeftModel.from_pretrained(copy.deepcopy(hf_smollm2), str(tmp_path / "a")).eval()
+    ids = torch.tensor([tok("The capital of France is")["input_ids"]])
+    with torch.no_grad():
+        theirs, mine = peft_model(input_ids=ids).logits, work(ids).logits
+        base = model(ids).logits
+    assert torch.allclose(theirs, mine, atol=1e-3), (theirs - mine).abs().max()
+    assert (mine - base).abs().max() > 1e-2  # the adapter changes the real model's output
