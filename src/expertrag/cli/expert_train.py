@@ -27,14 +27,15 @@ def split_by_document(passages: list, heldout: float, seed: int, by: str | None 
     """(train, held out) with every passage of a document on one side, so held-out perplexity is measured
     on documents the adapter never saw (not on neighbours of its training passages). `by`: a metadata field
     that groups passages instead of their doc_id (PubMedQA's sections of one paper share `pubid`)."""
-    def group(p) -> str:
-        return str(p.metadata.get(by, p.doc_id)) if by else p.doc_id
-
-    docs = sorted({group(p) for p in passages})
+    docs = sorted({_group(p, by) for p in passages})
     random.Random(seed).shuffle(docs)
     n_out = max(1, round(len(docs) * heldout)) if heldout > 0 and len(docs) > 1 else 0
     out_docs = set(docs[:n_out])
-    return ([p for p in passages if group(p) not in out_docs], [p for p in passages if group(p) in out_docs])
+    return ([p for p in passages if _group(p, by) not in out_docs], [p for p in passages if _group(p, by) in out_docs])
+
+
+def _group(p, by: str | None) -> str:
+    return str(p.metadata.get(by, p.doc_id)) if by else p.doc_id
 
 
 @expert_app.command("train")
@@ -120,7 +121,9 @@ def expert_train_cmd(
     report.update(expert=name, domain=domain, adapter=str(out), rank=rank, targets=target_list, lr=lr,
                   seq_len=seq_len, batch_size=batch_size, threads=torch.get_num_threads(),
                   passages={"train": len(train_p), "heldout": len(held_p)},
-                  documents={"train": len({p.doc_id for p in train_p}), "heldout": len({p.doc_id for p in held_p})},
+                  # documents as the split grouped them (by --heldout-by when given)
+                  documents={"train": len({_group(p, heldout_by) for p in train_p}),
+                             "heldout": len({_group(p, heldout_by) for p in held_p}), "grouped_by": heldout_by or "doc_id"},
                   qa_examples=n_qa, index_version=f"{gen}")
     save_adapter(model, out, info=report)
     if as_json:
