@@ -58,6 +58,11 @@ def test_expert_train_fits_and_saves_an_adapter(domain_index, smollm2):
     model = copy.deepcopy(smollm2[0])
     load_adapter(model, folder)  # it fits the real base model
     detach(model)
+    bench = run_cli("bench", "adapter", "--adapter", str(folder), "--corpus", str(domain_index / "corpus.jsonl"),
+                    "--json")
+    b = json.loads(bench.stdout.strip().splitlines()[-1])
+    assert b["attach_ms_median"] > 0 and b["tokens_per_s_base"] > 0 and b["tokens_per_s_adapter"] > 0
+    assert b["corpus_perplexity_base"] > 1 and b["corpus_perplexity_adapter"] > 1
 
 
 def test_expert_train_bad_domain_is_one_line(domain_index):

@@ -1,4 +1,4 @@
-"""`expertrag expert train`: fit a domain expert's LoRA adapter on its own passages (and QA pairs), base frozen.
+"""`expertrag expert train` (and `expertrag bench adapter`): fit a domain expert's LoRA adapter on its own passages (and QA pairs), base frozen.
 
 The expert's domain comes from `--domain` for now; once the expert registry (experts/registry.py) is in,
 the domain (and the adapter path recorded in the expert's record) should come from there.
@@ -12,6 +12,7 @@ from pathlib import Path
 
 import typer
 
+from expertrag.cli.bench import bench_app
 from expertrag.cli.expert import expert_app
 from expertrag.config import ExpertRAGConfig
 
@@ -136,3 +137,23 @@ def expert_train_cmd(
           f"({report['heldout_examples']} blocks of {len(held_p)} passages, {report['heldout_tokens']} tokens); "
           f"train loss {report['loss_start']} -> {report['loss_end']}")
     print(f"adapter -> {out}")
+
+
+@bench_app.command("adapter")
+def bench_adapter_cmd(
+    adapter: Path = typer.Option(..., "--adapter", help="adapter folder (e.g. INDEX/experts/NAME/adapter)"),
+    corpus: Path | None = typer.Option(None, "--corpus", help="corpus JSONL: perplexity of its first passages "
+                                       "with and without the adapter"),
+    passages: int = typer.Option(60, "--passages", min=1),
+    threads: int = typer.Option(1, "--threads", min=1),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """An expert adapter at run time: attach/detach time, decoding speed with it vs without, off-domain perplexity."""
+    from expertrag.bench.adapter import run
+
+    result = run(adapter, corpus=corpus, passages=passages, threads=threads)
+    if as_json:
+        print(json.dumps(result))
+    else:
+        for k, v in result.items():
+            print(f"{k}: {v}")
