@@ -82,7 +82,7 @@ class ClassifierConfig(BaseModel):
     ordinary: list[str] = Field(default_factory=list, description="ordinary (non-sensitive) example questions")
     examples_file: str | None = Field(
         None, description="JSONL of {text, topic} (topic null or 'ordinary' for ordinary questions), "
-                          "added to the examples in this config")
+                          "added to the examples in this config; a relative path is from the working directory")
     threshold: float = Field(0.7, gt=0, lt=1, description="probability of a topic at which the classifier flags it")
     similarity_threshold: float = Field(
         0.75, gt=0, le=1, description="without ordinary examples: cosine to a topic example that flags it")

@@ -89,4 +89,4 @@ def load_screen(policy: PolicyConfig, index: Index, index_dir: str | Path):
     from expertrag.experts.policy import PolicyExpert
 
     return PolicyExpert.from_config(policy, index.embedder if policy.active else None,
-                                    audit_path=Path(index_dir) / AUDIT_FILE, base_dir=Path(index_dir))
+                                    audit_path=Path(index_dir) / AUDIT_FILE)
