@@ -7,7 +7,6 @@ the domain (and the adapter path recorded in the expert's record) should come fr
 from __future__ import annotations
 
 import json
-import random
 from pathlib import Path
 
 import typer
@@ -22,21 +21,6 @@ EXPERTS_DIR = "experts"
 def adapter_dir(index: Path, name: str) -> Path:
     """Where an expert's adapter lives: INDEX/experts/NAME/adapter/ (the registry records it relative)."""
     return Path(index) / EXPERTS_DIR / name / "adapter"
-
-
-def split_by_document(passages: list, heldout: float, seed: int, by: str | None = None) -> tuple[list, list]:
-    """(train, held out) with every passage of a document on one side, so held-out perplexity is measured
-    on documents the adapter never saw (not on neighbours of its training passages). `by`: a metadata field
-    that groups passages instead of their doc_id (PubMedQA's sections of one paper share `pubid`)."""
-    docs = sorted({_group(p, by) for p in passages})
-    random.Random(seed).shuffle(docs)
-    n_out = max(1, round(len(docs) * heldout)) if heldout > 0 and len(docs) > 1 else 0
-    out_docs = set(docs[:n_out])
-    return ([p for p in passages if _group(p, by) not in out_docs], [p for p in passages if _group(p, by) in out_docs])
-
-
-def _group(p, by: str | None) -> str:
-    return str(p.metadata.get(by, p.doc_id)) if by else p.doc_id
 
 
 @expert_app.command("train")
@@ -71,7 +55,14 @@ def expert_train_cmd(
     import torch
 
     from expertrag.errors import InputError
-    from expertrag.experts.adapter import attach, lora_config, save_adapter, train_adapter
+    from expertrag.experts.adapter import (
+        attach,
+        document_group,
+        lora_config,
+        save_adapter,
+        split_by_document,
+        train_adapter,
+    )
     from expertrag.model.loading import load_model
     from expertrag.model.train.config import TrainConfig
     from expertrag.model.train.examples import corpus_blocks, qa_examples
@@ -123,8 +114,8 @@ def expert_train_cmd(
                   seq_len=seq_len, batch_size=batch_size, threads=torch.get_num_threads(),
                   passages={"train": len(train_p), "heldout": len(held_p)},
                   # documents as the split grouped them (by --heldout-by when given)
-                  documents={"train": len({_group(p, heldout_by) for p in train_p}),
-                             "heldout": len({_group(p, heldout_by) for p in held_p}), "grouped_by": heldout_by or "doc_id"},
+                  documents={"train": len({document_group(p, heldout_by) for p in train_p}),
+                             "heldout": len({document_group(p, heldout_by) for p in held_p}), "grouped_by": heldout_by or "doc_id"},
                   qa_examples=n_qa, index_version=f"{gen}")
     save_adapter(model, out, info=report)
     if as_json:
@@ -157,3 +148,28 @@ def bench_adapter_cmd(
     else:
         for k, v in result.items():
             print(f"{k}: {v}")
+
+
+@bench_app.command("token-routing")
+def bench_token_routing_cmd(
+    index: Path = typer.Option(..., "--index", "-i", help="index whose experts have adapters (INDEX/experts/NAME/adapter)"),
+    expert: list[str] = typer.Option(..., "--expert", help="NAME=DOMAIN (repeatable, two or more)"),
+    steps: int = typer.Option(50, "--steps", min=1, help="router training steps"),
+    lr: float = typer.Option(5e-3, "--lr"),
+    top_k: int = typer.Option(2, "--top-k", min=1),
+    heldout_by: str | None = typer.Option(None, "--heldout-by", help="as in `expert train`"),
+    threads: int = typer.Option(1, "--threads", min=1),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Per-input (oracle domain) vs per-token routing among domain adapters: held-out perplexity per domain."""
+    from expertrag.bench.token_routing import run
+    from expertrag.errors import InputError
+
+    pairs = []
+    for e in expert:
+        name, sep, domain = e.partition("=")
+        if not sep or not name or not domain:
+            raise InputError(f"--expert {e!r}: expected NAME=DOMAIN")
+        pairs.append((name, domain))
+    result = run(index, pairs, steps=steps, lr=lr, top_k=top_k, heldout_by=heldout_by, threads=threads)
+    print(json.dumps(result) if as_json else json.dumps(result, indent=2))

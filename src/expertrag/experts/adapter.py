@@ -17,6 +17,7 @@ import contextlib
 import json
 import math
 import os
+import random
 import shutil
 import tempfile
 import time
@@ -298,3 +299,21 @@ def _mean(xs: Sequence[float]) -> float | None:
 
 def _r(x: float) -> float | None:
     return None if x != x else round(x, 4)  # NaN -> None (strict JSON)
+
+
+# ------------------------------------------------------------------------------- an expert's documents
+
+
+def split_by_document(passages: list, heldout: float, seed: int, by: str | None = None) -> tuple[list, list]:
+    """(train, held out) with every passage of a document on one side, so held-out perplexity is measured
+    on documents the adapter never saw (not on neighbours of its training passages). `by`: a metadata field
+    that groups passages instead of their doc_id (PubMedQA's sections of one paper share `pubid`)."""
+    docs = sorted({document_group(p, by) for p in passages})
+    random.Random(seed).shuffle(docs)
+    n_out = max(1, round(len(docs) * heldout)) if heldout > 0 and len(docs) > 1 else 0
+    out_docs = set(docs[:n_out])
+    return ([p for p in passages if document_group(p, by) not in out_docs], [p for p in passages if document_group(p, by) in out_docs])
+
+
+def document_group(p, by: str | None) -> str:
+    return str(p.metadata.get(by, p.doc_id)) if by else p.doc_id
