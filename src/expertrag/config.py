@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from expertrag.data.config import ChunkingConfig
 from expertrag.errors import ConfigError
 from expertrag.eval.config import EvalConfig
+from expertrag.experts.policy_config import PolicyConfig
 from expertrag.gate.config import GateConfig
 from expertrag.model.config import ModelConfig
 from expertrag.model.train.config import TrainConfig
@@ -34,6 +35,7 @@ class ExpertRAGConfig(BaseModel):
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     serve: ServeConfig = Field(default_factory=ServeConfig)
+    policy: PolicyConfig = Field(default_factory=PolicyConfig)  # the policy expert's rules (none by default)
 
     @classmethod
     def load(cls, path: str | Path | None) -> ExpertRAGConfig:

@@ -11,7 +11,7 @@ from typing import Any, Literal, Protocol
 
 import numpy as np
 
-Stage = Literal["fixed", "fast", "probe", "metadata"]
+Stage = Literal["fixed", "fast", "probe", "metadata", "policy"]  # policy: the policy expert decided
 
 
 @dataclass

@@ -200,6 +200,10 @@ def project(owner: nn.Module, x: torch.Tensor, *names: str) -> tuple[torch.Tenso
     saves ~10% more. The copy is rebuilt whenever a weight changes (new tensor, in-place update, dtype).
     """
     linears = [getattr(owner, n) for n in names]
+    # Only plain nn.Linear children: a wrapped one (a LoRA adapter injected by peft, experts/adapter.py) adds
+    # to its base weight in its own forward, which the fused product would silently skip.
+    if any(type(lin) is not nn.Linear for lin in linears):
+        return tuple(lin(x) for lin in linears)
     w0 = linears[0].weight
     if x.numel() > FAST_ROWS * x.shape[-1] or not x.is_cpu or (w0.requires_grad and torch.is_grad_enabled()):
         return tuple(lin(x) for lin in linears)

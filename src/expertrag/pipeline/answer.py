@@ -62,6 +62,10 @@ class Answer:
     # domain-expert routing (experts/): experts chosen, weights, the layer that settled, why, and what each
     # contributed. Empty when the index has no domain experts. (`experts` above is MoE token usage.)
     routing: dict[str, Any] = field(default_factory=dict)
+    # the policy expert's verdict (experts/policy.py): a flagged question is marked for a human to review,
+    # and `policy` says which rules matched, the action taken and why ({} when nothing matched)
+    needs_review: bool = False
+    policy: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

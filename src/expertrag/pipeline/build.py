@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Protocol
 
 from expertrag.errors import InputError
+from expertrag.experts.policy_config import PolicyConfig
 from expertrag.gate.config import GateConfig
 from expertrag.model.backend import Generator
 from expertrag.model.config import ModelConfig
@@ -20,6 +21,7 @@ from expertrag.retrieval.config import RetrievalConfig
 from expertrag.retrieval.index import Index
 
 GATE_DIR = "gate"
+AUDIT_FILE = "audit.jsonl"  # the policy expert's audit log, inside the index folder unless policy.audit_path
 
 
 def gate_dir(index_dir: str | Path) -> Path:
@@ -34,6 +36,7 @@ class PipelineSettings(Protocol):
     model: ModelConfig
     gate: GateConfig
     pipeline: PipelineConfig
+    policy: PolicyConfig  # optional: settings without it screen nothing (load_pipeline reads it with getattr)
 
 
 @dataclass
@@ -44,6 +47,7 @@ class PipelineSections:
     model: ModelConfig = field(default_factory=ModelConfig)
     gate: GateConfig = field(default_factory=GateConfig)
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
 
 
 def load_generator(config: PipelineSettings) -> Generator:
@@ -100,5 +104,15 @@ def load_pipeline(index_dir: str | Path, config: PipelineSettings | None = None,
     index = Index(index_dir, config.retrieval)
     name = policy or config.gate.policy
     pol = make_policy(name, config.gate, artifacts_dir=gate or gate_dir(index_dir))
+    screen = load_screen(getattr(config, "policy", None) or PolicyConfig(), index, index_dir)
     return ExpertRAG(index, generator or load_generator(config), pol, config.pipeline, name,
-                     experts=LiveExperts(index_dir))
+                     experts=LiveExperts(index_dir), screen=screen)
+
+
+def load_screen(policy: PolicyConfig, index: Index, index_dir: str | Path):
+    """The policy expert of these rules (None without rules), classifying with the index's own embedder
+    so its question embedding is the one the gate and dense retrieval reuse."""
+    from expertrag.experts.policy import PolicyExpert
+
+    return PolicyExpert.from_config(policy, index.embedder if policy.active else None,
+                                    audit_path=Path(index_dir) / AUDIT_FILE)

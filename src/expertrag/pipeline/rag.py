@@ -22,6 +22,7 @@ from expertrag.answers import contains_answer, normalize_answer
 from expertrag.errors import ExpertRAGError, InputError
 from expertrag.experts.fusion import ExpertCandidate, fuse
 from expertrag.experts.live import DomainMap, ExpertState, LiveExperts
+from expertrag.experts.policy import PolicyExpert, Screening
 from expertrag.experts.registry import ExpertRecord
 from expertrag.experts.router import Route, RoutingSettings, boost_order, route
 from expertrag.gate.features import query_features
@@ -100,9 +101,16 @@ class _Job:
     expert: ExpertRecord | None = None  # the expert this job answers as
     weight: float = 1.0
     branches: list[_Job] = field(default_factory=list)  # one job per expert when several answer
+    screening: Screening | None = None  # the policy expert's verdict, when it screens
+
+    @property
+    def holds_tokens(self) -> bool:
+        """cite_only: the text may only stand with a citation, known once it is complete, so it is not
+        streamed token by token (the final text comes as one token event before the answer)."""
+        return self.screening is not None and self.screening.action == "cite_only"
 
     def emit(self, event: AnswerEvent) -> None:
-        if self.on_event is not None:
+        if self.on_event is not None and not (event.kind == "token" and self.holds_tokens):
             self.on_event(event)
 
     def cancelled(self) -> bool:
@@ -128,7 +136,7 @@ class PipelineGateContext:
     """Lazily computed, cached facts about one question, for the policy to draw on."""
 
     def __init__(self, rag: ExpertRAG, question: str, metadata: dict[str, Any], filters: Filters | None,
-                 config: PipelineConfig | None = None):
+                 config: PipelineConfig | None = None, embedding: np.ndarray | None = None):
         self.rag = rag
         self.config = config or rag.config  # this question's settings (a request may override k)
         self.question = question
@@ -137,7 +145,7 @@ class PipelineGateContext:
         self._allowed: np.ndarray | None = None
         self._rankings: tuple[list, list] | None = None
         self._features: dict[str, float] | None = None
-        self._embedding: np.ndarray | None = None
+        self._embedding: np.ndarray | None = embedding  # the policy expert's classifier may have computed it
         self._probe: Probe | None = None
         self.retrieval_ms = 0.0  # ranking work done for the gate, reusable by retrieval
 
@@ -186,12 +194,14 @@ class ExpertRAG:
     """The orchestrator: owns the index, the generator, the policy, timings and caches."""
 
     def __init__(self, index: Index, generator: Generator, policy: Policy, config: PipelineConfig | None = None,
-                 policy_name: str | None = None, experts: LiveExperts | None = None):
+                 policy_name: str | None = None, experts: LiveExperts | None = None,
+                 screen: PolicyExpert | None = None):
         self.index = index
         # domain experts of the index (registry + router), re-read when they change; None: no routing
         self.experts = experts
         self.routing_settings = RoutingSettings()
         self._domain_map: DomainMap | None = None
+        self.screen = screen  # the policy expert (experts/policy.py); None = no rules, nothing screened
         self.generator = generator
         self.policy = policy
         self.policy_name = policy_name or getattr(policy, "name", type(policy).__name__)
@@ -269,7 +279,7 @@ class ExpertRAG:
                 continue
             answer = self._finish_routed(j) if j.branches else self._finish(
                 j.question, j.text, j.token_ids, j.logprobs, j.hits, j.decision, j.timings, j.router,
-                j.prompt_tokens, policy_name=j.policy_name)
+                j.prompt_tokens, policy_name=j.policy_name, screening=j.screening)
             if j.route is not None and not j.branches:
                 answer.routing = self._routing_record(j, [j], None)
                 for c in answer.citations:
@@ -279,6 +289,8 @@ class ExpertRAG:
             answer.timings.other_ms = max(total - answer.timings.parts_ms(), 0.0)
             if self.answer_cache is not None and j.cache_key is not None:
                 self.answer_cache.put(j.cache_key, answer.to_dict())
+            if j.holds_tokens and j.on_event is not None:
+                j.on_event(AnswerEvent("token", {"text": answer.text}))
             j.emit(AnswerEvent("answer", {"answer": answer}))
             out.append(answer)
         return out
@@ -302,14 +314,22 @@ class ExpertRAG:
         if req.policy is not None:
             check_policy(policy, self.generator.capabilities, policy_name)
         q = validate_question(req.question, cfg.max_query_chars)
+        # The policy expert screens before anything else sees the question (caches included): a refused
+        # question ends here, and from here on `q` is the redacted question only.
+        screening = self.screen.screen(q, user=req.user.name if req.user else None) if self.screen else None
+        if screening is not None and screening.action == "refuse":
+            return self._refusal(screening, started, req.on_event)
+        if screening is not None:
+            q = screening.text
         filters = self.filters_for(req.user)
         state = self.experts.current() if self.experts is not None else None
         if state is not None and not state.routing:
             state = None  # no domain expert: answer exactly as without a registry
         key = None
         if self.answer_cache is not None and req.metadata is None:
+            rules = [self.screen.fingerprint] if self.screen is not None else []  # keys unchanged without rules
             key = cache_key(q, self.index.version, policy_name, cfg.model_dump(), filters.access_key(),
-                            *([state.key] if state is not None else []))
+                            *([state.key] if state is not None else []), *rules)
             cached = self.answer_cache.get(key)
             if cached is not None:
                 answer = Answer.from_dict(cached)
@@ -323,16 +343,21 @@ class ExpertRAG:
                     req.on_event(AnswerEvent("answer", {"answer": answer}))
                 return answer
 
-        ctx = PipelineGateContext(self, q, dict(req.metadata or {}), filters, cfg)
+        ctx = PipelineGateContext(self, q, dict(req.metadata or {}), filters, cfg,
+                                  embedding=screening.embedding if screening is not None else None)
         t = time.perf_counter()
         chosen = self._route(ctx, state, req.user) if state is not None else None
-        decision: Decision = policy.decide(ctx)
+        if screening is not None and screening.action == "cite_only":
+            # an answer that may only stand with citations needs passages: the gate is not asked
+            decision: Decision = Decision(retrieve=True, score=1.0, stage="policy", policy="policy-expert")
+        else:
+            decision = policy.decide(ctx)
         decide_ms = (time.perf_counter() - t) * 1000  # routing + the gate
         probe = ctx.probed
         probe_ms = probe.ms if probe is not None else 0.0
         ranked_for_gate_ms = ctx.retrieval_ms  # index lookups the router and policy triggered
         job = _Job(question=q, config=cfg, decision=decision, policy_name=policy_name, started=started,
-                   cache_key=key, on_event=req.on_event, is_cancelled=req.cancelled,
+                   cache_key=key, on_event=req.on_event, is_cancelled=req.cancelled, screening=screening,
                    timings=Timings(gate_ms=max(decide_ms - probe_ms - ranked_for_gate_ms, 0.0), probe_ms=probe_ms),
                    route=chosen, state=state)
         if chosen is not None:
@@ -453,7 +478,8 @@ class ExpertRAG:
         """Several experts answered: finish each on its own evidence, fuse, and cite each passage as the
         expert that supplied it (markers renumbered over the answer's concatenated passage list)."""
         parts = [self._finish(job.question, b.text, b.token_ids, b.logprobs, b.hits, job.decision, b.timings,
-                              b.router, b.prompt_tokens, policy_name=job.policy_name) for b in job.branches]
+                              b.router, b.prompt_tokens, policy_name=job.policy_name, screening=job.screening)
+                 for b in job.branches]
         cands = [ExpertCandidate(
             expert=b.expert.name, weight=b.weight, text=a.generated, confidence=a.confidence, abstained=a.abstained,
             supported=sum(supports(f"{h.title} {h.contents}", a.generated, job.question) for h in b.hits),
@@ -480,6 +506,21 @@ class ExpertRAG:
         answer.routing = self._routing_record(job, job.branches, fused.describe(cands))
         answer.routing["fusion"] = fused.mode
         job.emit(AnswerEvent("token", {"text": answer.text}))  # branches do not stream: the fused text
+        return answer
+
+    def _refusal(self, screening: Screening, started: float,
+                 on_event: Callable[[AnswerEvent], None] | None) -> Answer:
+        """The answer to a question the policy expert refuses: nothing retrieved, nothing generated."""
+        ms = (time.perf_counter() - started) * 1000
+        gate = {"decision": "refused", "score": 1.0, "stage": "policy", "policy": "policy-expert"}
+        text = self.screen.config.refusal_text if self.screen is not None else ABSTAIN_TEXT
+        answer = Answer(question=screening.text, text=f"{text} ({screening.reason})", retrieved=False,
+                        abstained=True, gate=gate, timings=Timings(other_ms=ms, total_ms=ms),
+                        needs_review=True, policy=screening.to_dict())
+        if on_event is not None:
+            on_event(AnswerEvent("decision", {"gate": gate}))
+            on_event(AnswerEvent("token", {"text": answer.text}))
+            on_event(AnswerEvent("answer", {"answer": answer}))
         return answer
 
     def _generate(self, jobs: Sequence[_Job]) -> None:
@@ -580,7 +621,7 @@ class ExpertRAG:
 
     def _finish(self, q: str, text: str, token_ids: list[int], logprobs: list[float], hits: list[Hit],
                 decision: Decision, timings: Timings, router: RouterStats | None, prompt_tokens: int, *,
-                policy_name: str | None = None) -> Answer:
+                policy_name: str | None = None, screening: Screening | None = None) -> Answer:
         markers = [int(m) for m in _MARKER.findall(text)]
         clean = _MARKER.sub("", text).strip()
         cited: list[Citation] = []
@@ -592,6 +633,9 @@ class ExpertRAG:
             cited = [Citation(id=hits[i - 1].id, title=hits[i - 1].title, marker=i) for i in supported]
         confidence = math.exp(sum(logprobs) / len(logprobs)) if logprobs else 0.0
         abstained = (not clean) or (confidence < self.config.abstain_below and not supported)
+        if screening is not None and screening.action == "cite_only" and not cited:
+            abstained = True  # the policy expert's cite_only: no citation, no answer
+        flagged = screening is not None and screening.flagged
         return Answer(
             question=q, text=ABSTAIN_TEXT if abstained else clean, retrieved=decision.retrieve,
             citations=[] if abstained else cited, confidence=confidence, abstained=abstained,
@@ -600,6 +644,7 @@ class ExpertRAG:
             timings=timings, tokens={"prompt": int(prompt_tokens), "generated": len(token_ids)},
             experts=expert_usage(router), passages=[h.to_dict() for h in hits], generated=clean,
             token_ids=list(token_ids), logprobs=[float(x) for x in logprobs],
+            needs_review=flagged, policy=screening.to_dict() if flagged else {},
         )
 
 
