@@ -73,6 +73,28 @@ def test_expert_train_bad_domain_is_one_line(domain_index):
     assert "\n" not in err and "no public passages of domain 'law'" in err and "finance, medicine" in err
 
 
+def test_expert_train_reads_the_registry_and_records_the_adapter(domain_index):
+    """A registered expert: the domain comes from its record, and the record then names its adapter (a new
+    version); an unregistered name without --domain, or a --domain that contradicts the record, is refused."""
+    from expertrag.experts.registry import ExpertRegistry
+
+    index = domain_index / "index"
+    run_cli("expert", "add", "--index", str(index), "--name", "fin", "--domain", "finance")
+    no = run_cli("expert", "train", "--index", str(index), "--name", "nobody", "--steps", "1", check=False)
+    assert no.returncode == 2 and "not a registered domain expert" in no.stderr
+    clash = run_cli("expert", "train", "--index", str(index), "--name", "fin", "--domain", "medicine", "--steps", "1",
+                    check=False)
+    assert clash.returncode == 2 and "registered for domain 'finance'" in clash.stderr
+    before = ExpertRegistry(index).snapshot().get("fin")
+    proc = run_cli("expert", "train", "--index", str(index), "--name", "fin", "--steps", "1", "--seq-len", "16",
+                   "--batch-size", "1", "--rank", "2", "--heldout", "0", "--threads", "1", "--json")
+    r = json.loads(proc.stdout.strip().splitlines()[-1])
+    after = ExpertRegistry(index).snapshot().get("fin")
+    assert r["domain"] == "finance" and r["registry_adapter"] == "experts/fin/adapter"
+    assert after.adapter == "experts/fin/adapter" and after.version == before.version + 1
+    assert (index / after.adapter / "adapter_config.json").is_file()
+
+
 def test_eval_policy_reports_both_rates(tmp_path):
     ordinary = write_jsonl(tmp_path / "ordinary.jsonl", [
         {"id": "o1", "question": "who wrote the novel moby dick"},

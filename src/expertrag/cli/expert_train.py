@@ -1,7 +1,8 @@
 """`expertrag expert train` (and `expertrag bench adapter`): fit a domain expert's LoRA adapter on its own passages (and QA pairs), base frozen.
 
-The expert's domain comes from `--domain` for now; once the expert registry (experts/registry.py) is in,
-the domain (and the adapter path recorded in the expert's record) should come from there.
+The expert's domain comes from its record in the registry (INDEX/experts.json, `expert add`), or from
+`--domain` for an expert not registered yet; a registered expert's record then names its adapter
+(`adapter: experts/NAME/adapter`, relative to the index folder), as a new version of the record.
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ def adapter_dir(index: Path, name: str) -> Path:
 def expert_train_cmd(
     index: Path = typer.Option(..., "--index", "-i", help="index directory (built by `expertrag index`)"),
     name: str = typer.Option(..., "--name", "-n", help="the expert's name (its adapter goes to INDEX/experts/NAME/adapter)"),
-    domain: str = typer.Option(..., "--domain", help="the expert's domain: passages whose metadata.domain is this"),
+    domain: str | None = typer.Option(None, "--domain", help="the expert's domain: passages whose metadata.domain "
+                                      "is this (default: the registered expert's domain)"),
     steps: int = typer.Option(200, "--steps", min=1, help="optimizer steps"),
     rank: int = typer.Option(8, "--rank", min=1, help="LoRA rank"),
     alpha: float | None = typer.Option(None, "--alpha", help="LoRA alpha (default 2 x rank)"),
@@ -63,6 +65,7 @@ def expert_train_cmd(
         split_by_document,
         train_adapter,
     )
+    from expertrag.experts.registry import ExpertRegistry
     from expertrag.model.loading import load_model
     from expertrag.model.train.config import TrainConfig
     from expertrag.model.train.examples import corpus_blocks, qa_examples
@@ -70,6 +73,18 @@ def expert_train_cmd(
 
     if not name.strip() or "/" in name or name.startswith("."):
         raise InputError(f"--name {name!r}: an expert name is one plain folder name")
+    registry = ExpertRegistry(index)
+    record = registry.snapshot().get(name)
+    if record is not None and not record.active:
+        raise InputError(f"expert {name!r} is retired; add it again before training its adapter", field="--name")
+    if domain is None:
+        if record is None or record.domain is None:
+            raise InputError(f"expert {name!r} is not a registered domain expert of this index; register it with "
+                             "`expertrag expert add` or give --domain", field="--name")
+        domain = record.domain
+    elif record is not None and record.domain != domain:
+        raise InputError(f"--domain {domain!r}: expert {name!r} is registered for domain {record.domain!r}",
+                         field="--domain")
     target_list = [t.strip() for t in targets.split(",") if t.strip()]
     config = ExpertRAGConfig.load(config_path)
     if config.model.backend != "native":
@@ -118,6 +133,10 @@ def expert_train_cmd(
                              "heldout": len({document_group(p, heldout_by) for p in held_p}), "grouped_by": heldout_by or "doc_id"},
                   qa_examples=n_qa, index_version=f"{gen}")
     save_adapter(model, out, info=report)
+    if record is not None:  # the record names its adapter: a new version of the expert
+        rel = out.relative_to(Path(index)).as_posix()
+        registry.add([record.model_copy(update={"adapter": rel})], replace=True)
+        report["registry_adapter"] = rel
     if as_json:
         print(json.dumps(report))
         return
