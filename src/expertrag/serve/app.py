@@ -55,12 +55,14 @@ def answer_payload(answer: Answer) -> dict[str, Any]:
     return json_safe({
         "question": answer.question, "text": answer.text, "retrieved": answer.retrieved,
         "abstained": answer.abstained, "confidence": answer.confidence,
-        "citations": [{"id": c.id, "title": c.title, "marker": c.marker,
+        "citations": [{"id": c.id, "title": c.title, "marker": c.marker, "expert": c.expert,
                        "snippet": by_id.get(c.id, {}).get("contents", "")[:SNIPPET_CHARS]}
                       for c in answer.citations],
         "gate": {k: answer.gate.get(k) for k in ("decision", "score", "stage", "policy")},
         "passages": passage_views(answer.passages),
         "experts": answer.experts, "timings": vars(answer.timings), "tokens": answer.tokens,
+        # domain experts (which ran, weights, why) and the policy expert's verdict
+        "routing": answer.routing, "needs_review": answer.needs_review, "policy": answer.policy,
     })
 
 
