@@ -58,7 +58,7 @@ def write_prefix(data: Path, n: int, out: Path) -> int:
 
 def _child_command(corpus: Path, out: Path, config: Path | None) -> list[str]:
     # the same interpreter as this process, so the child runs the same installed (or PYTHONPATH) package
-    cmd = [sys.executable, "-c", "import sys; from expertrag.cli import main; sys.argv[0] = 'expertrag'; main()",
+    cmd = [sys.executable, "-m", "expertrag",
            "index", "--corpus", str(corpus), "--out", str(out), "--json"]
     if config is not None:
         cmd += ["--config", str(config)]
