@@ -111,7 +111,9 @@ def run(data: Path, sizes: list[int], *, config: Path | None = None, threads: in
             manifest = read_manifest(Path(tmp) / f"index-{n}")
             rows.append({"documents": n, "passages": report["passages"], "wall_s": round(m["wall_s"], 1),
                          "embed_backend": manifest.extra.get("embed_backend"),
-                         "peak_rss_mb": round(m["peak_rss_mb"], 1), "timings_s": report.get("timings", {})})
+                         "peak_rss_mb": round(m["peak_rss_mb"], 1), "timings_s": report.get("timings", {}),
+                         # the child's own high-water mark after each phase: which phase set the peak
+                         "peak_rss_mb_after_phase": report.get("peak_rss_mb", {})})
             if progress:
                 print(f"  {report['passages']} passages, {m['wall_s']:.0f} s, peak RSS {m['peak_rss_mb']:.0f} MB",
                       file=sys.stderr, flush=True)

@@ -63,7 +63,8 @@ def bench_build_memory(
     """Peak RSS of `expertrag index` at each size, each build in its own process; ratio largest/smallest."""
     from expertrag.bench.build_memory import parse_sizes, run
 
-    result = run(data, parse_sizes(sizes), config=config_path, threads=threads, progress=not as_json)
+    # the per-size lines go to stderr, so they stay on with --json (stdout)
+    result = run(data, parse_sizes(sizes), config=config_path, threads=threads, progress=True)
     if as_json:
         print(json.dumps(result))
         return
