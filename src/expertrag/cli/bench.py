@@ -41,6 +41,7 @@ def bench_retrieval(
     queries: int = typer.Option(200, help="search queries timed per mode"),
     backend: str = typer.Option("torch", help="embed backend of the index: torch, onnx, onnx-int8 or auto"),
     threads: int | None = typer.Option(None, help="torch/ONNX Runtime intra-op threads (default: torch's)"),
+    index: Path | None = typer.Option(None, "--index", help="time searches on this built index instead of building one"),
     as_json: bool = typer.Option(False, "--json", help="print the result as JSON on the last line"),
 ) -> None:
     """Search latency of our retrievers vs calling bm25s/faiss directly; build throughput; peak RSS."""
@@ -49,7 +50,7 @@ def bench_retrieval(
 
     resolve_backend(backend)  # a bad name fails here, in one line, before any build
     _emit(run(data=data, limit=limit, num_queries=queries, progress=not as_json, backend=backend,
-              threads=threads), as_json)
+              threads=threads, index_dir=index), as_json)
 
 
 @bench_app.command("build-memory")
