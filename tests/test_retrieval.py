@@ -85,6 +85,46 @@ def test_bm25_scores_match_reference_formula(index):
         assert got.get(rowid, 0.0) == pytest.approx(score, rel=1e-4, abs=1e-5)
 
 
+QUERIES = [
+    "Who wrote the play Hamlet, and when?", "what's the HIGHEST mountain on Earth's surface",
+    "Flightless seabirds of the southern hemisphere", "the the and of", "x y z", "naïve café résumé 1990s",
+    "Photosynthesis: light → chemical energy!!", "", "contract-law breach damages (two-year warranty)",
+]
+
+
+@pytest.mark.parametrize("stem", [True, False])
+def test_query_tokens_are_bm25s_tokens(stem):
+    """Our one-query tokenizer follows bm25s.tokenize exactly (same regex, stop list, stemmer, order)."""
+    from expertrag.retrieval.bm25 import _stemmer, query_tokens
+
+    stemmer = _stemmer(stem)
+    texts = QUERIES + [f"{t}. {c}" for _, t, c, _ in CORPUS]
+    for text in texts:
+        assert query_tokens(text, stemmer) == tokenize([text], stemmer)[0], text
+
+
+def test_bm25_search_returns_what_bm25s_retrieve_returns(index):
+    """Ours scores through bm25s' own functions without `retrieve`: same passages, order and scores."""
+    bm25 = index.bm25
+    for query in QUERIES[:3] + ["contract agreement damages for a blender motor", "python programming guido"]:
+        tokens = [t for t in tokenize([query], bm25.stemmer)[0] if t in bm25.model.vocab_dict]
+        docs_, scores = bm25.model.retrieve([tokens], k=5, show_progress=False, n_threads=0)
+        expected = [(int(bm25.rowids[d]), float(s)) for d, s in zip(docs_[0], scores[0], strict=True) if s > 0]
+        got = bm25.search(query, 5)
+        assert [r for r, _ in got] == [r for r, _ in expected], query
+        assert [s for _, s in got] == pytest.approx([s for _, s in expected])
+        assert got, query  # each of these queries shares a term with the corpus
+
+
+def test_hit_metadata_is_a_copy_per_hit(index):
+    """Hits share a cached passage; changing one hit's metadata must not leak into the next search."""
+    first = index.search("wooden string instrument bow", 1, "bm25")[0]
+    first.metadata["doc_id"] = "tampered"
+    first.metadata["extra"] = 1
+    again = index.search("wooden string instrument bow", 1, "bm25")[0]
+    assert again.metadata["doc_id"] == "violin" and "extra" not in again.metadata
+
+
 def test_dense_scores_are_cosines(index):
     query = "plants turning light into energy"
     q = index.embedder.encode([query])[0]

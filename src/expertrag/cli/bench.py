@@ -39,12 +39,41 @@ def bench_retrieval(
     data: Path | None = typer.Option(None, help="shared data folder (corpora/, questions/); default: the packaged wiki corpus"),
     limit: int = typer.Option(3000, help="passages to index for the build measurements"),
     queries: int = typer.Option(200, help="search queries timed per mode"),
+    backend: str = typer.Option("torch", help="embed backend of the index: torch, onnx, onnx-int8 or auto"),
+    threads: int | None = typer.Option(None, help="torch/ONNX Runtime intra-op threads (default: torch's)"),
+    index: Path | None = typer.Option(None, "--index", help="time searches on this built index instead of building one"),
     as_json: bool = typer.Option(False, "--json", help="print the result as JSON on the last line"),
 ) -> None:
     """Search latency of our retrievers vs calling bm25s/faiss directly; build throughput; peak RSS."""
     from expertrag.bench.retrieval import run
+    from expertrag.retrieval.embedder import resolve_backend
 
-    _emit(run(data=data, limit=limit, num_queries=queries, progress=not as_json), as_json)
+    resolve_backend(backend)  # a bad name fails here, in one line, before any build
+    _emit(run(data=data, limit=limit, num_queries=queries, progress=not as_json, backend=backend,
+              threads=threads, index_dir=index), as_json)
+
+
+@bench_app.command("build-memory")
+def bench_build_memory(
+    data: Path = typer.Option(..., "--data", help="shared data folder (corpora/): documents are taken from it in a fixed order"),
+    sizes: str = typer.Option("2000,5000,15000", "--sizes", help="comma-separated document counts, one fresh build each"),
+    config_path: Path | None = typer.Option(None, "--config", help="YAML config for every build (default: embed_backend auto)"),
+    threads: int = typer.Option(1, help="torch/OMP threads of each build"),
+    as_json: bool = typer.Option(False, "--json", help="print the result as JSON on the last line"),
+) -> None:
+    """Peak RSS of `expertrag index` at each size, each build in its own process; ratio largest/smallest."""
+    from expertrag.bench.build_memory import parse_sizes, run
+
+    # the per-size lines go to stderr, so they stay on with --json (stdout)
+    result = run(data, parse_sizes(sizes), config=config_path, threads=threads, progress=True)
+    if as_json:
+        print(json.dumps(result))
+        return
+    flat = {k: v for k, v in result.items() if k != "sizes"}
+    for row in result["sizes"]:
+        for key in ("passages", "wall_s", "peak_rss_mb", "embed_backend"):
+            flat[f"{row['documents']}_{key}"] = row[key]
+    _emit(flat, False)
 
 
 @bench_app.command("embed")

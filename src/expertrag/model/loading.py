@@ -86,6 +86,27 @@ def _lock(path: Path):
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
+def _quiet_off_terminal(fn):
+    """`fn` with transformers' GGUF conversion bar shown only on a terminal. transformers opens that tqdm
+    bar with tqdm's default disable=False, so in CI or a log file it wrote ~270 carriage-return updates."""
+    import functools
+
+    import transformers.modeling_gguf_pytorch_utils as gguf_utils
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        original = getattr(gguf_utils, "tqdm", None)
+        if original is None:  # another transformers layout: leave it alone
+            return fn(*args, **kwargs)
+        gguf_utils.tqdm = functools.partial(original, disable=None)  # None: tqdm's own "only on a TTY"
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            gguf_utils.tqdm = original
+
+    return wrapper
+
+
 def ensure_base_model(base: str = "smollm2-135m-instruct", *, verbose: bool = False) -> Path:
     """Convert `base` from its GGUF to a cached Hugging Face folder once; return that folder."""
     target = model_dir(base)
@@ -106,7 +127,8 @@ def ensure_base_model(base: str = "smollm2-135m-instruct", *, verbose: bool = Fa
         # on `accelerate`, which the GGUF path does not otherwise use. Weights are dequantised to fp32.
         config = AutoConfig.from_pretrained(source.parent, gguf_file=source.name)
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-        tensors = load_gguf_checkpoint(str(source), return_tensors=True, model_to_load=model)["tensors"]
+        tensors = _quiet_off_terminal(load_gguf_checkpoint)(str(source), return_tensors=True,
+                                                            model_to_load=model)["tensors"]
         result = model.load_state_dict({k: torch.as_tensor(v) for k, v in tensors.items()}, strict=False)
         missing = [k for k in result.missing_keys if not (k == "lm_head.weight" and config.tie_word_embeddings)]
         if missing or result.unexpected_keys:

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 from pathlib import Path
 
 import bm25s
 import numpy as np
+from bm25s.selection import topk
+from bm25s.stopwords import STOPWORDS_EN
 
 from expertrag.errors import IndexFormatError
 
@@ -23,6 +26,19 @@ def _stemmer(enabled: bool):
 
 def tokenize(texts: list[str], stemmer) -> list[list[str]]:
     return bm25s.tokenize(texts, stopwords="en", stemmer=stemmer, return_ids=False, show_progress=False)
+
+
+# bm25s.tokenize's own rules (scikit-learn's token pattern, lower-casing, its English stop list, then the
+# stemmer), applied to one query without what a corpus tokenizer does besides: building a vocabulary and
+# creating four (disabled) tqdm bars per call, which cost more than the regex. Must give the same tokens
+# as `tokenize` (tests/test_retrieval.py checks that on real text).
+_SPLIT = re.compile(r"(?u)\b\w\w+\b").findall
+_STOPWORDS = frozenset(STOPWORDS_EN)
+
+
+def query_tokens(query: str, stemmer) -> list[str]:
+    tokens = [t for t in _SPLIT(query.lower()) if t not in _STOPWORDS]
+    return stemmer.stemWords(tokens) if stemmer is not None and tokens else tokens
 
 
 class BM25Index:
@@ -68,11 +84,16 @@ class BM25Index:
         return len(self.rowids)
 
     def search(self, query: str, k: int, allowed: np.ndarray | None = None) -> list[tuple[int, float]]:
-        """Top-k (rowid, score) with score > 0; `allowed` (sorted rowids) restricts the candidates."""
+        """Top-k (rowid, score) with score > 0; `allowed` (sorted rowids) restricts the candidates.
+
+        The same scores and selection as `bm25s.BM25.retrieve` (its `get_scores_from_ids` and `topk`), called
+        directly: `retrieve` validates its input, converts token lists and opens tqdm bars on every call,
+        which for one query costs more than the scoring."""
         if len(self.rowids) == 0 or k <= 0:
             return []
-        query_tokens = [t for t in tokenize([query], self.stemmer)[0] if t in self._vocab]
-        if not query_tokens:
+        vocab = self._vocab
+        ids = [vocab[t] for t in query_tokens(query, self.stemmer) if t in vocab]
+        if not ids:
             return []
         mask = None
         if allowed is not None:
@@ -80,12 +101,6 @@ class BM25Index:
             if not mask.any():
                 return []
         k = min(k, len(self.rowids))
-        docs, scores = self.model.retrieve(
-            [query_tokens], k=k, show_progress=False, weight_mask=mask, n_threads=0
-        )
-        out = []
-        for doc, score in zip(docs[0], scores[0], strict=True):
-            if score <= 0:
-                continue  # no query term in the passage (or masked out)
-            out.append((int(self.rowids[doc]), float(score)))
-        return out
+        scores, docs = topk(self.model.get_scores_from_ids(ids, weight_mask=mask), k, sorted=True)
+        keep = scores > 0  # no query term in the passage (or masked out)
+        return list(zip(self.rowids[docs[keep]].tolist(), scores[keep].tolist(), strict=True))

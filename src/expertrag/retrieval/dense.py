@@ -83,10 +83,12 @@ class DenseIndex:
         k = min(k, self.index.ntotal)
         params = self._params(allowed)
         scores, ids = self.index.search(np.ascontiguousarray(queries, dtype=np.float32), k, params=params)
-        return [
-            [(int(i), float(s)) for i, s in zip(row_ids, row_scores, strict=True) if i >= 0]
-            for row_ids, row_scores in zip(ids, scores, strict=True)
-        ]
+        # FAISS pads with id -1 when fewer than k pass the filter; tolist() converts a row in one call
+        out = []
+        for row_ids, row_scores in zip(ids, scores, strict=True):
+            keep = row_ids >= 0
+            out.append(list(zip(row_ids[keep].tolist(), row_scores[keep].tolist(), strict=True)))
+        return out
 
 
 def _take(it: Iterator, n_rows: int):

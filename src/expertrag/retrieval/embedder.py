@@ -40,6 +40,13 @@ BACKENDS = ("torch", "onnx", "onnx-int8")
 # vectors measurably (cosine ~0.99), so int8 vectors live apart and an index built with them takes only them.
 VECTOR_FAMILY = {"torch": "fp32", "onnx": "fp32", "onnx-int8": "int8"}
 BUCKET_WINDOW_BATCHES = 16  # length-sorting window, in batches: bounded memory, most padding saved
+# Upper bound on batch size x (padded length)^2 of one forward. Activation memory grows with the batch's
+# width, attention with its square: one int8 batch of 64 x 256 tokens raised peak RSS by 542 MB, 64 x 128 by
+# 171 MB, 32 x 256 by 271 MB (measured, 1 thread). Sorting by length puts the longest passages of a window
+# together, so without a bound a build's peak followed whether the corpus had 64 long passages in one
+# window (832 MB at 2k passages, 1,360 MB at 5k). With it, long passages go in smaller batches and the
+# peak no longer depends on the corpus.
+MAX_BATCH_AREA = 64 * 128 * 128
 
 
 def onnxruntime_available() -> bool:
@@ -160,23 +167,30 @@ class Embedder:
             return np.zeros((0, self.dim), dtype=np.float32)
         batch_size = batch_size or self.batch_size
         if self.backend == "torch":
-            vectors = self.model.encode(
-                texts, batch_size=batch_size, normalize_embeddings=True,
-                convert_to_numpy=True, show_progress_bar=False,
-            )
-            return np.ascontiguousarray(vectors, dtype=np.float32)
+            return self._encode_torch(texts, batch_size)
         return self._encode_onnx(texts, batch_size)
+
+    def _encode_torch(self, texts: list[str], batch_size: int) -> np.ndarray:
+        out = np.empty((len(texts), self.dim), dtype=np.float32)
+        window = batch_size * BUCKET_WINDOW_BATCHES
+        for start in range(0, len(texts), window):
+            chunk = texts[start:start + window]
+            lengths = [len(e.ids) for e in self.tokenizer.encode_batch(chunk)]
+            # sentence-transformers sorts by length and pads each batch to its longest, like ours; its
+            # batches are bounded by the same area as the ONNX backends' (MAX_BATCH_AREA)
+            for rows in plan_batches(lengths, batch_size, bucket=True):
+                vectors = self.model.encode([chunk[i] for i in rows], batch_size=len(rows),
+                                            normalize_embeddings=True, convert_to_numpy=True,
+                                            show_progress_bar=False)
+                out[[start + i for i in rows]] = vectors
+        return out
 
     def _encode_onnx(self, texts: list[str], batch_size: int) -> np.ndarray:
         out = np.empty((len(texts), self.dim), dtype=np.float32)
         window = batch_size * BUCKET_WINDOW_BATCHES
         for start in range(0, len(texts), window):
             encodings = self.tokenizer.encode_batch(texts[start:start + window])
-            order = list(range(len(encodings)))
-            if self.bucket:
-                order.sort(key=lambda i: len(encodings[i].ids))
-            for b in range(0, len(order), batch_size):
-                rows = order[b:b + batch_size]
+            for rows in plan_batches([len(e.ids) for e in encodings], batch_size, bucket=self.bucket):
                 width = max(len(encodings[i].ids) for i in rows)
                 ids = np.zeros((len(rows), width), dtype=np.int64)
                 mask = np.zeros((len(rows), width), dtype=np.int64)
@@ -187,6 +201,45 @@ class Embedder:
                 feeds = {"input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids)}
                 out[[start + i for i in rows]] = self.session.run(None, feeds)[0]
         return out
+
+    def release_memory(self) -> None:
+        """Give back the working memory of the largest batch so far (the model stays loaded).
+
+        ONNX Runtime keeps its CPU arena at its high-water mark; a builder calls this after embedding so
+        that the BM25 and FAISS phases do not stack on top of it. One tiny run with arena shrinkage on
+        frees the arena's unused chunks (shrinking after every run instead took 31 s for three 64 x 128
+        batches against 22 s without, on the loaded box: not worth it per batch)."""
+        if self.backend == "torch" or "session" not in self.__dict__:
+            return
+        from expertrag.retrieval.onnx_export import require_onnxruntime
+
+        options = require_onnxruntime().RunOptions()
+        options.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
+        ids = np.array([[101, 102]], dtype=np.int64)  # [CLS] [SEP]
+        self.session.run(None, {"input_ids": ids, "attention_mask": np.ones_like(ids),
+                                "token_type_ids": np.zeros_like(ids)}, options)
+
+
+def plan_batches(lengths: list[int], batch_size: int, *, bucket: bool = True,
+                 max_area: int | None = None) -> list[list[int]]:
+    """Indices of `lengths` grouped into batches of at most `batch_size` whose size x (longest)^2 stays
+    within `max_area` (a single text longer than that bound still gets a batch of its own).
+    bucket: sort by length first (less padding); otherwise keep input order. max_area: MAX_BATCH_AREA."""
+    max_area = MAX_BATCH_AREA if max_area is None else max_area
+    order = sorted(range(len(lengths)), key=lengths.__getitem__) if bucket else list(range(len(lengths)))
+    batches: list[list[int]] = []
+    rows: list[int] = []
+    width = 0
+    for i in order:
+        w = max(width, lengths[i])
+        if rows and (len(rows) + 1 > batch_size or (len(rows) + 1) * w * w > max_area):
+            batches.append(rows)
+            rows, w = [], lengths[i]
+        rows.append(i)
+        width = w
+    if rows:
+        batches.append(rows)
+    return batches
 
 
 def passage_text(title: str, contents: str) -> str:

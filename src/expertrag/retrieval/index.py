@@ -62,7 +62,7 @@ class Index:
         if verify:
             self.store.check()
         self.generation = self.manifest.generation
-        self._passages: OrderedDict[int, StoredPassage] = OrderedDict()
+        self._passages: OrderedDict[int, tuple[StoredPassage, dict]] = OrderedDict()
         # rowids per filter: fixed within a generation, and a domain expert's filter repeats every question
         self._allowed: OrderedDict[tuple, np.ndarray] = OrderedDict()
 
@@ -173,20 +173,20 @@ class Index:
                                       self.config.rrf_k)[:k]
 
     def hits(self, ranked: list[list[tuple[int, float]]], allowed: np.ndarray | None = None) -> list[list[Hit]]:
-        stored = self.passages({r for ranking in ranked for r, _ in ranking})
+        entries = self._entries({r for ranking in ranked for r, _ in ranking})
         allowed_set = set(allowed.tolist()) if allowed is not None else None
         out = []
         for ranking in ranked:
             hits = []
             for rowid, score in ranking:
-                p = stored.get(rowid)
+                entry = entries.get(rowid)
                 # Belt and braces: the filter already ran inside BM25/FAISS; a passage outside it (or
                 # one retired by a later build) must still never come back.
-                if p is None or (allowed_set is not None and rowid not in allowed_set):
+                if entry is None or (allowed_set is not None and rowid not in allowed_set):
                     continue
-                meta = dict(p.metadata)
-                meta.update(doc_id=p.doc_id, start=p.start, end=p.end)
-                hits.append(Hit(id=p.id, title=p.title, contents=p.contents, score=score, metadata=meta))
+                p, meta = entry
+                # a fresh dict per hit: callers may change a hit's metadata, never the cached one
+                hits.append(Hit(id=p.id, title=p.title, contents=p.contents, score=score, metadata=dict(meta)))
             out.append(hits)
         return out
 
@@ -198,20 +198,27 @@ class Index:
 
     def passages(self, rowids: set[int]) -> dict[int, StoredPassage]:
         """Stored passages by rowid, from the in-memory LRU where possible."""
+        return {r: p for r, (p, _) in self._entries(rowids).items()}
+
+    def _entries(self, rowids: set[int]) -> dict[int, tuple[StoredPassage, dict]]:
+        """(passage, its hit metadata) by rowid. The metadata (the passage's own plus doc_id/start/end) is
+        built once per passage, when it enters the LRU, not once per hit."""
         found, missing = {}, []
+        cache = self._passages
         for r in rowids:
-            p = self._passages.get(r)
-            if p is None:
+            entry = cache.get(r)
+            if entry is None:
                 missing.append(r)
             else:
-                self._passages.move_to_end(r)
-                found[r] = p
+                cache.move_to_end(r)
+                found[r] = entry
         if missing:
-            fetched = self.store.get(sorted(missing))
-            found.update(fetched)
-            self._passages.update(fetched)
-            while len(self._passages) > PASSAGE_CACHE:
-                self._passages.popitem(last=False)
+            for r, p in self.store.get(sorted(missing)).items():
+                meta = dict(p.metadata)
+                meta.update(doc_id=p.doc_id, start=p.start, end=p.end)
+                found[r] = cache[r] = (p, meta)
+            while len(cache) > PASSAGE_CACHE:
+                cache.popitem(last=False)
         return found
 
     def close(self) -> None:

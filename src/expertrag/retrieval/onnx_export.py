@@ -119,7 +119,7 @@ def _quantize_int8(fp32_model: Path, target: Path) -> None:
 
     # onnxruntime logs a "consider pre-processing" hint at WARNING through the root logger: noise here
     root = logging.getLogger()
-    level = root.level
+    level, handlers = root.level, list(root.handlers)
     root.setLevel(logging.ERROR)
     try:
         # per-channel scales: per-tensor int8 moved MiniLM's vectors to cosine 0.959 mean (0.905 worst) vs
@@ -127,6 +127,11 @@ def _quantize_int8(fp32_model: Path, target: Path) -> None:
         quantize_dynamic(str(fp32_model), str(target), weight_type=QuantType.QInt8, per_channel=True)
     finally:
         root.setLevel(level)
+        # the quantiser configures the root logger on import (a stderr handler): left there, it printed
+        # other libraries' DEBUG records (bm25s's) for the rest of the process
+        for h in root.handlers[:]:
+            if h not in handlers:
+                root.removeHandler(h)
 
 
 def _valid(folder: Path) -> bool:
