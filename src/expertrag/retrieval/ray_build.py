@@ -57,6 +57,7 @@ def ray_session(address: str | None = None, num_cpus: int | None = None) -> Iter
     (a test fixture, a notebook) is used as is and left running."""
     ray = require_ray()
     if ray.is_initialized():
+        _quiet_ray_data()
         yield
         return
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # no network calls from a build
@@ -68,10 +69,21 @@ def ray_session(address: str | None = None, num_cpus: int | None = None) -> Iter
             ray.init(num_cpus=num_cpus, _node_ip_address="127.0.0.1", **kwargs)
     except ConnectionError as e:
         raise InputError(f"--address {address}: cannot connect to a Ray cluster: {e}") from None
+    _quiet_ray_data()
     try:
         yield
     finally:
         ray.shutdown()
+
+
+def _quiet_ray_data() -> None:
+    """Ray Data logs a progress block every few seconds; a build's own report is what a user reads."""
+    import logging
+
+    import ray.data
+
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
 
 
 def _doc_to_json(doc: Document) -> str:
@@ -146,11 +158,14 @@ class RayBuild:
         docs = [{"i": i, "doc": _doc_to_json(d)} for i, d in enumerate(documents)]
         if not docs:
             return iter(())
-        ds = ray.data.from_items(docs, override_num_blocks=self._blocks(len(docs), CHUNK_DOCS_PER_CALL))
+        blocks = self._blocks(len(docs), CHUNK_DOCS_PER_CALL)
+        ds = ray.data.from_items(docs, override_num_blocks=blocks)
         ds = ds.map_batches(
             _ChunkActor, fn_constructor_kwargs={"embedder": self.retrieval.embedder,
                                                 "chunking": self.chunking.model_dump()},
-            batch_size=CHUNK_DOCS_PER_CALL, batch_format="numpy", concurrency=self.num_workers, num_cpus=1,
+            # no more actors than blocks: an actor without work would still load its tokenizer
+            batch_size=CHUNK_DOCS_PER_CALL, batch_format="numpy", concurrency=min(self.num_workers, blocks),
+            num_cpus=1,
         )
         gathered: list[tuple[int, int, str]] = []
         for batch in ds.iter_batches(batch_format="numpy", batch_size=None):
@@ -165,13 +180,13 @@ class RayBuild:
         texts = [t for block in blocks for t in block]
         if not texts:
             return iter([np.zeros((0, 0), dtype=np.float32) for _ in blocks])
-        ds = ray.data.from_items([{"i": i, "text": t} for i, t in enumerate(texts)],
-                                 override_num_blocks=self._blocks(len(texts), ENCODE_ROWS_PER_CALL))
+        n_blocks = self._blocks(len(texts), ENCODE_ROWS_PER_CALL)
+        ds = ray.data.from_items([{"i": i, "text": t} for i, t in enumerate(texts)], override_num_blocks=n_blocks)
         # the builder's embedder: its backend is already resolved against an existing index's vectors
         ds = ds.map_batches(
             _EncodeActor, fn_constructor_kwargs={"name": embedder.name, "batch_size": embedder.batch_size,
                                                  "backend": embedder.backend, "threads": self.threads},
-            batch_size=ENCODE_ROWS_PER_CALL, batch_format="numpy", concurrency=self.num_workers,
+            batch_size=ENCODE_ROWS_PER_CALL, batch_format="numpy", concurrency=min(self.num_workers, n_blocks),
             num_cpus=self.threads,
         )
         vectors: np.ndarray | None = None
