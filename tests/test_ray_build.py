@@ -127,3 +127,41 @@ def test_ray_flag_without_ray_is_one_clear_error(tmp_path):
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and INSTALL_HINT in lines[0], proc.stderr
     assert not (tmp_path / "i").exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--address", "auto"], "--address and --num-workers need --ray"),
+    (["--num-workers", "2"], "--address and --num-workers need --ray"),
+])
+def test_ray_options_without_ray_flag_are_refused(tmp_path, args, message):
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text(json.dumps({"id": "a", "contents": "alpha"}) + "\n", encoding="utf-8")
+    proc = subprocess.run([sys.executable, "-m", "expertrag", "index", "-c", str(corpus), "-o", str(tmp_path / "i"),
+                           *args], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.strip() == f"error: {message}", proc.stderr
+    assert not (tmp_path / "i").exists()
+
+
+@needs_ray
+def test_ray_num_workers_must_be_positive(tmp_path):
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text(json.dumps({"id": "a", "contents": "alpha"}) + "\n", encoding="utf-8")
+    proc = subprocess.run([sys.executable, "-m", "expertrag", "index", "--ray", "--num-workers", "0", "-c",
+                           str(corpus), "-o", str(tmp_path / "i")], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.strip() == "error: --num-workers must be at least 1, got 0"
+    assert not (tmp_path / "i").exists()
+
+
+@needs_ray
+def test_index_command_with_ray_flag(tmp_path):
+    # the command end to end: its own local cluster (1 worker), started and stopped by the command
+    corpus = tmp_path / "c.jsonl"
+    rows = [{"id": "a", "title": "Aurora", "contents": "An aurora is a natural light display in polar skies."},
+            {"id": "b", "title": "Tide", "contents": "Tides are the rise and fall of sea levels caused by the Moon."}]
+    corpus.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    proc = subprocess.run([sys.executable, "-m", "expertrag", "index", "--ray", "--num-workers", "1", "--json",
+                           "-c", str(corpus), "-o", str(tmp_path / "i")], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert report["passages"] == 2 and report["embedded"] == 2
+    assert [h.id for h in Index(tmp_path / "i").search("sea levels and the Moon", 1, "dense")] == ["b"]
