@@ -220,3 +220,17 @@ def bench_serve(
             flat[f"c{lv['concurrency']}_p50_ms"] = lv["p50_ms"]
         flat["in_process_answers_per_s"] = result["in_process"]["answers_per_s"]
         _emit(flat, False)
+
+
+@bench_app.command("ray")
+def bench_ray(
+    data: Path | None = typer.Option(None, help="shared data folder (its corpora/wiki_vital.jsonl); default: the packaged wiki corpus"),
+    passages: int = typer.Option(1000, "--passages", help="documents of the corpus slice (vital summaries: ~1 passage each)"),
+    threads: int = typer.Option(1, help="intra-op threads per worker and for the single-process build"),
+    as_json: bool = typer.Option(False, "--json", help="print the result as JSON on the last line"),
+) -> None:
+    """Index build throughput: single process vs Ray Data with 1 and 2 workers, each build in a fresh
+    process and output folder; Ray's overhead at 1 worker, the 2-worker speed-up, the driver's peak RSS."""
+    from expertrag.bench.ray_index import run
+
+    _emit(run(data=data, passages=passages, threads=threads, progress=not as_json), as_json)

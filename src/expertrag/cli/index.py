@@ -65,6 +65,12 @@ def index_cmd(
     strict: bool = typer.Option(False, "--strict", help="refuse likely mistakes (a misspelt access key such as "
                                                         "'Groups') instead of warning"),
     as_json: bool = typer.Option(False, "--json", help="print the build report as JSON"),
+    on_ray: bool = typer.Option(False, "--ray", help="chunk and embed on Ray Data actors (pip install -e "
+                                                     "'.[ray]'); the index is the same as without it"),
+    address: str | None = typer.Option(None, "--address", help="with --ray: a running cluster ('auto' or "
+                                                                "HOST:PORT); default: a local one for this run"),
+    num_workers: int | None = typer.Option(None, "--num-workers", help="with --ray: chunking/embedding actors "
+                                                                       "(default 2)"),
 ) -> None:
     """Build or update an index: new and changed passages are embedded, unchanged ones reused."""
     from expertrag.data.readers import IngestReport, path_problem
@@ -72,6 +78,14 @@ def index_cmd(
 
     if out.exists() and not out.is_dir():
         raise InputError("--out names an existing file; give a directory (new or an index)", path=out)
+    if not on_ray and (address is not None or num_workers is not None):
+        raise InputError("--address and --num-workers need --ray")
+    if on_ray:
+        from expertrag.retrieval.ray_build import require_ray
+
+        require_ray()  # before anything is read or created: one clear error naming the extra
+        if num_workers is not None and num_workers < 1:
+            raise InputError(f"--num-workers must be at least 1, got {num_workers}")
     config = ExpertRAGConfig.load(config_path)
     corpora = list(corpus) + list(more or [])
     for c in corpora:
@@ -80,10 +94,17 @@ def index_cmd(
             if why is not None:
                 raise InputError("corpus not found" if why.startswith("no such") else why, path=c)
     report = IngestReport()
-    result = build_index(
-        out, _documents(corpora, config, skip_bad, report, strict), retrieval=config.retrieval,
-        chunking=config.chunking, sources=corpora, progress=None if not as_json else False,
-    )
+    documents = _documents(corpora, config, skip_bad, report, strict)
+    progress = None if not as_json else False
+    if on_ray:
+        from expertrag.retrieval.ray_build import build_index_on_ray
+
+        result = build_index_on_ray(out, documents, retrieval=config.retrieval, chunking=config.chunking,
+                                    sources=corpora, progress=progress, address=address,
+                                    num_workers=num_workers or 2)
+    else:
+        result = build_index(out, documents, retrieval=config.retrieval, chunking=config.chunking,
+                             sources=corpora, progress=progress)
     summary = result.as_dict()
     summary["ingest"] = {"documents_read": report.documents_read, "skipped": report.skipped,
                          "problems": [list(p) for p in report.problems],

@@ -24,7 +24,7 @@ import os
 import resource
 import shutil
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 
 from expertrag.data.config import ChunkingConfig
 from expertrag.data.readers import validate_document
-from expertrag.data.types import Document
+from expertrag.data.types import Document, Passage
 from expertrag.errors import ExpertRAGError, IndexFormatError, InputError
 from expertrag.fileio import atomic_path, commit_dir
 from expertrag.retrieval.bm25 import BM25Index
@@ -59,6 +59,13 @@ from expertrag.store.manifest import (
 
 DOCS_PER_TRANSACTION = 500
 EMBED_COMMIT_ROWS = 512
+
+# The two pluggable steps (the Ray build, retrieval/ray_build.py, supplies both; None = in this process).
+# A chunker maps validated documents to their passages, in document order, each document's passages in
+# chunk order. An encoder gets the build's Embedder (name, batch size and backend resolved against the
+# index; its model is not loaded) and blocks of passage texts, and gives one float32 array per block.
+Chunker = Callable[[Iterable[Document]], Iterable[Passage]]
+BlockEncoder = Callable[[Embedder, Iterable[list[str]]], Iterator]
 
 
 @dataclass
@@ -129,14 +136,17 @@ def _embedder(name: str, batch_size: int, backend: str = "torch") -> Embedder:
 def build_index(out_dir: str | Path, documents: Iterable[Document], *,
                 retrieval: RetrievalConfig | None = None, chunking: ChunkingConfig | None = None,
                 delete_ids: Sequence[str] = (), sources: Sequence[str] = (), progress: bool | None = None,
-                missing_ok: bool = True, on_progress: Callable[[str, int, int | None], None] | None = None
-                ) -> BuildReport:
+                missing_ok: bool = True, on_progress: Callable[[str, int, int | None], None] | None = None,
+                chunker: Chunker | None = None, encoder: BlockEncoder | None = None) -> BuildReport:
     """Add/update `documents` in the index at `out_dir` (created if absent) and delete `delete_ids`.
 
     progress: True/False forces bars on/off; None shows them only on a terminal.
     on_progress(phase, done, total): called as the store and embed phases advance (total None while the
     number of documents is unknown), for a caller that shows progress of a build it runs elsewhere.
-    missing_ok=False: a delete id that matches nothing is an InputError and the build changes nothing."""
+    missing_ok=False: a delete id that matches nothing is an InputError and the build changes nothing.
+    chunker/encoder: replace the in-process chunking and embedding (see `Chunker`, `BlockEncoder`); they
+    must give what the in-process steps give, since everything after them (store, cache, BM25, FAISS,
+    manifest, commit) is this function's own."""
     from expertrag.data.chunking import chunk_documents
 
     retrieval = retrieval or RetrievalConfig()
@@ -174,8 +184,11 @@ def build_index(out_dir: str | Path, documents: Iterable[Document], *,
             # 2. passages
             t = time.perf_counter()
             counts = UpsertCounts()
-            tokenizer = load_chunk_tokenizer(retrieval.embedder)
-            passages = chunk_documents((validate_document(d) for d in documents), chunking, tokenizer)
+            validated = (validate_document(d) for d in documents)
+            if chunker is None:
+                passages = chunk_documents(validated, chunking, load_chunk_tokenizer(retrieval.embedder))
+            else:
+                passages = iter(chunker(validated))
             by_doc = itertools.groupby(passages, key=lambda p: p.doc_id)
             bar = tqdm(desc="store", unit="doc", disable=disable)
             docs_done = 0
@@ -215,20 +228,30 @@ def build_index(out_dir: str | Path, documents: Iterable[Document], *,
             if bad:
                 store.drop_embeddings(bad, embedder.cache_key)
             todo = store.hashes_missing_embeddings(gen, embedder.cache_key)
+            hash_blocks = [todo[i:i + EMBED_COMMIT_ROWS] for i in range(0, len(todo), EMBED_COMMIT_ROWS)]
+            # a generator: the in-process encoder reads a block, embeds it and commits it before reading the
+            # next, so a rerun after a kill resumes; an encoder may also read all blocks first (Ray)
+            text_blocks = ([passage_text(title, body) for title, body in store.texts_for_hashes(hashes)]
+                           for hashes in hash_blocks)
+            encode = encoder or (lambda emb, blocks: (emb.encode(texts) for texts in blocks))
+            dim_seen, embedded = None, 0
             bar = tqdm(total=len(todo), desc="embed", unit="passage", disable=disable)
-            for i in range(0, len(todo), EMBED_COMMIT_ROWS):
-                hashes = todo[i:i + EMBED_COMMIT_ROWS]
-                texts = [passage_text(title, body) for title, body in store.texts_for_hashes(hashes)]
-                store.put_embeddings(hashes, embedder.encode(texts), embedder.cache_key)
+            for hashes, vectors in zip(hash_blocks, encode(embedder, text_blocks), strict=True):
+                if len(vectors) != len(hashes):
+                    raise ExpertRAGError(f"{out}: internal mismatch: {len(hashes)} texts, {len(vectors)} vectors")
+                store.put_embeddings(hashes, vectors, embedder.cache_key)
+                dim_seen = int(vectors.shape[1])
                 bar.update(len(hashes))
+                embedded += len(hashes)
                 if on_progress is not None:
-                    on_progress("embed", i + len(hashes), len(todo))
+                    on_progress("embed", embedded, len(todo))
             bar.close()
             if todo:
                 embedder.release_memory()
             timings["embed_s"] = time.perf_counter() - t
             rss["embed"] = _peak_rss_mb()
-            dim = embedder.dim if todo or previous is None else previous.embedding_dim
+            # the vectors' own width where there were any: a plugged-in encoder never loads the model here
+            dim = dim_seen or (previous.embedding_dim if previous is not None else embedder.dim)
 
             # 4. sparse and dense indexes, under this generation's names
             t = time.perf_counter()

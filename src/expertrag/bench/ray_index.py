@@ -1,0 +1,151 @@
+"""`expertrag bench ray`: index build throughput, single process against Ray Data with 1 and 2 workers.
+
+The same corpus slice is built three times (or more), each in a fresh process and a fresh output folder, so
+no build profits from another's loaded model or page cache of vectors, and each process's peak RSS is its
+own: that is the driver's peak (the Ray workers are separate processes, not counted in it). A Ray build
+starts its local cluster in that process; the cluster start is timed apart from the build, and the build
+time includes starting the actors (each loads its tokenizer and embedder), since that is what Ray costs.
+Every worker and the single-process build use `threads` intra-op threads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from expertrag.errors import InputError
+
+
+def _write_slice(data: Path | None, passages: int, path: Path) -> int:
+    """The first `passages` documents of wiki_vital (or the packaged wiki corpus) as JSONL; returns how
+    many were written. Vital-article summaries are short, so nearly every document is one passage."""
+    import dataclasses
+
+    from expertrag.data.readers import iter_documents
+    from expertrag.data.wiki_offline import iter_wiki_offline_documents
+
+    if data is None:
+        docs = iter_wiki_offline_documents(limit=passages)
+    else:
+        corpus = data / "corpora" / "wiki_vital.jsonl"
+        if not corpus.exists():
+            raise InputError("no corpora/wiki_vital.jsonl under --data", path=data)
+        docs = iter_documents([corpus])
+    n = 0
+    with open(path, "w", encoding="utf-8") as f:
+        for doc in docs:
+            if n >= passages:
+                break
+            d = dataclasses.asdict(doc)
+            f.write(json.dumps({k: d[k] for k in ("id", "title", "contents", "metadata")}, ensure_ascii=False)
+                    + "\n")
+            n += 1
+    return n
+
+
+def _one(mode: str, corpus: Path, out: Path, workers: int, threads: int) -> dict:
+    """One build in this (fresh) process; prints nothing but its result."""
+    import torch
+
+    from expertrag.data.readers import iter_documents
+
+    torch.set_num_threads(threads)
+    result: dict = {"mode": mode, "workers": workers if mode == "ray" else 0}
+    if mode == "single":
+        from expertrag.retrieval.builder import build_index
+
+        t = time.perf_counter()
+        report = build_index(out, iter_documents([corpus]), progress=False)
+        result["build_s"] = time.perf_counter() - t
+        result["cluster_start_s"] = 0.0
+    else:
+        from expertrag.retrieval.ray_build import build_index_on_ray, ray_session
+
+        t = time.perf_counter()
+        with ray_session(None, num_cpus=workers * threads):
+            result["cluster_start_s"] = time.perf_counter() - t
+            t = time.perf_counter()
+            report = build_index_on_ray(out, iter_documents([corpus]), progress=False, num_workers=workers,
+                                        threads_per_worker=threads)
+            result["build_s"] = time.perf_counter() - t
+    result["passages"] = report.passages
+    result["timings"] = report.timings
+    result["driver_peak_rss_mb"] = _peak_rss_mb()
+    return result
+
+
+def _peak_rss_mb() -> float:
+    """This process's peak RSS since its exec (VmHWM). Not ru_maxrss: Linux carries that across fork and
+    exec, so a child of a large process (a test run) would report at least its parent's peak."""
+    with open("/proc/self/status", encoding="ascii") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024.0
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # not Linux: the best there is
+
+
+def run(data: Path | None = None, passages: int = 1000, workers: tuple[int, ...] = (1, 2), threads: int = 1,
+        progress: bool = True) -> dict:
+    if passages < 1:
+        raise InputError(f"--passages must be at least 1, got {passages}")
+    from expertrag.retrieval.ray_build import require_ray
+
+    require_ray()
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="expertrag-bench-ray-") as tmp:
+        corpus = Path(tmp) / "slice.jsonl"
+        n_docs = _write_slice(data, passages, corpus)
+        env = dict(os.environ, OMP_NUM_THREADS=str(threads), HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+        for k, (mode, w) in enumerate([("single", 0)] + [("ray", w) for w in workers]):
+            out = Path(tmp) / f"index-{k}"
+            cmd = [sys.executable, "-m", "expertrag.bench.ray_index", mode, str(corpus), str(out), str(w),
+                   str(threads)]
+            proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+            if proc.returncode != 0:
+                raise RuntimeError(f"{mode} build failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+            row = json.loads(proc.stdout.strip().splitlines()[-1])
+            row["passages_per_s"] = row["passages"] / row["build_s"]
+            rows.append(row)
+            if progress:
+                print(f"{mode} workers={w}: {row['passages']} passages in {row['build_s']:.1f} s "
+                      f"(+{row['cluster_start_s']:.1f} s cluster start), driver peak RSS "
+                      f"{row['driver_peak_rss_mb']:.0f} MB", file=sys.stderr)
+    single = rows[0]
+    result: dict = {"documents": n_docs, "passages": single["passages"], "threads_per_worker": threads,
+                    "load_average_1m": os.getloadavg()[0], "cpus": os.cpu_count(),
+                    "single_s": single["build_s"], "single_passages_per_s": single["passages_per_s"],
+                    "single_driver_peak_rss_mb": single["driver_peak_rss_mb"]}
+    for row in rows[1:]:
+        w = row["workers"]
+        if row["passages"] != single["passages"]:
+            raise RuntimeError(f"Ray build with {w} workers indexed {row['passages']} passages, "
+                               f"single-process {single['passages']}")
+        result[f"ray{w}_s"] = row["build_s"]
+        result[f"ray{w}_cluster_start_s"] = row["cluster_start_s"]
+        result[f"ray{w}_embed_s"] = row["timings"]["embed_s"]
+        result[f"ray{w}_passages_per_s"] = row["passages_per_s"]
+        result[f"ray{w}_time_vs_single"] = row["build_s"] / single["build_s"]
+        result[f"ray{w}_with_start_vs_single"] = (row["build_s"] + row["cluster_start_s"]) / single["build_s"]
+        result[f"ray{w}_driver_peak_rss_mb"] = row["driver_peak_rss_mb"]
+    if 1 in workers and 2 in workers:
+        result["ray2_speedup_vs_ray1"] = result["ray1_s"] / result["ray2_s"]
+    result["single_embed_s"] = single["timings"]["embed_s"]
+    return result
+
+
+if __name__ == "__main__":  # one build, in the fresh process `run` starts
+    p = argparse.ArgumentParser()
+    p.add_argument("mode", choices=["single", "ray"])
+    p.add_argument("corpus", type=Path)
+    p.add_argument("out", type=Path)
+    p.add_argument("workers", type=int)
+    p.add_argument("threads", type=int)
+    a = p.parse_args()
+    print(json.dumps(_one(a.mode, a.corpus, a.out, a.workers, a.threads)))
