@@ -20,19 +20,15 @@ from expertrag.retrieval.builder import build_index
 from expertrag.retrieval.index import Index
 from expertrag.retrieval.ray_build import INSTALL_HINT, ray_available
 
-WIKI = Path("/work/shared/data/corpora/wiki_vital.jsonl")
 needs_ray = pytest.mark.skipif(not ray_available(), reason=f"Ray is not installed ({INSTALL_HINT})")
 
 
 def _corpus(path: Path) -> Path:
     """30 short documents plus 3 long ones made of several joined, so chunking cuts them."""
-    if WIKI.exists():
-        rows = [json.loads(line) for line in WIKI.read_text(encoding="utf-8").splitlines()[:60]]
-    else:  # a checkout without the shared data: the packaged corpus
-        from expertrag.data.wiki_offline import iter_wiki_offline_documents
+    from expertrag.data.wiki_offline import iter_wiki_offline_documents  # the packaged corpus
 
-        rows = [{"id": d.id, "title": d.title, "contents": d.contents, "metadata": d.metadata}
-                for d in iter_wiki_offline_documents(limit=60)]
+    rows = [{"id": d.id, "title": d.title, "contents": d.contents, "metadata": d.metadata}
+            for d in iter_wiki_offline_documents(limit=60)]
     docs = rows[:30]
     for k in range(3):
         part = rows[30 + 10 * k:40 + 10 * k]
@@ -173,8 +169,7 @@ def test_bench_ray_runs_every_build_on_the_same_slice(tmp_path):
     # not the speed (RESULTS.md has the measured run)
     from expertrag.bench.ray_index import run
 
-    data = WIKI.parent.parent if WIKI.exists() else None
-    result = run(data=data, passages=8, progress=False)
+    result = run(data=None, passages=8, progress=False)  # the packaged corpus (tests never read the shared data)
     assert result["documents"] == 8 and result["passages"] >= 8
     for w in (1, 2):
         assert result[f"ray{w}_s"] > 0 and result[f"ray{w}_cluster_start_s"] > 0
