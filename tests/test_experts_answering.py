@@ -258,10 +258,9 @@ def test_a_backend_that_cannot_take_adapters_says_so_once_and_answers_without(in
 
 
 def _random_adapter_folder_only(folder: Path) -> None:
-    from expertrag.model.llama import LlamaArgs, LlamaLM
-
     # the transformers backend never reads it: any well-formed adapter folder will do
     from conftest import TINY_LLAMA
+    from expertrag.model.llama import LlamaArgs, LlamaLM
 
     _random_adapter(LlamaLM(LlamaArgs.from_hf(copy.deepcopy(TINY_LLAMA))), folder, seed=1)
 

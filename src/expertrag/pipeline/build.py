@@ -21,8 +21,8 @@ from expertrag.retrieval.config import RetrievalConfig
 from expertrag.retrieval.index import Index
 
 GATE_DIR = "gate"
-__all__ = ["AUDIT_FILE", "GATE_DIR", "PipelineSections", "PipelineSettings", "gate_dir", "load_generator",
-           "load_pipeline", "load_screen"]
+__all__ = ["AUDIT_FILE", "GATE_DIR", "PipelineSections", "PipelineSettings", "expert_policy", "gate_dir",
+           "load_generator", "load_pipeline", "load_screen", "wire_pipeline"]
 
 
 def gate_dir(index_dir: str | Path) -> Path:
@@ -98,20 +98,28 @@ def load_pipeline(index_dir: str | Path, config: PipelineSettings | None = None,
     """Index + generator + policy. The policy's artifacts come from `gate` or the index's gate folder.
     The index's domain experts (INDEX/experts.json, INDEX/router/) are watched: with active domain experts
     every question is routed; without, the pipeline answers exactly as it did before experts existed.
-    Every active expert's own gate is built here, so a bad `gate` in the registry fails at start-up (naming
-    the file and the record's field); one added later fails the questions routed to it, the same way."""
-    from expertrag.experts.live import LiveExperts
+    A bad expert `gate` fails here (see wire_pipeline); one added later fails the questions routed to it."""
     from expertrag.gate.policies import make_policy
 
     config = config or PipelineSections()
     index = Index(index_dir, config.retrieval)
     name = policy or config.gate.policy
     pol = make_policy(name, config.gate, artifacts_dir=gate or gate_dir(index_dir))
+    return wire_pipeline(index, index_dir, generator or load_generator(config), pol, name, config)
+
+
+def wire_pipeline(index: Index, index_dir: str | Path, generator: Generator, policy, policy_name: str,
+                  config: PipelineSettings) -> ExpertRAG:
+    """An ExpertRAG with the index's domain experts, their gates and the policy expert wired in (what
+    `load_pipeline` and the service build). Every active expert's gate is built here, so a bad `gate` in the
+    registry fails at start-up, naming the file and the record's field."""
+    from expertrag.experts.live import LiveExperts
+
     policy_config = getattr(config, "policy", None) or PolicyConfig()
     screen = load_screen(policy_config, index, index_dir)
     experts = LiveExperts(index_dir)
-    rag = ExpertRAG(index, generator or load_generator(config), pol, config.pipeline, name, experts=experts,
-                    screen=screen, gate_config=config.gate,
+    rag = ExpertRAG(index, generator, policy, config.pipeline, policy_name, experts=experts, screen=screen,
+                    gate_config=config.gate,
                     expert_policy=None if screen is not None else expert_policy(policy_config, index_dir))
     rag.gates.check(experts.current().snapshot)
     return rag
