@@ -70,6 +70,9 @@ def add_cmd(
         None, "--gate", help="its own retrieval gate: a policy name (always, never, adaptive, ...), a trained "
                              "gate folder relative to the index (adaptive on it) or POLICY:FOLDER; default: the "
                              "pipeline's policy"),
+    adapter: str | None = typer.Option(
+        None, "--adapter", help="its LoRA adapter folder (peft format), relative to the index; `expert train` "
+                                "sets it for you"),
     replace: bool = typer.Option(False, "--replace", help="replace an active expert of that name (new version)"),
     as_json: bool = typer.Option(False, "--json", help="print the records added as JSON"),
 ) -> None:
@@ -102,10 +105,17 @@ def add_cmd(
     try:
         records = [ExpertRecord(name=n, domain=d, description=description or f"passages of domain {d}",
                                 system_prompt=prompt, k=k, mode=mode, groups=tuple(groups or ()),
-                                sensitive=sensitive, gate=gate) for n, d in specs]
+                                sensitive=sensitive, gate=gate, adapter=adapter) for n, d in specs]
     except ValidationError as e:
         err = e.errors()[0]
         raise InputError(err["msg"], field="--" + str(err["loc"][0]).replace("_", "-")) from None
+    if adapter is not None:
+        from expertrag.experts.adapter import AdapterError, read_adapter
+
+        try:  # a folder that could not be applied at answer time is never registered
+            read_adapter(index / adapter)
+        except AdapterError as e:
+            raise InputError(str(e), field="--adapter") from None
     if gate is not None:
         from expertrag.experts.gates import build_gate
         from expertrag.pipeline.build import gate_dir
