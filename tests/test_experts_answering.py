@@ -339,3 +339,33 @@ def test_bad_sensitive_experts_settings_name_the_field():
 
     with pytest.raises(ValidationError, match="sensitive_experts.action"):
         PolicyConfig.model_validate({"sensitive_experts": {"action": "redact"}})
+
+
+def test_expert_add_adapter_is_checked_before_it_is_registered(index_dir):
+    _random_adapter_folder_only(index_dir / "adapters" / "astronomy")
+    assert_one_line_error(*cli("expert", "add", "--index", str(index_dir), "--domain", "astronomy",
+                               "--adapter", "adapters/nowhere")[::2], "--adapter", "missing")
+    assert not (index_dir / "experts.json").exists()
+    code, out, err = cli("expert", "add", "--index", str(index_dir), "--domain", "astronomy",
+                         "--adapter", "adapters/astronomy", "--json")
+    assert code == 0, err
+    assert json.loads(out)["added"][0]["adapter"] == "adapters/astronomy"
+
+
+@pytest.mark.slow
+def test_answer_quality_compares_routed_experts_with_one_global_index(index_dir, model, smollm2):
+    from expertrag.eval.expert_routing import LabelledQuestion, answer_quality
+
+    _random_adapter(smollm2[0], index_dir / "adapters" / "cooking", seed=5)
+    _register(index_dir, cooking={"adapter": "adapters/cooking"}, astronomy={"gate": "never"})
+    gen = _native(model)
+    routed, plain = _rag(index_dir, gen), _rag(index_dir, gen)
+    plain.experts = None  # as eval-experts compares: the same pipeline without routing
+    test = [LabelledQuestion("q1", "How is caramel made?", "cooking", ["c3"], ["Sugar is heated until it melts."]),
+            LabelledQuestion("q2", "Why is Mars red?", "astronomy", ["a1"], ["Iron oxide dust."])]
+    report = answer_quality(routed, plain, test)
+    r, g = report["routed"], report["global"]
+    assert r["answers"] == g["answers"] == 2 and sum(report["paired"].values()) == 2
+    assert set(r["token_f1_by_domain"]) == {"astronomy", "cooking"}
+    # routed: cooking answered with its adapter, astronomy skipped retrieval by its own gate; global: neither
+    assert (r["with_adapter"], r["without_retrieval"]) == (1, 1) and (g["with_adapter"], g["without_retrieval"]) == (0, 0)
