@@ -130,6 +130,8 @@ class _Job:
 
     def cancelled(self) -> bool:
         return self.is_cancelled is not None and self.is_cancelled()
+
+
 @dataclass(eq=False)
 class _Plan:
     """One chosen expert of a routed question, before generation: its settings, its gate's decision
@@ -138,7 +140,7 @@ class _Plan:
     expert: ExpertRecord
     weight: float
     config: PipelineConfig
-    gate: str  # the gate that decided: the expert's `gate`, or the pipeline's policy name
+    gate: str  # what decided: the expert's `gate`, the pipeline's policy name, or "policy-expert" (cite_only)
     decision: Decision
     ctx: PipelineGateContext | None = None  # the expert's own gate context (None: the question's)
     adapter: str | None = None  # AdapterBank key, when applied
@@ -246,6 +248,8 @@ class ExpertRAG:
         self.screen = screen  # the policy expert (experts/policy.py); None = no rules, nothing screened
         self._expert_policy = expert_policy
         self.generator = generator
+        # experts' learned gates read the index's gate folder by default, as the pipeline's policy does
+        # (pipeline.build.GATE_DIR; build imports this module, so the name is not imported from there)
         self.gates = ExpertGates(experts.registry.dir, gate_config, Path(index.dir) / "gate",
                                  generator.capabilities) if experts is not None else None
         # domain adapters kept on the generator's model; None: no experts, or a backend that cannot take them
@@ -542,8 +546,8 @@ class ExpertRAG:
             ecfg = _expert_config(cfg, e)
             own = self.gates.policy(e, state.snapshot) if self.gates is not None else None
             adapter, note = self._adapter_for(e, state.snapshot)
-            plan = _Plan(expert=e, weight=w, config=ecfg, gate=e.gate or policy_name, decision=forced,
-                         adapter=adapter, adapter_note=note)
+            plan = _Plan(expert=e, weight=w, config=ecfg, decision=forced, adapter=adapter, adapter_note=note,
+                         gate="policy-expert" if forced is not None else e.gate or policy_name)
             if forced is None and own is None:
                 if shared is None:
                     shared = policy.decide(ctx)
