@@ -49,7 +49,8 @@ class ExpertRAGGenerator:
         self.capabilities = Capabilities(
             backend="native", model="ExpertRAG decoder" + (" (MoE)" if moe else " (dense)"), entropy="full",
             hidden_states=True, router_stats=moe, retrieval_affinity=retrieval, passage_memory=retrieval,
-            batched=True, batch_shares_router=moe, hidden_size=model.args.hidden_size)
+            batched=True, batch_shares_router=moe, hidden_size=model.args.hidden_size,
+            adapters=True)
 
     @classmethod
     def from_config(cls, cfg: ModelConfig | None = None) -> ExpertRAGGenerator:
