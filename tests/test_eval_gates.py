@@ -210,3 +210,37 @@ def test_merged_folds_equal_one_run_over_all_questions(tmp_path):
     (tmp_path / "broken.json").write_text('{"format": ')
     r = run_cli(["merge-results", str(tmp_path / "broken.json"), "--out", str(tmp_path / "m2")])
     assert isinstance(r.exception, InputError) and "not a JSON" in str(r.exception)
+
+
+def test_fixed_splits_never_move_a_question_as_the_label_file_grows(tmp_path):
+    from expertrag.gate.labels import parse_splits, split_fixed, write_labels
+
+    shares = parse_splits("train=0.6,dev=0.2,test=0.2")
+    big = labels(60, 90, 150)
+    small = big[::3]  # an earlier, shorter state of the same file (another order too)
+    where_big = {r.id: n for n, part in split_fixed(big, shares).items() for r in part}
+    where_small = {r.id: n for n, part in split_fixed(list(reversed(small)), shares).items() for r in part}
+    assert all(where_big[i] == n for i, n in where_small.items())
+    parts = split_fixed(big, shares)
+    assert sum(len(p) for p in parts.values()) == len(big)
+    # each label lands in each split near its share (hash positions are uniform and label-blind)
+    for lab, total in (("no_retrieve", 60), ("retrieve", 90), ("both_wrong", 150)):
+        for name, share in shares.items():
+            got = sum(r.label == lab for r in parts[name])
+            assert abs(got - share * total) <= 4 * (share * (1 - share) * total) ** 0.5 + 1, (lab, name, got)
+    assert split_fixed(big, shares, seed=1) != parts  # the seed matters
+
+    src = tmp_path / "l.jsonl"
+    write_labels(src, big)
+    r = run_cli(["split-labels", "--labels", str(src), "--out", str(tmp_path / "s"), "--prefix", "shared",
+                 "--splits", "train=0.6,dev=0.2,test=0.2"])
+    assert r.exit_code == 0, r.output
+    assert "shared_test:" in r.output and "no_retrieve" in r.output
+    assert [x.id for x in read_labels(tmp_path / "s" / "shared_dev.jsonl")] == [x.id for x in parts["dev"]]
+    for bad, msg in (("train=0.6,test=0.3", "sum to"), ("train=0.6,0.4", "NAME=SHARE"), ("train=1", "two"),
+                     ("a=x,b=1", "not a number"), ("a=0.5,a=0.5", "twice")):
+        r = run_cli(["split-labels", "--labels", str(src), "--out", str(tmp_path / "x"), "--splits", bad])
+        assert isinstance(r.exception, InputError) and msg in str(r.exception), (bad, r.exception)
+    r = run_cli(["split-labels", "--labels", str(src), "--out", str(tmp_path / "x"), "--splits", "a=0.5,b=0.5",
+                 "--folds", "2"])
+    assert isinstance(r.exception, InputError) and "not both" in str(r.exception)
