@@ -162,6 +162,7 @@ def split_labels_cmd(
     from expertrag.fileio import atomic_write_bytes
     from expertrag.gate.labels import parse_splits, read_labels, split_fixed, split_folds, write_labels
 
+    out.mkdir(parents=True, exist_ok=True)
     if splits is not None and folds is not None:
         raise InputError("give --folds or --splits, not both")
     shares = parse_splits(splits) if splits is not None else None
@@ -184,6 +185,15 @@ def split_labels_cmd(
         atomic_write_bytes(path, "".join(json.dumps(x, ensure_ascii=False) + "\n" for x in rows).encode())
 
     all_labels = sorted({r.label for r in records})
+    source_prov = provenance_path(labels)
+    prov = json.loads(source_prov.read_text(encoding="utf-8")) if source_prov.is_file() else None
+
+    def write_part(path: Path, part, what: str) -> None:
+        write_labels(path, part)
+        if prov is not None:  # a split's labels were made with its source's settings: `train gate` reads them
+            atomic_write_bytes(provenance_path(path), (json.dumps(
+                {**prov, "split_of": str(labels), "split": what, "split_seed": seed}, indent=1,
+                ensure_ascii=False) + "\n").encode())
 
     def counts(part) -> str:
         return ", ".join(f"{lab} {sum(r.label == lab for r in part)}" for lab in all_labels)
@@ -191,7 +201,7 @@ def split_labels_cmd(
     if shares is not None:
         parts = split_fixed(records, shares, seed)
         for name, part in parts.items():
-            write_labels(out / f"{prefix}_{name}.jsonl", part)
+            write_part(out / f"{prefix}_{name}.jsonl", part, name)
             if by_id:
                 write_questions(out / f"{prefix}_{name}.questions.jsonl", part)
             share = len(part) / len(records) if records else 0.0
@@ -199,8 +209,8 @@ def split_labels_cmd(
         return
     for i, part in enumerate(split_folds(records, folds or 2, seed)):
         held = {r.id for r in part}
-        write_labels(out / f"fold{i}.jsonl", part)
-        write_labels(out / f"train{i}.jsonl", [r for r in records if r.id not in held])
+        write_part(out / f"fold{i}.jsonl", part, f"fold{i}")
+        write_part(out / f"train{i}.jsonl", [r for r in records if r.id not in held], f"train{i}")
         if by_id:
             write_questions(out / f"fold{i}.questions.jsonl", part)
         print(f"fold{i}: {len(part)} held out ({counts(part)}); train{i}: {len(records) - len(part)}")
