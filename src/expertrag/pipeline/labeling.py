@@ -140,8 +140,8 @@ def gate_examples(rag: ExpertRAG, records: Sequence[LabelRecord], *, probe: bool
     from expertrag.gate.features import probe_features, sample_features
     from expertrag.gate.train import GateExample
 
-    use_hidden = bool(getattr(gate, "use_hidden", False))
-    n_samples = int(getattr(gate, "sample_consistency", 0) or 0)
+    use_hidden = True if gate is None else bool(gate.use_hidden)  # no config: everything, as before
+    n_samples = 0 if gate is None else int(gate.sample_consistency)
     st = stats if stats is not None else {}
     st.update(questions=len(records), probes_from_traces=0, probes_run=0)
     disable = None if progress is None else not progress
