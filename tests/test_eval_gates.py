@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
+import numpy as np
 import pytest
 
 from expertrag.errors import ExpertRAGError, InputError
@@ -244,3 +245,68 @@ def test_fixed_splits_never_move_a_question_as_the_label_file_grows(tmp_path):
     r = run_cli(["split-labels", "--labels", str(src), "--out", str(tmp_path / "x"), "--splits", "a=0.5,b=0.5",
                  "--folds", "2"])
     assert isinstance(r.exception, InputError) and "not both" in str(r.exception)
+
+
+class TierGate:
+    """Scores retrieve-labelled questions 0.9, known ones 0.2, hopeless ones 0.1 (a near-oracle ordering)."""
+
+    def decide(self, ctx) -> Decision:
+        s = 0.9 if ctx.question.startswith("unknown") else 0.2 if ctx.question.startswith("known") else 0.1
+        return Decision(s >= 0.5, s, "fast", "tier")
+
+
+@dataclass
+class ProbingCtx:
+    question: str
+    metadata: dict
+    calls: int = 0
+
+    def probe(self):
+        from expertrag.gate.types import Probe
+
+        self.calls += 1
+        return Probe("x", [1], [-0.1], [0.2], ms=50.0)  # as if the draft had taken 50 ms
+
+
+class ProbingGate:
+    name = "probing"
+
+    def decide(self, ctx) -> Decision:
+        ctx.probe()
+        return Decision(True, 0.5, "probe", self.name)
+
+
+def test_intervals_operating_points_and_gate_cost():
+    from expertrag.eval.config import EvalConfig
+    from expertrag.eval.gate_quality import curve_gain, matching_rate
+
+    recs = labels(4, 6, 10)
+    policies = {"kw": KnownWordGate(), "tier": TierGate(), "p1": ProbingGate(), "p2": ProbingGate()}
+    res = evaluate_gates(lambda r: ProbingCtx(r.question, dict(r.metadata)), policies, recs, progress=False,
+                         settings=EvalConfig(bootstrap=200), answer_ms={"closed": 100.0, "open": 300.0})
+    json.dumps(res, allow_nan=False)
+    kw, tier = res["results"]["kw"]["overall"], res["results"]["tier"]["overall"]
+    # always-retrieve: 8/20. kw must retrieve for the 16 unknown+hopeless to reach it; tier only for the 6
+    assert kw["operating"]["match_rate"] == pytest.approx(16 / 20)
+    assert tier["operating"]["match_rate"] == pytest.approx(6 / 20)
+    # tier's curve (0, .2) (.3, .5) (.5, .4) (1, .4) against the chord from .2 to .4
+    assert tier["operating"]["curve_gain"] == pytest.approx(0.395 - 0.3)
+    lo, hi = tier["operating"]["match_rate_ci"]
+    assert lo <= 6 / 20 <= hi and 0 <= lo and hi <= 1
+    assert tier["auroc_ci"][0] <= tier["gate_quality"]["auroc"] <= tier["auroc_ci"][1]
+    assert kw["operating"]["accuracy_at_decisions"] == pytest.approx(0.5)
+    # each policy reading the (shared, cached) probe is charged its 50 ms; the others are not
+    for p in ("p1", "p2"):
+        c = res["results"][p]["overall"]["cost"]
+        assert c["gate_ms"] >= 50.0 and 0 < c["gate_share_of_answer_time"] < 1
+    assert res["results"]["kw"]["overall"]["cost"]["gate_ms"] < 50.0
+    assert matching_rate(np.array([0.0, 0.5, 1.0]), np.array([0.1, 0.3, 0.3]), 0.3) == 0.5
+    assert matching_rate(np.array([0.0, 1.0]), np.array([0.1, 0.29]), 0.3) == 1.0  # never reached
+    assert curve_gain(np.array([0.0, 1.0]), np.array([0.2, 0.4]), 0.2, 0.4) == pytest.approx(0.0)  # the chord
+    import tempfile
+
+    from expertrag.eval.gate_eval import write_gate_report
+
+    with tempfile.TemporaryDirectory() as d:
+        md = write_gate_report(res, d).read_text()
+    assert "## Intervals and operating points" in md and "match always" in md

@@ -148,6 +148,7 @@ class PipelineGateContext:
         self._embedding: np.ndarray | None = embedding  # the policy expert's classifier may have computed it
         self._probe: Probe | None = None
         self._samples: dict[tuple[int, float, int], list[str]] = {}
+        self._samples_ms: dict[tuple[int, float, int], float] = {}
         self.samples_ms = 0.0  # sampled drafts (gate sample consistency)
         self.retrieval_ms = 0.0  # ranking work done for the gate, reusable by retrieval
 
@@ -217,8 +218,13 @@ class PipelineGateContext:
         if key not in self._samples:
             t = time.perf_counter()
             self._samples[key] = self.rag.sample_drafts([self.question], n, temperature, seed)[0]
-            self.samples_ms += (time.perf_counter() - t) * 1000
+            self._samples_ms[key] = (time.perf_counter() - t) * 1000
+            self.samples_ms += self._samples_ms[key]
         return self._samples[key]
+
+    def samples_cost_ms(self, n: int, temperature: float, seed: int) -> float:
+        """What computing these samples took (0 when they were set from outside or not computed)."""
+        return self._samples_ms.get((int(n), float(temperature), int(seed)), 0.0)
 
     def set_samples(self, n: int, temperature: float, seed: int, texts: list[str]) -> None:
         self._samples[(int(n), float(temperature), int(seed))] = list(texts)

@@ -5,7 +5,13 @@ from __future__ import annotations
 import numpy as np
 
 from expertrag.errors import ExpertRAGError
-from expertrag.gate.features import FeatureSpec, popularity_features, probe_features, sample_features, time_sensitive
+from expertrag.gate.features import (
+    FeatureSpec,
+    popularity_features,
+    probe_features,
+    sample_features,
+    time_sensitive,
+)
 from expertrag.gate.models import GateArtifactError, GateModel, load_gate
 from expertrag.gate.policies.artifacts import TRAIN_HINT, artifact_path, read_band
 from expertrag.gate.policies.base import Policy
