@@ -6,6 +6,7 @@ and a five-passage index."""
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -192,3 +193,150 @@ def test_the_shipped_demo_gate_loads_with_the_default_quantile_band():
     # no band.json in the shipped folder: the absolute band it was tuned with, as before
     assert pol.band_source == "band" and pol.high - pol.low == pytest.approx(0.04) and pol.time_rule
     assert make_policy("adaptive", GateConfig(), demo).band_source == "low/high"
+
+
+# ----------------------------------------------------------------- with the real model and a small index
+
+DOCS = [
+    ("paris", "Paris", "Paris is the capital and largest city of France, on the Seine."),
+    ("zorbl", "Zorblatt Institute", "The Zorblatt Institute was founded in 1987 by Mirela Quenton in Tallinn."),
+    ("moon", "Moon", "The Moon is Earth's only natural satellite; it causes the tides."),
+    ("tea", "Tea", "Tea is an aromatic beverage prepared by pouring hot water over cured tea leaves."),
+]
+QUESTIONS = ["What is the capital of France?", "Who founded the Zorblatt Institute?", "What causes tides?",
+             "How is tea made?", "Who is Mirela Quenton?", "What is the Moon?"]
+
+
+@pytest.fixture(scope="module")
+def index(tmp_path_factory):
+    from expertrag.data.types import Document
+    from expertrag.retrieval import Index, build_index
+
+    out = tmp_path_factory.mktemp("signals") / "index"
+    build_index(out, [Document(*d) for d in DOCS], progress=False)
+    return Index(out)
+
+
+@pytest.fixture(scope="module")
+def rag(index, smollm2):
+    from expertrag.gate.policies import make_policy
+    from expertrag.model.generator import ExpertRAGGenerator
+    from expertrag.pipeline.config import PipelineConfig
+    from expertrag.pipeline.rag import ExpertRAG
+
+    cfg = PipelineConfig(k=2, max_new_tokens=12, probe_tokens=4, answer_cache_size=0, retrieval_cache_size=0)
+    return ExpertRAG(index, ExpertRAGGenerator(*smollm2), make_policy("never"), cfg, "never")
+
+
+@pytest.mark.slow
+def test_retrieval_evidence_on_a_real_index(rag):
+    from expertrag.pipeline.rag import PipelineGateContext
+
+    known = PipelineGateContext(rag, "Who founded the Zorblatt Institute?", {}, None).query_features()
+    unknown = PipelineGateContext(rag, "Who painted the Glorbnik Fresco?", {}, None).query_features()
+    assert set(RETRIEVAL_FEATURES) <= set(known) and set(TIME_FEATURES) <= set(known)
+    assert known["entity_found"] == 1.0 and known["entity_docs_log"] == pytest.approx(math.log1p(1))
+    assert unknown["entity_found"] == 0.0 and unknown["absent_share"] > known["absent_share"]
+    assert known["idf_max_present"] > 0 and known["bm25_mean"] > 0
+    # the batched contexts compute the same features as one at a time
+    many = PipelineGateContext.many(rag, [("Who founded the Zorblatt Institute?", {}), ("What causes tides?", {})])
+    assert many[0].query_features() == pytest.approx(known)
+
+
+@pytest.mark.slow
+def test_batched_probes_and_several_hidden_layers(rag):
+    one = [rag.probe(q) for q in QUESTIONS]
+    many = rag.probe_many(QUESTIONS, batch_size=4)
+    assert [p.token_ids for p in many] == [p.token_ids for p in one]  # left padding does not change them
+    assert np.allclose([p.logprobs[0] for p in many], [p.logprobs[0] for p in one], atol=1e-3)
+    assert np.allclose(many[1].hidden, one[1].hidden, atol=1e-3)
+    h = rag.generator.capabilities.hidden_size
+    layered = rag.config.model_copy(update={"probe_layers": [6, 18, -1]})
+    old, rag.config = rag.config, layered
+    try:
+        p = rag.probe(QUESTIONS[0])
+    finally:
+        rag.config = old
+    assert p.hidden.shape == (3 * h,)
+    assert np.allclose(p.hidden[2 * h:], one[0].hidden, atol=1e-4)  # the last block is the default layer
+
+
+@pytest.mark.slow
+def test_sampled_drafts_are_seeded_and_feed_the_consistency_features(rag):
+    a = rag.sample_drafts(QUESTIONS[:1], 4, 1.0, 7)[0]
+    b = rag.sample_drafts(QUESTIONS[:1], 4, 1.0, 7)[0]
+    c = rag.sample_drafts(QUESTIONS[:1], 4, 1.0, 8)[0]
+    assert a == b and len(a) == 4 and a != c
+    f = sample_features(rag.probe(QUESTIONS[0]).text, a)
+    assert 0 <= f["sample_agreement"] <= 1 and 1 / 5 <= f["sample_distinct"] <= 1
+
+
+@pytest.mark.slow
+def test_question_token_router_statistics_on_the_upcycled_model(index, smollm2):
+    import copy
+
+    from expertrag.gate.policies import make_policy
+    from expertrag.model.generator import ExpertRAGGenerator
+    from expertrag.model.upcycle import DEMO_MOE, upcycle
+    from expertrag.pipeline.config import PipelineConfig
+    from expertrag.pipeline.rag import ExpertRAG
+
+    import torch
+
+    model, tok = smollm2
+    moe_model = upcycle(copy.deepcopy(model), DEMO_MOE)
+    torch.manual_seed(0)
+    for layer in moe_model.layers:  # an upcycled router starts uniform; a trained one is not
+        if getattr(layer.mlp, "router", None) is not None:
+            torch.nn.init.normal_(layer.mlp.router.weight, std=0.05)
+    gen = ExpertRAGGenerator(moe_model, tok)
+    moe = ExpertRAG(index, gen, make_policy("never"), PipelineConfig(probe_tokens=2), "never")
+    q = "Who founded the Zorblatt Institute?"
+    g = gen.generate([{"role": "user", "content": q}], max_new_tokens=1, return_router=True, router_span=q)
+    assert g.router_stats.span == "prompt" and g.question_router_stats.span == "question"
+    n_question = len(tok(" " + q, add_special_tokens=False)["input_ids"])
+    assert abs(g.question_router_stats.tokens - n_question) <= 1 < g.router_stats.tokens - n_question
+    p = moe.probe(q)
+    f = probe_features(p)
+    for name in ("retrieval_affinity", "router_entropy", "router_agreement"):
+        assert name in f and f"q_{name}" in f
+    assert f["q_router_entropy"] != pytest.approx(f["router_entropy"])  # the template no longer dilutes it
+
+
+@pytest.mark.slow
+def test_training_reads_probes_off_label_traces_when_the_settings_match(rag, tmp_path):
+    from expertrag.data.types import Question
+    from expertrag.gate.labels import read_labels
+    from expertrag.pipeline.labeling import gate_examples, label_questions, label_settings, trace_reuse
+
+    qs = [Question(id=f"q{i}", question=q, golden_answers=["Paris" if i == 0 else "zzz"])
+          for i, q in enumerate(QUESTIONS)]
+    out = tmp_path / "labels.jsonl"
+    label_questions(rag, qs, out, batch_size=3, progress=False)
+    records = read_labels(out)
+    model = {"setup": "native", "config": {"base": "smollm2"}}
+    prov = {"settings": label_settings(rag, model)}
+    mnt, why = trace_reuse(rag, model, prov)
+    assert mnt == rag.config.max_new_tokens and why == ""
+    assert trace_reuse(rag, model, None)[0] is None
+    other = {"settings": {**prov["settings"], "model": {"setup": "llamacpp"}}}
+    assert trace_reuse(rag, model, other) == (None, "the labels were made with other settings (model differ)")
+
+    stats: dict = {}
+    cfg = GateConfig()
+    reused = gate_examples(rag, records, gate=cfg, trace_max_new_tokens=mnt, stats=stats, progress=False)
+    assert stats["probes_from_traces"] == len(records) and stats["probes_run"] == 0
+    fresh = gate_examples(rag, records, gate=cfg, stats={}, progress=False)
+    for a, b in zip(reused, fresh, strict=True):
+        assert a.query_features == pytest.approx(b.query_features)
+        assert a.probe_features == pytest.approx(b.probe_features, abs=1e-3)  # batched labels: float rounding
+    # a gate that reads hidden states still needs real probes (batched)
+    st2: dict = {}
+    hid = gate_examples(rag, records, gate=cfg.model_copy(update={"use_hidden": True}), trace_max_new_tokens=mnt,
+                        stats=st2, progress=False)
+    assert st2["probes_run"] == len(records) and all(e.hidden is not None for e in hid)
+    # sample consistency rides on either
+    st3: dict = {}
+    smp = gate_examples(rag, records[:2], gate=cfg.model_copy(update={"sample_consistency": 3}),
+                        trace_max_new_tokens=mnt, stats=st3, progress=False)
+    assert all(set(SAMPLE_FEATURES) <= set(e.probe_features) for e in smp) and st3["samples_s"] >= 0
