@@ -17,7 +17,7 @@ TIME_ANSWERS=${TIME_ANSWERS:-20}
 EXPERTRAG=${EXPERTRAG:-expertrag}
 config=configs/gate_ablation/$row.yaml
 [ -f "$config" ] || { echo "no such row: $config" >&2; exit 2; }
-mkdir -p "$OUT/$row"
+mkdir -p "$OUT/$row/$split"
 if [ ! -f "$OUT/$row/gate/full.json" ]; then
   $EXPERTRAG train gate --labels "$LABELS/${PREFIX}_train.jsonl" --index "$INDEX" --config "$config" \
     --out "$OUT/$row/gate" --json > "$OUT/$row/train_report.json"
