@@ -4,7 +4,9 @@
 # bootstrap intervals and the gate's cost as a share of measured answer time.
 #   scripts/gate_ablation.sh ROW [SPLIT] ; SPLIT = dev (default, for choosing) or test (final figures only)
 # Environment: INDEX (indexes/shared), LABELS (results/labels), PREFIX (shared), OUT (results/gate_ablation),
-#   TIME_ANSWERS (20: questions answered to measure answer time), EXPERTRAG (expertrag).
+#   TIME_ANSWERS (20: questions answered to measure answer time), EXPERTRAG (expertrag),
+#   POLICIES (adaptive: the row's gate; "all" once, e.g. on row a_query_probe, adds the baselines, whose
+#   entropy/flare probe every question one at a time, ~20+ min on the test split of the shared box).
 # Summarise rows with: python scripts/gate_ablation_table.py OUT SPLIT
 set -euo pipefail
 row=${1:?usage: scripts/gate_ablation.sh ROW [dev|test]}
@@ -23,5 +25,5 @@ if [ ! -f "$OUT/$row/gate/full.json" ]; then
     --out "$OUT/$row/gate" --json > "$OUT/$row/train_report.json"
 fi
 $EXPERTRAG eval-gates --index "$INDEX" --labels "$LABELS/${PREFIX}_${split}.jsonl" --gate "$OUT/$row/gate" \
-  --config "$config" --out "$OUT/$row/$split" --time-answers "$TIME_ANSWERS" --json | tail -1 > "$OUT/$row/$split/summary.json"
+  --config "$config" --out "$OUT/$row/$split" --time-answers "$TIME_ANSWERS" --policies "${POLICIES:-adaptive}" --json | tail -1 > "$OUT/$row/$split/summary.json"
 echo "$row on $split: $OUT/$row/$split/gates.md"

@@ -4,7 +4,8 @@ before: one context and one unbatched probe per question (what `train gate` did:
         probe with its hidden state, one question at a time);
 traces: batched contexts, probe features read off the labels' closed-book traces (`trace_reuse`);
 batched: batched contexts and batched probes with hidden states (a gate with gate.use_hidden).
-Also checks that the trace-read probe features equal the recomputed ones.
+samples: 5 sampled drafts per question (gate.sample_consistency: 5) on 20 questions, alone (answer time,
+one batch of 5) and packed for training, against one greedy probe alone. Also checks that the trace-read probe features equal the recomputed ones.
 
     python scripts/gate_feature_timing.py LABELS INDEX CONFIG [N] [THREADS]
 """
@@ -49,6 +50,18 @@ def main(labels: str, index: str, config_path: str, n: int = 50, threads: int = 
     st_batched: dict = {}
     gate_examples(rag, records, gate=config.gate.model_copy(update={"use_hidden": True}), stats=st_batched,
                   progress=False)
+    qs = [r.question for r in records[:20]]
+    t = time.perf_counter()
+    for q in qs:
+        rag.sample_drafts([q], 5, 0.7, 0)  # answer time: one question's 5 samples, one batch of 5
+    t_samples_alone = (time.perf_counter() - t) / len(qs)
+    t = time.perf_counter()
+    probes_alone = [rag.probe(q) for q in qs]
+    t_probe_alone = (time.perf_counter() - t) / len(qs)
+    st_samples: dict = {}
+    gate_examples(rag, records[:20], gate=config.gate.model_copy(update={"sample_consistency": 5}),
+                  trace_max_new_tokens=mnt, stats=st_samples, progress=False)
+    del probes_alone
     diffs = [max(abs(e.probe_features[k] - b[1][k]) for k in b[1]) for e, b in zip(ex, before, strict=True)]
     same_tokens = sum(e.probe_features["draft_tokens"] == b[1]["draft_tokens"] for e, b in zip(ex, before, strict=True))
     print(json.dumps({
@@ -56,6 +69,8 @@ def main(labels: str, index: str, config_path: str, n: int = 50, threads: int = 
         "before_s_per_question": t_before / len(records),
         "traces_s_per_question": st_traces["s_per_question"], "traces_stats": st_traces,
         "batched_hidden_s_per_question": st_batched["s_per_question"], "batched_stats": st_batched,
+        "answer_time_probe_s": t_probe_alone, "answer_time_5_samples_s": t_samples_alone,
+        "training_5_samples_s_per_question": st_samples["samples_s"] / 20,
         "probe_feature_max_abs_diff": float(np.max(diffs)), "probe_feature_median_abs_diff": float(np.median(diffs)),
         "same_draft_length": same_tokens,
     }, indent=1))

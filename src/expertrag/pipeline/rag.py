@@ -306,22 +306,29 @@ class ExpertRAG:
             out += [_probe_of(g, ms, keep_draft=False) for g in gens]
         return out
 
-    def sample_drafts(self, questions: Sequence[str], n: int, temperature: float, seed: int) -> list[list[str]]:
+    def sample_drafts(self, questions: Sequence[str], n: int, temperature: float, seed: int,
+                      batch_rows: int = 1) -> list[list[str]]:
         """n sampled closed-book drafts (probe_tokens long) per question, seeded: the gate's sample
-        consistency. Where the backend batches, a question's n samples are one batch of n copies of its
-        prompt (one prompt forward's worth of wall time on a dense model), else n calls with seeds
-        seed, seed + 1, ... Reproducible for a fixed backend, batch layout and seed."""
+        consistency. Where the backend batches (dense model), the n copies of a question's prompt are one
+        batch, one prompt forward's worth of wall time; `batch_rows` > n packs the copies of several
+        questions into one batch (gate training: more rows per forward on CPU). Else n calls with seeds
+        seed, seed + 1, ... Reproducible for a fixed backend, batch layout and seed; a question's samples
+        depend on its batch's layout (one random stream per batch), not their distribution."""
         caps = self.generator.capabilities
+        if not questions or n <= 0:
+            return [[] for _ in questions]
+        if not (caps.batched and not caps.batch_shares_router and n > 1):
+            return [[self.generator.generate(closed_book_messages(q), max_new_tokens=self.config.probe_tokens,
+                                             stop=self.config.stop, temperature=temperature, seed=seed + i).text
+                     for i in range(n)] for q in questions]
+        per = max(1, batch_rows // n)  # questions per batch
         out: list[list[str]] = []
-        for q in questions:
-            msgs = closed_book_messages(q)
-            if caps.batched and not caps.batch_shares_router and n > 1:
-                gens = self.generator.generate_batch([msgs] * n, max_new_tokens=self.config.probe_tokens,
-                                                     stop=self.config.stop, temperature=temperature, seed=seed)
-            else:
-                gens = [self.generator.generate(msgs, max_new_tokens=self.config.probe_tokens, stop=self.config.stop,
-                                                temperature=temperature, seed=seed + i) for i in range(n)]
-            out.append([g.text for g in gens])
+        for i in range(0, len(questions), per):
+            part = questions[i:i + per]
+            gens = self.generator.generate_batch([closed_book_messages(q) for q in part for _ in range(n)],
+                                                 max_new_tokens=self.config.probe_tokens, stop=self.config.stop,
+                                                 temperature=temperature, seed=seed)
+            out += [[g.text for g in gens[j * n:(j + 1) * n]] for j in range(len(part))]
         return out
 
     # ---- answering -------------------------------------------------------------------------------------
