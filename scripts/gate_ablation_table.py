@@ -42,9 +42,10 @@ def main(out: str, split: str) -> None:
             print(row(name, d["results"]["adaptive"]["overall"]))
         else:
             print(f"| {name} | skipped: {d.get('skipped', {}).get('adaptive', '?')} |")
-    first = next(iter(docs.values()))
+    base_row = max(docs, key=lambda k: len(docs[k]["results"]))  # the row run with POLICIES=all, if any
+    first = docs[base_row]
     b = first["baselines"]
-    print(f"\nBaselines (row {next(iter(docs))}): never {b['never_accuracy']:.3f}, always {b['always_accuracy']:.3f}, "
+    print(f"\nBaselines (row {base_row}): never {b['never_accuracy']:.3f}, always {b['always_accuracy']:.3f}, "
           f"oracle {b['oracle_accuracy']:.3f}\n")
     print(header.format("baseline policy"))
     for p, r in first["results"].items():
