@@ -162,7 +162,10 @@ def split_labels_cmd(
     from expertrag.fileio import atomic_write_bytes
     from expertrag.gate.labels import parse_splits, read_labels, split_fixed, split_folds, write_labels
 
-    out.mkdir(parents=True, exist_ok=True)
+    import re
+
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", prefix):
+        raise InputError(f"--prefix must be a plain file-name stem (letters, digits, . _ -), got {prefix!r}")
     if splits is not None and folds is not None:
         raise InputError("give --folds or --splits, not both")
     shares = parse_splits(splits) if splits is not None else None
@@ -178,6 +181,7 @@ def split_labels_cmd(
         if missing:
             raise InputError(f"{len(missing)} labelled ids are not in the question file (first: {missing[0]!r})",
                              path=questions)
+    out.mkdir(parents=True, exist_ok=True)
 
     def write_questions(path: Path, part) -> None:
         rows = [{"id": q.id, "question": q.question, "golden_answers": q.golden_answers, "metadata": q.metadata}
@@ -186,7 +190,12 @@ def split_labels_cmd(
 
     all_labels = sorted({r.label for r in records})
     source_prov = provenance_path(labels)
-    prov = json.loads(source_prov.read_text(encoding="utf-8")) if source_prov.is_file() else None
+    prov = None
+    if source_prov.is_file():
+        try:
+            prov = json.loads(source_prov.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise InputError(f"unreadable provenance of the labels: {e}", path=source_prov) from None
 
     def write_part(path: Path, part, what: str) -> None:
         write_labels(path, part)
