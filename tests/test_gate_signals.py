@@ -275,13 +275,13 @@ def test_sampled_drafts_are_seeded_and_feed_the_consistency_features(rag):
 def test_question_token_router_statistics_on_the_upcycled_model(index, smollm2):
     import copy
 
+    import torch
+
     from expertrag.gate.policies import make_policy
     from expertrag.model.generator import ExpertRAGGenerator
     from expertrag.model.upcycle import DEMO_MOE, upcycle
     from expertrag.pipeline.config import PipelineConfig
     from expertrag.pipeline.rag import ExpertRAG
-
-    import torch
 
     model, tok = smollm2
     moe_model = upcycle(copy.deepcopy(model), DEMO_MOE)

@@ -158,11 +158,11 @@ def split_labels_cmd(
                                                "PREFIX_NAME.questions.jsonl) for `expertrag eval`"),
 ) -> None:
     """Split labels into stratified folds or fixed named splits, so gates are evaluated on unseen questions."""
+    import re
+
     from expertrag.errors import InputError
     from expertrag.fileio import atomic_write_bytes
     from expertrag.gate.labels import parse_splits, read_labels, split_fixed, split_folds, write_labels
-
-    import re
 
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", prefix):
         raise InputError(f"--prefix must be a plain file-name stem (letters, digits, . _ -), got {prefix!r}")
