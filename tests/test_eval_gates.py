@@ -162,9 +162,14 @@ def test_eval_gates_command_with_smollm2(tmp_path, monkeypatch, smollm2):
     conf.write_text("pipeline:\n  probe_tokens: 4\n")
     out = tmp_path / "out"
     r = run_cli(["eval-gates", "--index", str(index), "--labels", str(lab), "--out", str(out),
-                 "--policies", "never,always,flare,skr-knn", "--config", str(conf), "--json"])
+                 "--policies", "never,always,flare,skr-knn", "--config", str(conf), "--json",
+                 "--time-answers", "2", "--bootstrap", "50"])
     assert r.exit_code == 0, r.output
     s = json.loads(r.stdout.strip().splitlines()[-1])
+    # answer time measured on 2 questions per branch; flare's probe is its cost, a share of that time
+    assert s["answer_ms"]["questions"] == 2 and s["answer_ms"]["open"] > 0 and s["answer_ms"]["closed"] > 0
+    assert 0 < s["policies"]["flare"]["cost"]["gate_share_of_answer_time"] < 1
+    assert s["policies"]["flare"]["operating"]["n"] == 3
     assert set(s["policies"]) == {"never", "always", "flare"} and "skr-knn" in s["skipped"]
     assert s["policies"]["never"]["accuracy"] == pytest.approx(1 / 3)
     assert s["policies"]["always"]["accuracy"] == pytest.approx(2 / 3)
