@@ -340,3 +340,21 @@ def test_training_reads_probes_off_label_traces_when_the_settings_match(rag, tmp
     smp = gate_examples(rag, records[:2], gate=cfg.model_copy(update={"sample_consistency": 3}),
                         trace_max_new_tokens=mnt, stats=st3, progress=False)
     assert all(set(SAMPLE_FEATURES) <= set(e.probe_features) for e in smp) and st3["samples_s"] >= 0
+
+
+def test_trace_probe_stands_for_the_probe_only_where_it_can():
+    from expertrag.gate.labels import LabelRecord
+    from expertrag.pipeline.labeling import trace_probe
+
+    def rec(n: int, answer: str = "Paris is big") -> LabelRecord:
+        tr = {"token_ids": list(range(n)), "logprobs": [-0.1 * i for i in range(n)], "entropies": [0.5] * n}
+        return LabelRecord("a", "q", "both_wrong", False, False, closed_answer=answer, closed_trace=tr)
+
+    long = trace_probe(rec(10), 4, 24, decode=lambda ids: f"<{len(ids)} tokens>")
+    assert long.token_ids == [0, 1, 2, 3] and long.logprobs == pytest.approx([0, -0.1, -0.2, -0.3])
+    assert long.text == "<4 tokens>" and long.hidden is None
+    assert trace_probe(rec(10), 4, 24) is None  # longer than the probe and no tokenizer to cut its text
+    ended = trace_probe(rec(3), 4, 24)  # the answer ended (eos/stop) before the probe would have
+    assert ended.token_ids == [0, 1, 2] and ended.text == "Paris is big"
+    assert trace_probe(rec(3), 4, 3) is None  # cut at the labelling run's max_new_tokens: the probe goes on
+    assert trace_probe(LabelRecord("b", "q", "retrieve"), 4, 24) is None  # no trace
