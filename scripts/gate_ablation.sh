@@ -5,7 +5,8 @@
 #   scripts/gate_ablation.sh ROW [SPLIT] ; SPLIT = dev (default, for choosing) or test (final figures only)
 # Environment: INDEX (indexes/shared), LABELS (results/labels), PREFIX (shared), OUT (results/gate_ablation),
 #   TIME_ANSWERS (20: questions answered to measure answer time), EXPERTRAG (expertrag),
-#   POLICIES (adaptive: the row's gate; "all" once, e.g. on row a_query_probe, adds the baselines, whose
+#   LIMIT (train on the first N training labels only: rows with sample consistency pay ~2 s of sampling per
+#   training question on the shared box), POLICIES (adaptive: the row's gate; "all" once, e.g. on row a_query_probe, adds the baselines, whose
 #   entropy/flare probe every question one at a time, ~20+ min on the test split of the shared box).
 # Summarise rows with: python scripts/gate_ablation_table.py OUT SPLIT
 set -euo pipefail
@@ -22,7 +23,7 @@ config=configs/gate_ablation/$row.yaml
 mkdir -p "$OUT/$row/$split"
 if [ ! -f "$OUT/$row/gate/full.json" ]; then
   $EXPERTRAG train gate --labels "$LABELS/${PREFIX}_train.jsonl" --index "$INDEX" --config "$config" \
-    --out "$OUT/$row/gate" --json > "$OUT/$row/train_report.json"
+    --out "$OUT/$row/gate" ${LIMIT:+--limit "$LIMIT"} --json > "$OUT/$row/train_report.json"
 fi
 $EXPERTRAG eval-gates --index "$INDEX" --labels "$LABELS/${PREFIX}_${split}.jsonl" --gate "$OUT/$row/gate" \
   --config "$config" --out "$OUT/$row/$split" --time-answers "$TIME_ANSWERS" --policies "${POLICIES:-adaptive}" --json | tail -1 > "$OUT/$row/$split/summary.json"
