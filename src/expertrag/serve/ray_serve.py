@@ -113,7 +113,7 @@ class PipelineReplica:
                 except TimeoutError:
                     if fut.done() and events.empty():
                         if fut.exception() is not None:
-                            raise fut.exception()
+                            raise fut.exception() from None
                         return
                     continue
                 yield event
