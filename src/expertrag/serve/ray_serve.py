@@ -273,9 +273,10 @@ def run_on_ray(index_dir: Path, settings: Any, host: str, port: int, address: st
         raise InputError("--ray needs a fixed --port (Ray Serve's proxy binds it; 0 would not be known)")
     check_index(index_dir, settings)
     stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
     with ray_session(address):
+        # after ray.init, which installs its own SIGTERM handler (log and die): ours shuts Serve down first
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: stop.set())
         serve.start(http_options={"host": host, "port": port})
         try:
             print(f"expertrag: deploying {index_dir} on Ray Serve (loading the model in each replica)",
