@@ -148,7 +148,7 @@ def test_eval_on_ray_gives_the_single_process_answers(setup):
 
 
 @needs_ray
-def test_label_command_on_ray(setup, single_labels):
+def test_label_and_eval_commands_on_ray(setup, single_labels):
     # the command in this process: it finds the fixture's Ray session and uses it as is
     from typer.testing import CliRunner
 
@@ -165,6 +165,13 @@ def test_label_command_on_ray(setup, single_labels):
                                  "-o", str(out), "--batch-size", "2", "--config", str(cfg)])
     assert r.exit_code == 0, r.output
     assert out.read_text(encoding="utf-8") == "".join(single_labels.splitlines(keepends=True)[:2])
+    r = CliRunner().invoke(app, ["eval", "--ray", "--num-workers", "1", "-d", str(qfile), "-i", str(tmp / "idx"),
+                                 "-o", str(tmp / "eval"), "--policies", "never", "--k-sweep", "none",
+                                 "--config", str(cfg), "--json"])
+    assert r.exit_code == 0, r.output
+    result = json.loads((tmp / "eval" / "eval.json").read_text())
+    assert [(x["policy"], x["id"]) for x in result["records"]] == [("never", "q1"), ("never", "q2")]
+    assert result["datasets"]["q"]["sha256"] and (tmp / "eval" / "report.md").exists()
 
 
 def _run(args: list[str], hide_ray: bool = False) -> subprocess.CompletedProcess:
