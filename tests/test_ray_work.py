@@ -122,6 +122,30 @@ def test_a_worker_that_dies_is_restarted_and_its_batch_retried(setup, single_lab
     assert out.read_text(encoding="utf-8") == single_labels  # ... and the file is whole, each batch once
 
 
+class FailsToStart:
+    def __init__(self, *args):
+        from expertrag.errors import InputError
+
+        raise InputError("model folder not found", path="/nowhere")
+
+    def label(self, questions):  # never reached
+        return []
+
+
+@needs_ray
+def test_a_worker_that_cannot_start_is_one_clear_error(setup):
+    import ray.cloudpickle
+
+    from expertrag.errors import ExpertRAGError
+    from expertrag.pipeline.ray_work import label_on_ray
+
+    tmp, config = setup
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    with pytest.raises(ExpertRAGError, match="could not start: .*/nowhere: model folder not found$"):
+        label_on_ray(tmp / "idx", config, QUESTIONS, tmp / "never.jsonl", num_workers=1, worker=FailsToStart)
+    assert not (tmp / "never.jsonl").read_text()  # nothing written (the file is opened before the first batch)
+
+
 @needs_ray
 def test_eval_on_ray_gives_the_single_process_answers(setup):
     from expertrag.cli import eval_common as ec

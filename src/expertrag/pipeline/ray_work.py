@@ -85,6 +85,9 @@ def ordered_results(actors: Sequence[Any], method: str, jobs: Sequence[Any]) -> 
                 raise err from None
             raise
         except (ActorDiedError, ActorUnavailableError, RayActorError) as e:
+            if getattr(e, "actor_init_failed", False):  # its constructor raised: not retried, Ray keeps the text only
+                lines = [x.strip() for x in str(e).splitlines() if x.strip()]
+                raise ExpertRAGError(f"a Ray worker could not start: {lines[-1] if lines else e}") from None
             raise ExpertRAGError(f"a Ray worker died more than {WORKER_RESTARTS} times (last on job {number}); "
                                  f"results before it are kept: {str(e).splitlines()[0]}") from None
         idle.append(actor)
