@@ -75,8 +75,10 @@ def evaluate_on_ray(index_dir: str | Path, settings: Any, gate: str | Path | Non
     failed: set[str] = set()
     bar = tqdm(total=n, desc="eval", unit="q", disable=None if progress is None else not progress)
     with ray_session(address, num_cpus=num_workers * threads_per_worker):
-        actors = start_workers(EvalWorker, min(num_workers, len(shards)), threads_per_worker, str(index_dir),
-                               settings, str(gate) if gate is not None else None, plan, threads_per_worker)
+        # absolute paths: on a cluster joined with --address a worker does not start in the driver's directory
+        actors = start_workers(EvalWorker, min(num_workers, len(shards)), threads_per_worker,
+                               str(Path(index_dir).resolve()), settings,
+                               str(Path(gate).resolve()) if gate is not None else None, plan, threads_per_worker)
         for (_, items), (part, part_skipped, part_dilution) in zip(shards, ordered_results(actors, "answer", shards),
                                                                    strict=True):
             for name, why in part_skipped.items():

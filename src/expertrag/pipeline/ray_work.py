@@ -125,8 +125,8 @@ def label_on_ray(index_dir: str | Path, settings: Any, questions: Sequence[Quest
     bar = tqdm(total=len(todo), desc="label", unit="q", disable=None if progress is None else not progress)
     with ray_session(address, num_cpus=num_workers * threads_per_worker):
         # no more actors than batches: an idle actor would still load a model
-        actors = start_workers(worker, min(num_workers, len(batches)), threads_per_worker, str(index_dir),
-                               settings, threads_per_worker)
+        actors = start_workers(worker, min(num_workers, len(batches)), threads_per_worker,
+                               str(Path(index_dir).resolve()), settings, threads_per_worker)
         with open_for_append(out) as f:
             for rows in ordered_results(actors, "label", batches):
                 for record in rows:  # written exactly as label_questions writes them
