@@ -179,6 +179,13 @@ def test_ray_serve_config_is_checked():
     assert "num_replicas" not in auto and auto["ray_actor_options"] == {"num_cpus": 2}
     assert auto["autoscaling_config"] == {"min_replicas": 0, "max_replicas": 4, "initial_replicas": 1,
                                           "target_ongoing_requests": 4.0}
+    if _serve_importable():  # Serve itself accepts both forms (it validates the options here, no cluster needed)
+        from ray import serve
+
+        from expertrag.serve.ray_serve import PipelineReplica
+
+        for opts in (auto, scaling_options(S({"replicas": 3}))):
+            serve.deployment(PipelineReplica, name="pipeline", **opts)
 
 
 def _serve_cli(tmp_path, *args: str, hide_ray: bool = False) -> subprocess.CompletedProcess:
