@@ -248,9 +248,12 @@ def build_app(index_dir: str | Path, settings: Any):
     serve = require_serve()
     index_dir = str(Path(index_dir).resolve())  # replicas run in other working directories
     pipeline = serve.deployment(PipelineReplica, name="pipeline", **scaling_options(settings))
-    # the ingress takes no CPU of its own: it waits on the pipeline, its search/ingest work is brief
+    # the ingress takes no CPU of its own: it waits on the pipeline, its search/ingest work is brief. Serve's
+    # default of 5 requests at once per replica would queue the sixth HTTP request (a long stream holds its
+    # slot) at the proxy; the service's own limits (serve.queue_size, rate limits) are what should refuse
     ingress = serve.deployment(serve.ingress()(IngressReplica), name="ingress", num_replicas=1,
-                               ray_actor_options={"num_cpus": 0})
+                               ray_actor_options={"num_cpus": 0},
+                               max_ongoing_requests=max(256, 4 * settings.serve.queue_size))
     return ingress.bind(index_dir, settings, pipeline.bind(index_dir, settings, settings.serve.ray.threads_per_replica))
 
 
