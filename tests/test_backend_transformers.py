@@ -184,7 +184,19 @@ def test_cli_ask_and_label_with_backend_override(tokenizer, tmp_path):
     r = CliRunner().invoke(app, ["label", "-d", str(questions), "-i", str(tmp_path / "idx"), "-o",
                                  str(tmp_path / "labels.jsonl"), "--config", str(cfg), "--backend", "transformers"])
     assert r.exit_code == 0, r.output
-    assert json.loads((tmp_path / "labels.jsonl").read_text())["id"] == "1"
+    rec = json.loads((tmp_path / "labels.jsonl").read_text())
+    assert rec["id"] == "1"
+    trace = rec["closed_trace"]  # the closed-book answer's tokens, for probe features without a rerun
+    assert len(trace["token_ids"]) == len(trace["logprobs"]) == len(trace["entropies"]) == 4
+    prov = json.loads((tmp_path / "labels.provenance.json").read_text())
+    assert prov["settings"]["model"]["config"]["backend"] == "transformers"
+    assert prov["settings"]["max_new_tokens"] == 4 and prov["settings"]["k"] == 3
+    # resuming with other settings is refused, naming what differs; the labels already there are kept
+    cfg.write_text(cfg.read_text().replace("max_new_tokens: 4", "max_new_tokens: 5"))
+    r = CliRunner().invoke(app, ["label", "-d", str(questions), "-i", str(tmp_path / "idx"), "-o",
+                                 str(tmp_path / "labels.jsonl"), "--config", str(cfg), "--backend", "transformers"])
+    assert isinstance(r.exception, InputError) and "max_new_tokens differ" in str(r.exception)
+    assert json.loads((tmp_path / "labels.jsonl").read_text()) == rec
     bad = CliRunner().invoke(app, ["ask", QUESTION, "-i", str(tmp_path / "idx"), "--backend", "llama"])
     assert isinstance(bad.exception, InputError) and "unknown backend 'llama'" in str(bad.exception)
 

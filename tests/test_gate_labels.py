@@ -56,7 +56,8 @@ def test_records_from_metadata():
 
 
 def test_label_file_round_trip_and_errors(tmp_path):
-    recs = [LabelRecord("q1", "Who?", "retrieve", False, True, "x", "Paris", {"s_pop": 5}),
+    recs = [LabelRecord("q1", "Who?", "retrieve", False, True, "x", "Paris", {"s_pop": 5},
+                        {"token_ids": [5, 7], "logprobs": [-0.5, -1.25], "entropies": [2.0, 0.75]}),
             LabelRecord("q2", "What?", "no_retrieve")]
     p = tmp_path / "labels.jsonl"
     assert write_labels(p, recs) == 2
@@ -75,5 +76,10 @@ def test_label_file_round_trip_and_errors(tmp_path):
     bad({**good, "id": "q2"}, r":2 \(field 'id'\): duplicate id 'q2'")
     bad({k: v for k, v in good.items() if k != "question"}, r":2 \(field 'question'\)")
     bad("{not json", r"bad\.jsonl:2: malformed JSON")
+    trace = good["closed_trace"]
+    bad({**good, "closed_trace": [1]}, r":2 \(field 'closed_trace'\): must be an object")
+    bad({**good, "closed_trace": {**trace, "logprobs": ["a", 1]}}, r"field 'closed_trace.logprobs'")
+    bad({**good, "closed_trace": {**trace, "entropies": [1.0]}}, r"field 'closed_trace'\): .* differ in length")
+    assert "closed_trace" not in recs[1].to_dict()  # files without traces stay as they were
     with pytest.raises(InputError, match="no such label file"):
         read_labels(tmp_path / "missing.jsonl")

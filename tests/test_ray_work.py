@@ -189,6 +189,11 @@ def test_label_and_eval_commands_on_ray(setup, single_labels):
                                  "-o", str(out), "--batch-size", "2", "--config", str(cfg)])
     assert r.exit_code == 0, r.output
     assert out.read_text(encoding="utf-8") == "".join(single_labels.splitlines(keepends=True)[:2])
+    # the provenance sidecar the Ray run wrote is the one a run without --ray computes: it resumes the file
+    assert (tmp / "cli.provenance.json").exists()
+    r = CliRunner().invoke(app, ["label", "-d", str(qfile), "-i", str(tmp / "idx"), "-o", str(out),
+                                 "--batch-size", "2", "--config", str(cfg)])
+    assert r.exit_code == 0 and "labelled 0 questions" in r.output, r.output
     r = CliRunner().invoke(app, ["eval", "--ray", "--num-workers", "1", "-d", str(qfile), "-i", str(tmp / "idx"),
                                  "-o", str(tmp / "eval"), "--policies", "never", "--k-sweep", "none",
                                  "--config", str(cfg), "--json"])

@@ -24,7 +24,13 @@ from pathlib import Path
 import numpy as np
 
 from expertrag.errors import InputError
-from expertrag.retrieval.embedder import BACKENDS, Embedder, onnxruntime_available, passage_text
+from expertrag.retrieval.embedder import (
+    BACKENDS,
+    Embedder,
+    backend_available,
+    onnxruntime_available,
+    passage_text,
+)
 
 CHUNK = 256
 RSS_PASSAGES = 512  # peak RSS follows the padded batch and the model, not the passage count: 512 is enough
@@ -108,13 +114,22 @@ def recall(data: Path, backends: list[str], progress: bool) -> dict:
 
 
 def run(data: Path | None = None, limit: int = 2000, rounds: int = 1, threads: int = 1, batch_size: int = 64,
-        with_recall: bool = True, with_rss: bool = True, progress: bool = True) -> dict:
+        with_recall: bool = True, with_rss: bool = True, progress: bool = True,
+        backends: list[str] | None = None) -> dict:
     import torch
 
     if limit <= 0 or rounds <= 0 or threads <= 0:
         raise InputError("--limit, --rounds and --threads must be positive")
     torch.set_num_threads(threads)
-    backends = list(BACKENDS) if onnxruntime_available() else ["torch"]
+    if backends is None:
+        backends = [b for b in BACKENDS if backend_available(b)]
+    else:
+        for b in backends:
+            if b not in BACKENDS:
+                raise InputError(f"unknown embed backend {b!r}; choose from {', '.join(BACKENDS)}", field="--backends")
+            if not backend_available(b):
+                raise InputError(f"embed backend {b!r} is not installed here", field="--backends")
+        backends = ["torch"] + [b for b in dict.fromkeys(backends) if b != "torch"]  # torch: the reference
     texts, source = load_passages(data, limit)
     embedders = {b: Embedder(NAME, batch_size, b) for b in backends}
     load_s = {}

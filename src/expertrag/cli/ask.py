@@ -104,16 +104,62 @@ def label_cmd(
 
     config = ec.with_backend(ExpertRAGConfig.load(config_path), backend)
     if on_ray:
+        from types import SimpleNamespace
+
         from expertrag.pipeline.ray_work import label_on_ray
+        from expertrag.retrieval.index import Index
 
         ec.check_index(index)  # here, not as a traceback from every worker's constructor
+        # the driver loads no model: provenance reads only the pipeline config and the index, which are
+        # what load_pipeline gives the actors, so a file may be resumed with or without --ray
+        record_provenance(out, SimpleNamespace(config=config.pipeline, index=Index(index, config.retrieval)),
+                          config, dataset)
         counts = label_on_ray(index, config, questions, out, batch_size=batch_size, num_workers=num_workers or 2,
                               address=address)
     else:
         rag = load_pipeline(index, config, "always")
+        record_provenance(out, rag, config, dataset)
         counts = label_questions(rag, questions, out, batch_size=batch_size)
     print(f"labelled {sum(counts.values())} questions -> {out}: " +
           ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
+
+
+def provenance_path(out: Path) -> Path:
+    return out.with_suffix(".provenance.json")
+
+
+def record_provenance(out: Path, rag, config: ExpertRAGConfig, dataset: Path) -> None:
+    """Write (or, resuming, check) OUT.provenance.json: the settings every label in OUT was made with."""
+    import hashlib
+    from datetime import UTC, datetime
+
+    from expertrag.errors import InputError
+    from expertrag.eval.provenance import machine_info, package_versions
+    from expertrag.fileio import atomic_write_text
+    from expertrag.model.auto_backend import describe
+    from expertrag.pipeline.labeling import already_labelled, label_settings
+
+    settings = label_settings(rag, {"setup": describe(config.model), "config": config.model.model_dump(mode="json")})
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
+    path = provenance_path(out)
+    now = datetime.now(UTC).isoformat(timespec="seconds")
+    prov = {"settings": settings, "settings_sha256": digest, "datasets": [str(dataset)], "started_at": now}
+    if path.exists():
+        try:
+            old = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as e:
+            raise InputError(f"unreadable provenance of the existing labels: {e}", path=path) from None
+        if old.get("settings_sha256") != digest:
+            prev = old.get("settings", {})
+            diff = sorted(k for k in set(prev) | set(settings) if prev.get(k) != settings.get(k))
+            raise InputError(f"{out} was labelled with other settings ({', '.join(diff) or 'unknown'} differ); "
+                             "label into a new --out file instead of mixing them", path=path, field="settings")
+        prov = {**old, "datasets": sorted(set(old.get("datasets", [])) | {str(dataset)})}
+    elif out.exists() and already_labelled(out):
+        print(f"note: {out} has labels without provenance; recording the current settings for what follows")
+        prov["note"] = "labels written before this file existed have unrecorded settings"
+    prov.update(updated_at=now, packages=package_versions(), machine=machine_info())
+    atomic_write_text(path, json.dumps(prov, indent=1, ensure_ascii=False) + "\n")
 
 
 @app.command("split-labels")

@@ -85,14 +85,17 @@ def bench_embed(
     batch_size: int = typer.Option(64, "--batch-size", help="passages per forward"),
     recall: bool = typer.Option(True, "--recall/--no-recall", help="with --data: answer recall of each backend's index"),
     rss: bool = typer.Option(True, "--rss/--no-rss", help="peak RSS of each backend in a fresh process"),
+    backends: str | None = typer.Option(None, "--backends", help="comma-separated backends (torch is always "
+                                                                 "measured: the reference); default: every one installed"),
     as_json: bool = typer.Option(False, "--json", help="print the result as JSON on the last line"),
 ) -> None:
-    """Passages/s, peak RSS and cosine to torch of each embedding backend (torch, onnx, onnx-int8),
+    """Passages/s, peak RSS and cosine to torch of each embedding backend (torch, onnx, onnx-int8, openvino),
     interleaved on the same passages; with --data, answer-recall@1/5/20 of each backend's index."""
     from expertrag.bench.embed import run
 
+    chosen = [b.strip() for b in backends.split(",") if b.strip()] if backends is not None else None
     result = run(data=data, limit=limit, rounds=rounds, threads=threads, batch_size=batch_size,
-                 with_recall=recall, with_rss=rss, progress=not as_json)
+                 with_recall=recall, with_rss=rss, progress=not as_json, backends=chosen)
     if as_json:
         print(json.dumps(result))
         return

@@ -47,7 +47,8 @@ def _row(rec, counts: dict | None = None) -> str:
     where = f"domain {rec.domain}" if rec.domain else "all domains"
     n = f", {counts.get(rec.domain, 0)} passages" if counts is not None and rec.domain else ""
     groups = f", groups {','.join(rec.groups)}" if rec.groups else ""
-    flags = (" sensitive" if rec.sensitive else "") + (f" adapter={rec.adapter}" if rec.adapter else "")
+    flags = (" sensitive" if rec.sensitive else "") + (f" adapter={rec.adapter}" if rec.adapter else "") \
+        + (f" gate={rec.gate}" if rec.gate else "")
     return esc(f"{rec.name:<16} v{rec.version} {rec.status:<7} {where}{n}{groups}{flags}")
 
 
@@ -65,6 +66,13 @@ def add_cmd(
     groups: list[str] | None = typer.Option(None, "--groups", "--group",
                                             help="access groups allowed to use it (repeatable); none = everyone"),
     sensitive: bool = typer.Option(False, "--sensitive", help="route its questions through the policy expert"),
+    gate: str | None = typer.Option(
+        None, "--gate", help="its own retrieval gate: a policy name (always, never, adaptive, ...), a trained "
+                             "gate folder relative to the index (adaptive on it) or POLICY:FOLDER; default: the "
+                             "pipeline's policy"),
+    adapter: str | None = typer.Option(
+        None, "--adapter", help="its LoRA adapter folder (peft format), relative to the index; `expert train` "
+                                "sets it for you"),
     replace: bool = typer.Option(False, "--replace", help="replace an active expert of that name (new version)"),
     as_json: bool = typer.Option(False, "--json", help="print the records added as JSON"),
 ) -> None:
@@ -97,10 +105,25 @@ def add_cmd(
     try:
         records = [ExpertRecord(name=n, domain=d, description=description or f"passages of domain {d}",
                                 system_prompt=prompt, k=k, mode=mode, groups=tuple(groups or ()),
-                                sensitive=sensitive) for n, d in specs]
+                                sensitive=sensitive, gate=gate, adapter=adapter) for n, d in specs]
     except ValidationError as e:
         err = e.errors()[0]
         raise InputError(err["msg"], field="--" + str(err["loc"][0]).replace("_", "-")) from None
+    if adapter is not None:
+        from expertrag.experts.adapter import AdapterError, read_adapter
+
+        try:  # a folder that could not be applied at answer time is never registered
+            read_adapter(index / adapter)
+        except AdapterError as e:
+            raise InputError(str(e), field="--adapter") from None
+    if gate is not None:
+        from expertrag.experts.gates import build_gate
+        from expertrag.pipeline.build import gate_dir
+
+        try:  # the policy exists and its artifacts load: a record that cannot answer is never written
+            build_gate(gate, index, None, gate_dir(index))
+        except ValueError as e:
+            raise InputError(str(e), field="--gate") from None
     snap = reg.add(records, replace=replace) if records else reg.snapshot()
     if as_json:
         print(json.dumps({"version": snap.version, "added": [snap.get(r.name).to_json() for r in records]}))

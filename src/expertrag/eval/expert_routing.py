@@ -286,15 +286,25 @@ YES_NO_MAYBE = ("yes", "no", "maybe")
 
 def answer_quality(rag_routed: Any, rag_global: Any, test: Sequence[LabelledQuestion]) -> dict[str, Any]:
     """End-to-end answers on `test`, routed vs one global index: token F1 and ROUGE-L against the gold
-    answers; on yes/no/maybe questions (PubMedQA) the accuracy of the first word."""
-    out = {}
+    answers; on yes/no/maybe questions (PubMedQA) the accuracy of the first word. Per true domain too, and
+    per question which side's token F1 was higher (where routing loses is the point of the comparison);
+    for the routed side, how many answers ran with an expert's adapter or skipped retrieval by its gate."""
+    out: dict[str, Any] = {}
+    per_q: dict[str, dict[str, float]] = {}
     for name, rag in (("routed", rag_routed), ("global", rag_global)):
         f1s, rls, ynm, ms, refine = [], [], [], [], []
+        by_domain: dict[str, list[float]] = {}
+        adapted = skipped = 0
         for q in test:
             a = rag.answer(q.text)
             ms.append(a.timings.total_ms)
             refine.append(a.routing.get("refine_ms", 0.0) if a.routing else 0.0)
-            f1s.append(token_f1(a.text, q.golden_answers) if q.golden_answers else float("nan"))
+            adapted += bool(a.routing.get("adapter_applied")) if a.routing else 0
+            skipped += not a.retrieved
+            f1 = token_f1(a.text, q.golden_answers) if q.golden_answers else float("nan")
+            f1s.append(f1)
+            per_q.setdefault(q.id, {})[name] = f1
+            by_domain.setdefault(q.label, []).append(f1)
             rls.append(max((rouge_l(a.text, g) for g in q.golden_answers), default=float("nan")))
             golds = [g.lower() for g in q.golden_answers]
             if golds and golds[0] in YES_NO_MAYBE:
@@ -303,7 +313,13 @@ def answer_quality(rag_routed: Any, rag_global: Any, test: Sequence[LabelledQues
         out[name] = {"answers": len(test), "token_f1": mean_or_nan([x for x in f1s if x == x]),
                      "rouge_l": mean_or_nan([x for x in rls if x == x]),
                      "yes_no_maybe_accuracy": mean_or_nan(ynm), "yes_no_maybe_questions": len(ynm),
-                     "answer_ms": latency_summary(ms), "refine_ms_mean": mean_or_nan(refine)}
+                     "answer_ms": latency_summary(ms), "refine_ms_mean": mean_or_nan(refine),
+                     "token_f1_by_domain": {d: {"n": len(v), "token_f1": mean_or_nan([x for x in v if x == x])}
+                                            for d, v in sorted(by_domain.items())},
+                     "with_adapter": adapted, "without_retrieval": skipped}
+    pairs = [(v["routed"], v["global"]) for v in per_q.values() if v["routed"] == v["routed"] and v["global"] == v["global"]]
+    out["paired"] = {"routed_better": sum(r > g for r, g in pairs), "global_better": sum(g > r for r, g in pairs),
+                     "tied": sum(r == g for r, g in pairs)}
     out["refine_share_of_answer_time"] = (out["routed"]["refine_ms_mean"] / out["routed"]["answer_ms"]["latency_ms_mean"]
                                           if out["routed"]["answer_ms"].get("latency_ms_mean") else float("nan"))
     return out
@@ -373,4 +389,13 @@ def render_markdown(r: dict[str, Any]) -> str:
                          f"{v['yes_no_maybe_accuracy']:.3f} ({v['yes_no_maybe_questions']}) | "
                          f"{v['answer_ms'].get('latency_ms_mean', float('nan')):.0f} |")
         lines.append(f"\nrefining layer share of answer time: {a['refine_share_of_answer_time']:.4f}")
+        if "paired" in a:
+            p = a["paired"]
+            lines += [f"routed answers with an expert's adapter: {a['routed']['with_adapter']}, without retrieval: "
+                      f"{a['routed']['without_retrieval']}; per question token F1 routed > global "
+                      f"{p['routed_better']}, global > routed {p['global_better']}, tied {p['tied']}",
+                      "", "| domain | n | token F1 routed | token F1 global |", "|---|---|---|---|"]
+            for d, v in a["routed"]["token_f1_by_domain"].items():
+                g = a["global"]["token_f1_by_domain"][d]
+                lines.append(f"| {d} | {v['n']} | {v['token_f1']:.3f} | {g['token_f1']:.3f} |")
     return "\n".join(lines) + "\n"

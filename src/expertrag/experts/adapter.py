@@ -8,7 +8,9 @@ loader strips the same prefix. A folder holds `adapter_config.json` + `adapter_m
 `expertrag_adapter.json`: how it was trained), written as a whole with fileio.commit_dir.
 
 At run time an adapter is attached to and detached from the generator's model (`with_adapter`): detaching
-puts the original nn.Linear modules back, so the base model afterwards is exactly what it was.
+puts the original nn.Linear modules back, so the base model afterwards is exactly what it was. That costs
+~0.8 s per attach, so the pipeline keeps adapters instead (`AdapterBank`): each is injected once under its
+own peft adapter name, and a generation switches the active one (or none: the base model) under a lock.
 """
 
 from __future__ import annotations
@@ -223,6 +225,128 @@ def with_adapter(generator: Any, folder: str | os.PathLike[str] | None) -> Itera
         yield generator
     finally:
         detach(model)
+
+
+# ------------------------------------------------------------------------------- kept for answering
+
+
+class AdapterBank:
+    """Domain adapters kept on one generator's model, for answering (the pipeline's per-expert adapters).
+
+    Each adapter folder is injected once (peft multi-adapter: every LoRA-wrapped linear holds one A/B pair
+    per adapter name) and kept; `use(key)` makes that adapter the only active one, `use(None)` disables
+    them all, which leaves the LoRA layers calling their base linears untouched (the base model's outputs
+    are bit-exact: peft's forward skips the adapters entirely when they are disabled).
+
+    The model is shared, so which adapter is active is shared state: `use` holds a lock for the whole
+    block, and every generation on this model must run inside a `use` block (the pipeline does), else one
+    thread's adapter would leak into another's answer. A folder whose weights file changed (a retrained
+    adapter) is loaded again under a new name and the old copy deleted."""
+
+    def __init__(self, model: nn.Module):
+        import threading
+
+        self.model = model
+        self._lock = threading.RLock()  # re-entrant: a probe inside a block of the same question
+        self._names: dict[str, tuple[tuple, str]] = {}  # folder -> (weights file signature, peft name)
+        self._count = 0
+        self.loads = 0  # how many times a folder was read and injected (kept ones are not counted again)
+
+    @staticmethod
+    def _signature(folder: Path) -> tuple:
+        try:
+            st = os.stat(folder / WEIGHTS_FILE)
+        except FileNotFoundError:
+            raise AdapterError(f"{folder / WEIGHTS_FILE}: missing; an adapter folder holds {CONFIG_FILE} and "
+                               f"{WEIGHTS_FILE}") from None
+        return (st.st_ino, st.st_mtime_ns, st.st_size)
+
+    def _layers(self) -> list:
+        from peft.tuners.lora import LoraLayer
+
+        return [m for m in self.model.modules() if isinstance(m, LoraLayer)]
+
+    def load(self, folder: str | os.PathLike[str]) -> str:
+        """The key of the adapter in `folder` (its resolved path), injecting it on first use."""
+        import warnings
+
+        from peft import inject_adapter_in_model, set_peft_model_state_dict
+
+        folder = Path(folder).resolve()
+        key = str(folder)
+        with self._lock:
+            sig = self._signature(folder)
+            known = self._names.get(key)
+            if known is not None and known[0] == sig:
+                return key
+            config, tensors = read_adapter(folder)
+            state = {}
+            for k, v in tensors.items():
+                if not k.startswith(HF_PREFIX):
+                    raise AdapterError(f"{folder / WEIGHTS_FILE}: tensor {k!r} is not named like a Llama adapter "
+                                       f"(expected the prefix {HF_PREFIX!r})")
+                state[k.removeprefix(HF_PREFIX)] = v
+            self._count += 1
+            name = f"expert{self._count}"  # peft names are module keys: no dots or slashes from the path
+            try:
+                with warnings.catch_warnings():  # peft warns that the model gets several adapters: the point
+                    warnings.simplefilter("ignore")
+                    inject_adapter_in_model(config, self.model, adapter_name=name)
+                result = set_peft_model_state_dict(self.model, state, adapter_name=name)
+                missing = [k for k in result.missing_keys if "lora_" in k and f".{name}." in k]
+                if result.unexpected_keys or missing:
+                    raise AdapterError(f"{folder / WEIGHTS_FILE}: does not fit this model (unexpected "
+                                       f"{result.unexpected_keys[:3]}, missing {missing[:3]})")
+            except (RuntimeError, ValueError, AdapterError) as e:  # shape mismatch; targets not in this model
+                self._delete(name)
+                if isinstance(e, AdapterError):
+                    raise
+                raise AdapterError(f"{folder}: does not fit this model ({str(e).splitlines()[0]})") from None
+            if known is not None:
+                self._delete(known[1])
+            self._names[key] = (sig, name)
+            self.loads += 1
+            self._activate(None)
+            self.model.eval()
+            return key
+
+    def _delete(self, name: str) -> None:
+        for layer in self._layers():
+            if name in layer.lora_A:
+                layer.delete_adapter(name)
+        cfg = getattr(self.model, "peft_config", None)
+        if isinstance(cfg, dict):
+            cfg.pop(name, None)
+
+    def _activate(self, key: str | None) -> None:
+        name = None if key is None else self._names[key][1]
+        for layer in self._layers():
+            if name is None:
+                layer.enable_adapters(False)
+            else:
+                layer.enable_adapters(True)
+                layer.set_adapter(name)  # a layer this adapter does not wrap skips it (peft checks lora_A)
+
+    @contextlib.contextmanager
+    def use(self, key: str | None) -> Iterator[None]:
+        """Run the block with the adapter `key` (from `load`) active, or the base model for None."""
+        with self._lock:
+            if key is not None and key not in self._names:
+                raise AdapterError(f"adapter {key} is not loaded")
+            self._activate(key)
+            try:
+                yield
+            finally:
+                self._activate(None)  # between blocks the model is the base model
+
+
+def bank_for(generator: Any) -> AdapterBank | None:
+    """An AdapterBank on the generator's model, or None when its backend cannot apply adapters (only the
+    native backend, whose `.model` is our decoder, can)."""
+    model = getattr(generator, "model", None)
+    if not getattr(generator.capabilities, "adapters", False) or not isinstance(model, nn.Module):
+        return None
+    return AdapterBank(model)
 
 
 # ------------------------------------------------------------------------------------------ training

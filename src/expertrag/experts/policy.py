@@ -95,10 +95,10 @@ def _phrase_regex(phrases: Sequence[str]) -> re.Pattern[str] | None:
 @dataclass
 class Match:
     rule: str
-    kind: str  # "personal_data" | "topic"
+    kind: str  # "personal_data" | "topic" | "expert" (routed to a sensitive expert)
     action: str
     reason: str
-    by: str  # "detector" | "pattern" | "phrase" | "classifier"
+    by: str  # "detector" | "pattern" | "phrase" | "classifier" | "routing"
     score: float | None = None  # the classifier's probability (or cosine), for classifier matches
     count: int = 1  # personal-data spans this rule replaced
 
@@ -335,6 +335,26 @@ class PolicyExpert:
             self.audit.append({"event": "screened", "query_hash": s.query_hash, "query_redacted": s.text,
                                "user": None if user is None else self.redact(user)[0], **s.to_dict(), "needs_review": True})
         return s
+
+
+    def escalate(self, screening: Screening | None, text: str, experts: Sequence[str], *,
+                 original: str | None = None, user: str | None = None) -> Screening:
+        """The screening of a question routed to sensitive expert(s): one `sensitive-expert:NAME` match
+        per such expert (the `sensitive_experts` action and reason) on top of what the rules found, and an
+        audit entry. `text`: the question as the pipeline uses it (already redacted); `original`: as asked,
+        for the keyed hash only."""
+        rule = self.config.sensitive_experts
+        base = screening or Screening(text=text)
+        added = [Match(rule=f"sensitive-expert:{name}", kind="expert", action=rule.action, reason=rule.reason,
+                       by="routing") for name in experts]
+        out = Screening(text=base.text, matches=[*base.matches, *added], embedding=base.embedding,
+                        query_hash=base.query_hash)
+        if self.audit is not None:
+            out.query_hash = out.query_hash or self.audit.query_hash(original if original is not None else text)
+            self.audit.append({"event": "sensitive_expert", "experts": list(experts), "query_hash": out.query_hash,
+                               "query_redacted": out.text, "user": None if user is None else self.redact(user)[0],
+                               **out.to_dict(), "needs_review": True})
+        return out
 
 
 # ------------------------------------------------------------------------------------------ measuring

@@ -18,9 +18,12 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 Action = Literal["refuse", "redact", "cite_only"]
+# what a question routed to a `sensitive: true` expert gets: "review" answers as usual but marks the answer
+# for review and audits it; cite_only and refuse as for the rules
+ExpertAction = Literal["review", "cite_only", "refuse"]
 DETECTORS = ("email", "phone", "ssn", "credit_card", "iban", "ip_address")
 # severity order when several rules match one query: the strictest action wins
-ACTION_RANK: dict[str, int] = {"redact": 0, "cite_only": 1, "refuse": 2}
+ACTION_RANK: dict[str, int] = {"redact": 0, "review": 0, "cite_only": 1, "refuse": 2}
 
 
 def _check_regex(pattern: str, where: str) -> str:
@@ -89,6 +92,15 @@ class ClassifierConfig(BaseModel):
     c: float = Field(1.0, gt=0, description="inverse regularisation of the logistic regression")
 
 
+class SensitiveExpertsConfig(BaseModel):
+    """Experts flagged `sensitive: true` go through the policy expert whatever the rules found in the
+    question itself: routing to one is a match of its own (rule `sensitive-expert:NAME`)."""
+
+    model_config = ConfigDict(extra="forbid")
+    action: ExpertAction = Field("cite_only", description="review | cite_only | refuse")
+    reason: str = Field("the question was routed to a sensitive expert", min_length=1)
+
+
 class PolicyConfig(BaseModel):
     """Rules of the policy expert; none configured = no screening at all."""
 
@@ -98,6 +110,7 @@ class PolicyConfig(BaseModel):
     classifier: ClassifierConfig = Field(default_factory=ClassifierConfig)
     audit_path: str | None = Field(None, description="audit log (JSON lines); default INDEX/audit.jsonl")
     refusal_text: str = "I can't help with that request."
+    sensitive_experts: SensitiveExpertsConfig = Field(default_factory=SensitiveExpertsConfig)
 
     @model_validator(mode="after")
     def _unique_ids(self) -> PolicyConfig:
@@ -110,4 +123,5 @@ class PolicyConfig(BaseModel):
 
     @property
     def active(self) -> bool:
+        """Any rule on the questions themselves? (Sensitive experts are screened whatever this says.)"""
         return bool(self.personal_data or self.topics)

@@ -3,7 +3,7 @@
 An expert is a domain partition of the index (passages whose `metadata.domain` is the expert's) plus how to
 answer from it: a system prompt, retrieval settings (k, mode), the access groups allowed to use it, and
 flags for the parts built elsewhere (`sensitive`: route through the policy expert; `adapter`: a LoRA
-folder relative to the registry's directory).
+folder relative to the registry's directory; `gate`: its own retrieval gate, experts/gates.py).
 
 The file carries a `version` counter that every change increments. A running pipeline keeps a
 `RegistrySnapshot` (immutable) and asks `ExpertRegistry.snapshot()` for the current one before each
@@ -57,6 +57,9 @@ class ExpertRecord(BaseModel):
     groups: tuple[str, ...] = Field((), description="access groups allowed to use it; empty = everyone")
     sensitive: bool = False
     adapter: str | None = Field(None, description="LoRA adapter folder, relative to the registry's directory")
+    gate: str | None = Field(None, description="its retrieval gate: a policy name (always, never, adaptive, ...), "
+                                               "a trained gate folder relative to the registry's directory, or "
+                                               "POLICY:FOLDER; None = the pipeline's policy")
     status: Literal["active", "retired"] = "active"
     created: str = Field(default_factory=now_iso)
     retired: str | None = None
@@ -88,6 +91,19 @@ class ExpertRecord(BaseModel):
         # relative, inside the registry's directory: an index folder moved elsewhere keeps its adapters
         if v is not None and (os.path.isabs(v) or ".." in Path(v).parts or not v.strip()):
             raise ValueError("must be a folder path relative to the registry's directory, without '..'")
+        return v
+
+    @field_validator("gate")
+    @classmethod
+    def _gate(cls, v: str | None) -> str | None:
+        # only the form here: whether the name is a policy or the folder holds a gate is checked where the
+        # gate is loaded (experts/gates.py), which knows the policies and the registry's directory
+        if v is None:
+            return v
+        folder = v.split(":", 1)[1] if ":" in v else v
+        if not v.strip() or not folder.strip() or os.path.isabs(folder) or ".." in Path(folder).parts:
+            raise ValueError("must be a gate policy name, a folder relative to the registry's directory "
+                             "(without '..') or POLICY:FOLDER")
         return v
 
     @property

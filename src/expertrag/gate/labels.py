@@ -12,8 +12,10 @@ Or from question metadata (existing annotations):
   did not change the outcome, so skipping it loses nothing and saves its cost.
 
 Label files are JSONL, one record a line:
-`{id, question, label, closed_correct, open_correct, closed_answer, open_answer, metadata}`
-(correctness/answers may be null for metadata-derived labels).
+`{id, question, label, closed_correct, open_correct, closed_answer, open_answer, metadata, closed_trace}`
+(correctness/answers may be null for metadata-derived labels). `closed_trace` (optional) is the closed-book
+answer's `{token_ids, logprobs, entropies}`: with greedy decoding its first `probe_tokens` steps are the gate's
+probe, so gate training can take probe features from the label file instead of generating again.
 """
 
 from __future__ import annotations
@@ -88,9 +90,13 @@ class LabelRecord:
     closed_answer: str | None = None
     open_answer: str | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
+    closed_trace: dict[str, list] | None = None  # {token_ids, logprobs, entropies} of the closed-book answer
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        d = asdict(self)
+        if d["closed_trace"] is None:
+            del d["closed_trace"]  # files without traces read exactly as before
+        return d
 
 
 def records_from_metadata(questions: Iterable[Any]) -> list[LabelRecord]:
@@ -144,7 +150,25 @@ def _record(obj: dict[str, Any], p: Path, line: int) -> LabelRecord:
         raise InputError(f"must be an object, got {_json_type(meta)}", path=p, line=line, field="metadata")
     return LabelRecord(id=rid, question=question, label=label, closed_correct=cc, open_correct=oc,
                        closed_answer=_opt(obj, "closed_answer", str, p, line),
-                       open_answer=_opt(obj, "open_answer", str, p, line), metadata=meta)
+                       open_answer=_opt(obj, "open_answer", str, p, line), metadata=meta,
+                       closed_trace=_trace(obj.get("closed_trace"), p, line))
+
+
+def _trace(v: Any, p: Path, line: int) -> dict[str, list] | None:
+    if v is None:
+        return None
+    if not isinstance(v, dict):
+        raise InputError(f"must be an object, got {_json_type(v)}", path=p, line=line, field="closed_trace")
+    out: dict[str, list] = {}
+    for key, kind in (("token_ids", int), ("logprobs", float), ("entropies", float)):
+        xs = v.get(key)
+        if not isinstance(xs, list) or not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in xs):
+            raise InputError("must be a list of numbers", path=p, line=line, field=f"closed_trace.{key}")
+        out[key] = [kind(x) for x in xs]
+    if not len(out["token_ids"]) == len(out["logprobs"]) == len(out["entropies"]):
+        raise InputError("token_ids, logprobs and entropies differ in length", path=p, line=line,
+                         field="closed_trace")
+    return out
 
 
 def read_labels(path: str | os.PathLike[str]) -> list[LabelRecord]:

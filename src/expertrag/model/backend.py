@@ -106,6 +106,7 @@ class Capabilities:
     continuation: bool = True  # `state=` continues without recomputing the prompt
     streaming: bool = True  # `on_token` is called per token
     hidden_size: int | None = None  # size of one layer's hidden state (a gate trained on another size cannot run)
+    adapters: bool = False  # domain experts' LoRA adapters can be applied to its model (experts.adapter)
 
     def signals(self) -> set[str]:
         """The gate signals this backend can give (see gate.requirements)."""

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
-from typing import Literal
+from collections.abc import Sequence
+from typing import Literal, NamedTuple
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -15,6 +16,24 @@ class GenerationConfig(BaseModel):
     seed: int | None = Field(None, description="sampling seed; None = nondeterministic")
     stop: list[str] = Field(default_factory=list, description="stop strings (generation ends before them)")
     system_prompt: str | None = Field(None, description="system message for chat prompts; None = template default")
+
+    def resolve(self, max_new_tokens: int | None = None, stop: Sequence[str] | None = None,
+                temperature: float | None = None, top_p: float | None = None,
+                seed: int | None = None) -> Decoding:
+        """One call's decoding settings, as every backend reads them: an argument given wins, else this
+        config's default; empty stop strings are dropped (they would match everywhere)."""
+        return Decoding(self.max_new_tokens if max_new_tokens is None else max_new_tokens,
+                        [s for s in (self.stop if stop is None else stop) if s],
+                        self.temperature if temperature is None else temperature,
+                        self.top_p if top_p is None else top_p, self.seed if seed is None else seed)
+
+
+class Decoding(NamedTuple):
+    max_new_tokens: int
+    stop: list[str]
+    temperature: float
+    top_p: float
+    seed: int | None
 
 
 class ModelConfig(BaseModel):

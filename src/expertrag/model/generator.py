@@ -49,7 +49,8 @@ class ExpertRAGGenerator:
         self.capabilities = Capabilities(
             backend="native", model="ExpertRAG decoder" + (" (MoE)" if moe else " (dense)"), entropy="full",
             hidden_states=True, router_stats=moe, retrieval_affinity=retrieval, passage_memory=retrieval,
-            batched=True, batch_shares_router=moe, hidden_size=model.args.hidden_size)
+            batched=True, batch_shares_router=moe, hidden_size=model.args.hidden_size,
+            adapters=True)
 
     @classmethod
     def from_config(cls, cfg: ModelConfig | None = None) -> ExpertRAGGenerator:
@@ -91,13 +92,10 @@ class ExpertRAGGenerator:
         c = self.cfg
         if passages is not None and not isinstance(passages, PassageMemory):
             passages = self.model.encode_passages([self._passage_ids(row) for row in passages])
+        d = c.resolve(max_new_tokens, stop, temperature, top_p, seed)
         out = generate(
-            self.model, self.tokenizer, prompts,
-            max_new_tokens=c.max_new_tokens if max_new_tokens is None else max_new_tokens,
-            temperature=c.temperature if temperature is None else temperature,
-            top_p=c.top_p if top_p is None else top_p,
-            seed=c.seed if seed is None else seed,
-            stop=c.stop if stop is None else stop,
+            self.model, self.tokenizer, prompts, max_new_tokens=d.max_new_tokens, temperature=d.temperature,
+            top_p=d.top_p, seed=d.seed, stop=d.stop,
             passages=passages, hidden_layers=hidden_layers, return_router=return_router, state=state,
             system_prompt=c.system_prompt, on_token=on_token)
         stats = native_router_stats(out.router) if return_router else None  # one for the batch (shared aux)

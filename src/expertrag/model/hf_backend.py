@@ -106,13 +106,6 @@ class TransformersGenerator:
             raise ExpertRAGError(f"model {self.capabilities.model}: its tokenizer has no chat template")
         return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False), False
 
-    def _settings(self, max_new_tokens, stop, temperature, top_p, seed):
-        c = self.cfg
-        return (c.max_new_tokens if max_new_tokens is None else max_new_tokens,
-                [s for s in (c.stop if stop is None else stop) if s],
-                c.temperature if temperature is None else temperature,
-                c.top_p if top_p is None else top_p, c.seed if seed is None else seed)
-
     # ---- the seam --------------------------------------------------------------------------------------
     def generate(self, prompt: Prompt | None = None, *, max_new_tokens: int | None = None,
                  stop: Sequence[str] | None = None, passages: Any = None, state: HFState | None = None,
@@ -142,7 +135,7 @@ class TransformersGenerator:
         """Several prompts at once, left-padded (position ids follow each row's real tokens)."""
         if not prompts:
             return []
-        max_new, stops, temperature, top_p, seed = self._settings(max_new_tokens, stop, temperature, top_p, seed)
+        max_new, stops, temperature, top_p, seed = self.cfg.resolve(max_new_tokens, stop, temperature, top_p, seed)
         tok, dev = self.tokenizer, self._device()
         rendered = [self._render(p) for p in prompts]
         seqs = [list(tok(t, add_special_tokens=sp)["input_ids"]) for t, sp in rendered]
@@ -198,7 +191,7 @@ class TransformersGenerator:
             raise ValueError("only a single-row state can be continued")
         if prompt is None and state.ended:
             return Generation("", [], [], [], state, 0, state.ended)
-        max_new, stops, temperature, top_p, seed = self._settings(max_new_tokens, stop, temperature, top_p, seed)
+        max_new, stops, temperature, top_p, seed = self.cfg.resolve(max_new_tokens, stop, temperature, top_p, seed)
         cache, tokens = state.cache, state.tokens
         surplus = cache.get_seq_length() - state.cache_len  # a later continuation of the same state grew it
         if surplus > 0:

@@ -191,6 +191,16 @@ class KVCache:
 FAST_ROWS = 2  # measured on AVX2/MKL: faster for 1-2 rows, slightly slower from 4 rows on
 
 
+def _unwrapped(lin: nn.Module) -> nn.Module:
+    """A peft LoRA wrapper whose adapters are switched off (experts/adapter.py AdapterBank between experts)
+    computes exactly its base linear: return that, so the base model keeps the fused fast path and gives
+    bit-for-bit what it gave before any adapter was injected. Anything else is returned as it is."""
+    base = getattr(lin, "base_layer", None)
+    if type(base) is nn.Linear and getattr(lin, "disable_adapters", False) and not getattr(lin, "merged", False):
+        return base
+    return lin
+
+
 def project(owner: nn.Module, x: torch.Tensor, *names: str) -> tuple[torch.Tensor, ...]:
     """`owner.<name>(x)` for each named nn.Linear child, all reading the same x.
 
@@ -199,7 +209,7 @@ def project(owner: nn.Module, x: torch.Tensor, *names: str) -> tuple[torch.Tenso
     weights: MKL runs that layout 20-30% faster than nn.Linear's [out, in], and fusing q/k/v (gate/up)
     saves ~10% more. The copy is rebuilt whenever a weight changes (new tensor, in-place update, dtype).
     """
-    linears = [getattr(owner, n) for n in names]
+    linears = [_unwrapped(getattr(owner, n)) for n in names]
     # Only plain nn.Linear children: a wrapped one (a LoRA adapter injected by peft, experts/adapter.py) adds
     # to its base weight in its own forward, which the fused product would silently skip.
     if any(type(lin) is not nn.Linear for lin in linears):

@@ -114,6 +114,7 @@ class LlamaCppGenerator:
         meta = self.llm.metadata or {}
         self._template = meta.get("tokenizer.chat_template")
         self._compiled: Any = None
+        self._specials: dict[str, str] = {}
         self._add_bos = meta.get("tokenizer.ggml.add_bos_token", "false") == "true"
         self._eos = {self.llm.token_eos()}
         eot = getattr(self.llm._model, "token_eot", None)  # end of turn, where the vocabulary has one
@@ -163,10 +164,10 @@ class LlamaCppGenerator:
             env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
             env.globals["raise_exception"] = raise_exception
             self._compiled = env.from_string(self._template)
-        tok = self.llm._model
-        return self._compiled.render(
-            messages=messages, add_generation_prompt=True,
-            bos_token=_piece(tok, self.llm.token_bos()), eos_token=_piece(tok, self.llm.token_eos()))
+            tok = self.llm._model  # the special tokens' text, as the template writes them: also once
+            self._specials = {"bos_token": _piece(tok, self.llm.token_bos()),
+                              "eos_token": _piece(tok, self.llm.token_eos())}
+        return self._compiled.render(messages=messages, add_generation_prompt=True, **self._specials)
 
     def encode(self, prompt: Prompt) -> list[int]:
         if isinstance(prompt, str):
@@ -188,12 +189,7 @@ class LlamaCppGenerator:
             raise ValueError("the llamacpp backend cannot read passage memory; put the passages in the prompt")
         if hidden_layers:
             raise ValueError("the llamacpp backend gives no hidden states (capabilities.hidden_states is False)")
-        c = self.cfg
-        max_new = c.max_new_tokens if max_new_tokens is None else max_new_tokens
-        stops = [s for s in (c.stop if stop is None else stop) if s]
-        temperature = c.temperature if temperature is None else temperature
-        top_p = c.top_p if top_p is None else top_p
-        seed = c.seed if seed is None else seed
+        max_new, stops, temperature, top_p, seed = self.cfg.resolve(max_new_tokens, stop, temperature, top_p, seed)
         if state is not None:
             if prompt is None and state.ended:
                 return Generation("", [], [], [], state, 0, state.ended)

@@ -184,8 +184,7 @@ class OpenAIGenerator:
         if passages is not None:
             raise ValueError("the openai backend cannot read passage memory; put the passages in the prompt")
         c = self.cfg
-        max_new = c.max_new_tokens if max_new_tokens is None else max_new_tokens
-        stops = [s for s in (c.stop if stop is None else stop) if s]
+        max_new, stops, temperature, top_p, seed = c.resolve(max_new_tokens, stop, temperature, top_p, seed)
         if state is not None:
             if prompt is not None:
                 raise ValueError("the openai backend cannot append text to a continuation")
@@ -198,14 +197,13 @@ class OpenAIGenerator:
             messages, skip_text, skip_tokens = self._messages(prompt), "", 0
         body: dict[str, Any] = {
             "model": self.model_name, "messages": messages, "max_tokens": skip_tokens + max_new, "stream": True,
-            "logprobs": True, "temperature": c.temperature if temperature is None else temperature,
-            "top_p": c.top_p if top_p is None else top_p, "stream_options": {"include_usage": True},
+            "logprobs": True, "temperature": temperature,
+            "top_p": top_p, "stream_options": {"include_usage": True},
         }
         if self.top_k:
             body["top_logprobs"] = self.top_k
         if stops:
             body["stop"] = stops[:4]  # OpenAI's limit; the rest are applied here
-        seed = c.seed if seed is None else seed
         if seed is not None:
             body["seed"] = seed
         text, entries, reason, prompt_tokens = "", [], None, 0

@@ -16,12 +16,13 @@ from expertrag.gate.config import GateConfig
 from expertrag.model.backend import Generator
 from expertrag.model.config import ModelConfig
 from expertrag.pipeline.config import PipelineConfig
-from expertrag.pipeline.rag import ExpertRAG
+from expertrag.pipeline.rag import AUDIT_FILE, ExpertRAG
 from expertrag.retrieval.config import RetrievalConfig
 from expertrag.retrieval.index import Index
 
 GATE_DIR = "gate"
-AUDIT_FILE = "audit.jsonl"  # the policy expert's audit log, inside the index folder unless policy.audit_path
+__all__ = ["AUDIT_FILE", "GATE_DIR", "PipelineSections", "PipelineSettings", "expert_policy", "gate_dir",
+           "load_generator", "load_pipeline", "load_screen", "wire_pipeline"]
 
 
 def gate_dir(index_dir: str | Path) -> Path:
@@ -96,17 +97,43 @@ def load_pipeline(index_dir: str | Path, config: PipelineSettings | None = None,
                   gate: str | Path | None = None, generator: Generator | None = None) -> ExpertRAG:
     """Index + generator + policy. The policy's artifacts come from `gate` or the index's gate folder.
     The index's domain experts (INDEX/experts.json, INDEX/router/) are watched: with active domain experts
-    every question is routed; without, the pipeline answers exactly as it did before experts existed."""
-    from expertrag.experts.live import LiveExperts
+    every question is routed; without, the pipeline answers exactly as it did before experts existed.
+    A bad expert `gate` fails here (see wire_pipeline); one added later fails the questions routed to it."""
     from expertrag.gate.policies import make_policy
 
     config = config or PipelineSections()
     index = Index(index_dir, config.retrieval)
     name = policy or config.gate.policy
     pol = make_policy(name, config.gate, artifacts_dir=gate or gate_dir(index_dir))
-    screen = load_screen(getattr(config, "policy", None) or PolicyConfig(), index, index_dir)
-    return ExpertRAG(index, generator or load_generator(config), pol, config.pipeline, name,
-                     experts=LiveExperts(index_dir), screen=screen)
+    return wire_pipeline(index, index_dir, generator or load_generator(config), pol, name, config)
+
+
+def wire_pipeline(index: Index, index_dir: str | Path, generator: Generator, policy, policy_name: str,
+                  config: PipelineSettings) -> ExpertRAG:
+    """An ExpertRAG with the index's domain experts, their gates and the policy expert wired in (what
+    `load_pipeline` and the service build). Every active expert's gate is built here, so a bad `gate` in the
+    registry fails at start-up, naming the file and the record's field."""
+    from expertrag.experts.live import LiveExperts
+
+    policy_config = getattr(config, "policy", None) or PolicyConfig()
+    screen = load_screen(policy_config, index, index_dir)
+    experts = LiveExperts(index_dir)
+    rag = ExpertRAG(index, generator, policy, config.pipeline, policy_name, experts=experts, screen=screen,
+                    gate_config=config.gate,
+                    expert_policy=None if screen is not None else expert_policy(policy_config, index_dir))
+    rag.gates.check(experts.current().snapshot)
+    return rag
+
+
+def expert_policy(policy: PolicyConfig, index_dir: str | Path):
+    """The policy expert for questions routed to sensitive experts when no rule screens questions: the
+    config's `sensitive_experts` settings, no rules, audited where the rules' matches would be."""
+    from expertrag.experts.audit import AuditLog
+    from expertrag.experts.policy import PolicyExpert
+
+    cfg = PolicyConfig(sensitive_experts=policy.sensitive_experts, refusal_text=policy.refusal_text,
+                       audit_path=policy.audit_path)
+    return PolicyExpert(cfg, audit=AuditLog(policy.audit_path or Path(index_dir) / AUDIT_FILE))
 
 
 def policy_factory(index_dir: str | Path, config: PipelineSettings, gate: str | Path | None = None,

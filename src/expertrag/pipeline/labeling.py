@@ -35,6 +35,13 @@ def already_labelled(path: Path) -> set[str]:
     return done
 
 
+def trace(g) -> dict[str, list]:
+    """A generation's per-token record for the label file (5 decimals: far below the gate's resolution)."""
+    return {"token_ids": [int(t) for t in g.token_ids],
+            "logprobs": [round(float(x), 5) for x in g.logprobs],
+            "entropies": [round(float(x), 5) for x in g.entropies]}
+
+
 def open_for_append(out: Path):
     """`out` opened for appending label records. A torn last line (a run killed mid-write) is cut off first:
     the next record would otherwise be glued to it and lost with it, and its question redone on every rerun."""
@@ -64,7 +71,7 @@ def label_batch(rag: ExpertRAG, questions: Sequence[Question]) -> list[LabelReco
         open_ok = bool(contains_answer(o.text, q.golden_answers))
         records.append(LabelRecord(id=q.id, question=q.question, label=derive_label(closed_ok, open_ok),
                                    closed_correct=closed_ok, open_correct=open_ok, closed_answer=c.text,
-                                   open_answer=o.text, metadata=dict(q.metadata)))
+                                   open_answer=o.text, metadata=dict(q.metadata), closed_trace=trace(c)))
     return records
 
 
@@ -109,3 +116,20 @@ def gate_examples(rag: ExpertRAG, records: Sequence[LabelRecord], *, probe: bool
             metadata=dict(r.metadata), closed_correct=r.closed_correct, open_correct=r.open_correct,
         ))
     return examples
+
+
+def label_settings(rag: ExpertRAG, model: dict) -> dict:
+    """What decides a label (model set-up, index, prompts, decoding): recorded beside every label file so
+    labels made with other settings are never mixed into it by a resumed run."""
+    cfg, m = rag.config, rag.index.manifest
+    return {
+        "model": model,
+        "index": {"dir": str(rag.index.dir), "generation": m.generation, "passages": m.passages,
+                  "embedder": m.embedder, "embed_backend": m.extra.get("embed_backend", "torch"),
+                  "created_at": m.created_at, "dense": m.files.get(m.dense_file)},
+        "prompts": {"closed_book": closed_book_messages("{question}"),
+                    "open_book": open_book_messages("{question}", [], cfg.passage_max_chars)},
+        "k": cfg.k, "search_mode": cfg.search_mode, "passage_max_chars": cfg.passage_max_chars,
+        "max_new_tokens": cfg.max_new_tokens, "stop": list(cfg.stop), "decoding": "greedy",
+        "correct": "a gold answer contained in the normalised answer (expertrag.answers.contains_answer)",
+    }

@@ -5,15 +5,23 @@ needs (query-only features cost one index lookup; the closed-book probe costs a 
 decision is "no retrieval" and a probe ran, the answer continues the probe's draft from its KV cache, so
 the no-retrieval path pays for the draft once. Retrieval reuses the BM25 and dense rankings the fast gate
 already computed.
+
+With domain experts, the question is routed first; then each chosen expert decides retrieve/skip with its
+own gate (experts/gates.py; none: the pipeline's policy, decided once for all of them), answers with its
+own LoRA adapter where the backend can apply one (experts/adapter.py `AdapterBank`), and a question routed
+to a `sensitive` expert goes through the policy expert whatever the rules found.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import math
 import re
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -21,10 +29,13 @@ import numpy as np
 from expertrag.answers import contains_answer, normalize_answer
 from expertrag.errors import ExpertRAGError, InputError
 from expertrag.experts.fusion import ExpertCandidate, fuse
+from expertrag.experts.gates import ExpertGates, record_error
 from expertrag.experts.live import DomainMap, ExpertState, LiveExperts
 from expertrag.experts.policy import PolicyExpert, Screening
-from expertrag.experts.registry import ExpertRecord
+from expertrag.experts.policy_config import PolicyConfig
+from expertrag.experts.registry import ExpertRecord, RegistrySnapshot
 from expertrag.experts.router import Route, RoutingSettings, boost_order, route
+from expertrag.gate.config import GateConfig
 from expertrag.gate.features import query_features
 from expertrag.gate.policies.base import Policy
 from expertrag.gate.requirements import check_policy
@@ -38,6 +49,8 @@ from expertrag.retrieval.index import Index
 from expertrag.retrieval.types import Filters, Hit
 
 ABSTAIN_TEXT = "I don't know."
+AUDIT_FILE = "audit.jsonl"  # the policy expert's audit log, inside the index folder unless policy.audit_path
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -102,6 +115,8 @@ class _Job:
     weight: float = 1.0
     branches: list[_Job] = field(default_factory=list)  # one job per expert when several answer
     screening: Screening | None = None  # the policy expert's verdict, when it screens
+    plan: _Plan | None = None  # a routed job's expert: its gate's decision, adapter
+    adapter: str | None = None  # the AdapterBank key its generation runs under (None: the base model)
 
     @property
     def holds_tokens(self) -> bool:
@@ -115,6 +130,30 @@ class _Job:
 
     def cancelled(self) -> bool:
         return self.is_cancelled is not None and self.is_cancelled()
+
+
+@dataclass(eq=False)
+class _Plan:
+    """One chosen expert of a routed question, before generation: its settings, its gate's decision
+    (and the context that decided it, reused by retrieval), and the adapter it answers with."""
+
+    expert: ExpertRecord
+    weight: float
+    config: PipelineConfig
+    gate: str  # what decided: the expert's `gate`, the pipeline's policy name, or "policy-expert" (cite_only)
+    decision: Decision
+    ctx: PipelineGateContext | None = None  # the expert's own gate context (None: the question's)
+    adapter: str | None = None  # AdapterBank key, when applied
+    adapter_note: str | None = None  # why the expert's adapter was not applied
+
+    def to_dict(self) -> dict[str, Any]:
+        d = self.decision
+        return {"gate": self.gate, "decision": "retrieve" if d.retrieve else "no_retrieve",
+                "score": round(float(d.score), 4), "stage": d.stage, "policy": d.policy,
+                "adapter": self.expert.adapter, "adapter_applied": self.adapter is not None,
+                **({"adapter_note": self.adapter_note} if self.adapter_note else {})}
+
+
 _MARKER = re.compile(r"\s*\[(\d{1,2})\]")
 
 
@@ -148,6 +187,7 @@ class PipelineGateContext:
         self._embedding: np.ndarray | None = embedding  # the policy expert's classifier may have computed it
         self._probe: Probe | None = None
         self.retrieval_ms = 0.0  # ranking work done for the gate, reusable by retrieval
+        self.adapter: str | None = None  # an expert's context probes with the expert's adapter
 
     def query_embedding(self) -> np.ndarray:
         if self._embedding is None:
@@ -177,7 +217,7 @@ class PipelineGateContext:
 
     def probe(self) -> Probe:
         if self._probe is None:
-            self._probe = self.rag.probe(self.question)
+            self._probe = self.rag.probe(self.question, adapter=self.adapter)
         return self._probe
 
     @property
@@ -195,14 +235,32 @@ class ExpertRAG:
 
     def __init__(self, index: Index, generator: Generator, policy: Policy, config: PipelineConfig | None = None,
                  policy_name: str | None = None, experts: LiveExperts | None = None,
-                 screen: PolicyExpert | None = None):
+                 screen: PolicyExpert | None = None, gate_config: GateConfig | None = None,
+                 expert_policy: PolicyExpert | None = None):
+        """gate_config: what experts' own gates are built with (their learned artifacts default to
+        INDEX/gate); expert_policy: the policy expert for questions routed to sensitive experts when `screen`
+        is None (default: one without rules, auditing to INDEX/audit.jsonl)."""
         self.index = index
         # domain experts of the index (registry + router), re-read when they change; None: no routing
         self.experts = experts
         self.routing_settings = RoutingSettings()
         self._domain_map: DomainMap | None = None
         self.screen = screen  # the policy expert (experts/policy.py); None = no rules, nothing screened
+        self._expert_policy = expert_policy
         self.generator = generator
+        # experts' learned gates read the index's gate folder by default, as the pipeline's policy does
+        # (pipeline.build.GATE_DIR; build imports this module, so the name is not imported from there)
+        self.gates = ExpertGates(experts.registry.dir, gate_config, Path(index.dir) / "gate",
+                                 generator.capabilities) if experts is not None else None
+        # domain adapters kept on the generator's model; None: no experts, or a backend that cannot take them
+        self.adapters = None
+        self._adapter_warned: set[tuple[str, int]] = set()
+        if experts is not None and generator.capabilities.adapters:
+            from expertrag.experts.adapter import bank_for  # torch: only for the native backend
+
+            self.adapters = bank_for(generator)
+        elif experts is not None:
+            self._warn_adapters(experts.current().snapshot)
         self.policy = policy
         self.policy_name = policy_name or getattr(policy, "name", type(policy).__name__)
         # a policy needing a signal this backend cannot give fails here, naming both, not mid-answer
@@ -220,14 +278,57 @@ class ExpertRAG:
         if old is not index:
             old.close()
 
+    # ---- adapters --------------------------------------------------------------------------------------
+    def model_as(self, adapter: str | None):
+        """The block runs on the base model (None) or with the AdapterBank's adapter `adapter`; with a bank,
+        every generation goes through here, holding its lock (the active adapter is shared model state)."""
+        return self.adapters.use(adapter) if self.adapters is not None else contextlib.nullcontext()
+
+    def _warn_adapters(self, snapshot: RegistrySnapshot) -> None:
+        """Say once per expert (start-up, and each expert added later) that this backend answers without
+        its adapter; the answers record `adapter_applied: false` too."""
+        backend = self.generator.capabilities.backend
+        for e in snapshot.active:
+            if e.adapter is not None and (e.name, e.version) not in self._adapter_warned:
+                self._adapter_warned.add((e.name, e.version))
+                log.warning("expert %r has a LoRA adapter (%s) but the %s backend cannot apply adapters: "
+                            "its questions are answered by the base model", e.name, e.adapter, backend)
+
+    def _adapter_for(self, expert: ExpertRecord, snapshot: RegistrySnapshot) -> tuple[str | None, str | None]:
+        """(AdapterBank key, None), or (None, why not) for an expert with an adapter; (None, None) without."""
+        if expert.adapter is None:
+            return None, None
+        if self.adapters is None:
+            self._warn_adapters(snapshot)
+            return None, f"the {self.generator.capabilities.backend} backend cannot apply LoRA adapters"
+        from expertrag.experts.adapter import AdapterError
+
+        try:
+            return self.adapters.load(self.experts.registry.dir / expert.adapter), None
+        except AdapterError as e:  # a broken folder is the record's problem: say which record
+            raise record_error(expert, snapshot, "adapter", str(e)) from None
+
+    def _sensitive_policy(self) -> PolicyExpert:
+        """The policy expert for questions routed to sensitive experts: the screening one when rules are
+        configured, else one without rules (audited beside the index)."""
+        if self.screen is not None:
+            return self.screen
+        if self._expert_policy is None:
+            from expertrag.experts.audit import AuditLog
+
+            self._expert_policy = PolicyExpert(PolicyConfig(), audit=AuditLog(Path(self.index.dir) / AUDIT_FILE))
+        return self._expert_policy
+
     # ---- the closed-book probe -----------------------------------------------------------------------
-    def probe(self, question: str) -> Probe:
+    def probe(self, question: str, adapter: str | None = None) -> Probe:
+        """The closed-book draft, by the base model or with an expert's adapter (its gate's probe)."""
         t = time.perf_counter()
-        g = self.generator.generate(
-            closed_book_messages(question), max_new_tokens=self.config.probe_tokens, stop=self.config.stop,
-            hidden_layers=[self.config.probe_layer] if self.generator.capabilities.hidden_states else None,
-            return_router=True, router_span=question,
-        )
+        with self.model_as(adapter):
+            g = self.generator.generate(
+                closed_book_messages(question), max_new_tokens=self.config.probe_tokens, stop=self.config.stop,
+                hidden_layers=[self.config.probe_layer] if self.generator.capabilities.hidden_states else None,
+                return_router=True, router_span=question,
+            )
         stats = g.router_stats
         return Probe(
             text=g.text, token_ids=list(g.token_ids), logprobs=list(g.logprobs), entropies=list(g.entropies),
@@ -335,6 +436,11 @@ class ExpertRAG:
                 answer = Answer.from_dict(cached)
                 ms = (time.perf_counter() - started) * 1000
                 answer.timings = Timings(other_ms=ms, total_ms=ms, cache="answer")
+                routed_to = [m["rule"].split(":", 1)[1] for m in answer.policy.get("matches", [])
+                             if m.get("kind") == "expert"]
+                if routed_to:  # audited each time it is asked, as the rules' matches are (screen above)
+                    self._sensitive_policy().escalate(screening, q, routed_to, original=req.question,
+                                                      user=req.user.name if req.user else None)
                 if req.on_event is not None:
                     req.on_event(AnswerEvent("decision", {"gate": answer.gate}))
                     if answer.retrieved:
@@ -347,30 +453,50 @@ class ExpertRAG:
                                   embedding=screening.embedding if screening is not None else None)
         t = time.perf_counter()
         chosen = self._route(ctx, state, req.user) if state is not None else None
+        sensitive = [e.name for e, _ in chosen.experts if e.sensitive] if chosen is not None else []
+        if sensitive:
+            # a sensitive expert's questions go through the policy expert even when no rule matched them
+            screening = self._sensitive_policy().escalate(screening, q, sensitive, original=req.question,
+                                                           user=req.user.name if req.user else None)
+            if screening.action == "refuse":
+                return self._refusal(screening, started, req.on_event)
+        forced = None
         if screening is not None and screening.action == "cite_only":
             # an answer that may only stand with citations needs passages: the gate is not asked
-            decision: Decision = Decision(retrieve=True, score=1.0, stage="policy", policy="policy-expert")
+            forced = Decision(retrieve=True, score=1.0, stage="policy", policy="policy-expert")
+        plans: list[_Plan] = []
+        if chosen is not None:
+            plans = self._plan(ctx, chosen, state, cfg, filters, policy, policy_name, forced)
+            decision = plans[0].decision
+            if len(plans) > 1 and any(p.decision.retrieve != decision.retrieve for p in plans):
+                # the answer retrieved when any of its experts did (each expert's own decision: routing)
+                decision = replace(decision, retrieve=True)
         else:
-            decision = policy.decide(ctx)
-        decide_ms = (time.perf_counter() - t) * 1000  # routing + the gate
+            decision = forced or policy.decide(ctx)
+        decide_ms = (time.perf_counter() - t) * 1000  # routing + the gate(s)
+        contexts = [ctx, *(p.ctx for p in plans if p.ctx is not None)]
         probe = ctx.probed
-        probe_ms = probe.ms if probe is not None else 0.0
-        ranked_for_gate_ms = ctx.retrieval_ms  # index lookups the router and policy triggered
+        probe_ms = sum(c.probed.ms for c in contexts if c.probed is not None)
+        ranked_for_gate_ms = sum(c.retrieval_ms for c in contexts)  # index lookups the router and gates triggered
         job = _Job(question=q, config=cfg, decision=decision, policy_name=policy_name, started=started,
                    cache_key=key, on_event=req.on_event, is_cancelled=req.cancelled, screening=screening,
                    timings=Timings(gate_ms=max(decide_ms - probe_ms - ranked_for_gate_ms, 0.0), probe_ms=probe_ms),
                    route=chosen, state=state)
+        gate_event = {"decision": "retrieve" if decision.retrieve else "no_retrieve", "score": decision.score,
+                      "stage": decision.stage, "policy": policy_name}
         if chosen is not None:
             job.expert, job.weight = chosen.experts[0]
-        job.emit(AnswerEvent("decision", {"gate": {
-            "decision": "retrieve" if decision.retrieve else "no_retrieve", "score": decision.score,
-            "stage": decision.stage, "policy": policy_name}}))
-        if decision.retrieve and chosen is not None:
+            gate_event["experts"] = [{"expert": p.expert.name, **p.to_dict()} for p in plans]
+        job.emit(AnswerEvent("decision", {"gate": gate_event}))
+        if chosen is not None:
             t = time.perf_counter()
-            self._retrieve_routed(job, ctx, filters)
-            job.timings.retrieval_ms = (time.perf_counter() - t) * 1000 + ranked_for_gate_ms
-            job.emit(AnswerEvent("passages", {"passages": [
-                {**h.to_dict(), "expert": b.expert.name} for b in (job.branches or [job]) for h in b.hits]}))
+            self._prepare_routed(job, ctx, filters, plans)
+            if decision.retrieve:
+                job.timings.retrieval_ms = (time.perf_counter() - t) * 1000 + ranked_for_gate_ms
+                job.emit(AnswerEvent("passages", {"passages": [
+                    {**h.to_dict(), "expert": b.expert.name} for b in (job.branches or [job]) for h in b.hits]}))
+            else:
+                job.timings.gate_ms += ranked_for_gate_ms  # query features were gate work, not retrieval
         elif decision.retrieve:
             t = time.perf_counter()
             job.hits, cached = self._retrieve(ctx, q, filters, cfg)
@@ -387,7 +513,7 @@ class ExpertRAG:
             if probe is not None:
                 job.draft = probe.draft
             else:
-                job.messages = self._with_prompt(closed_book_messages(q), job.expert)
+                job.messages = closed_book_messages(q)
         return job
 
     # ---- domain experts ------------------------------------------------------------------------------
@@ -409,25 +535,77 @@ class ExpertRAG:
         return route(state.snapshot, state.router, embedding, groups=groups, all_groups=all_groups,
                      metadata=ctx.metadata, hit_domains=hit_domains, settings=self.routing_settings)
 
-    def _retrieve_routed(self, job: _Job, ctx: PipelineGateContext, filters: Filters) -> None:
-        """Each chosen expert retrieves from its own domain (inside the caller's access), with its own k
-        and mode; several experts: one branch job each, generated separately and fused at the end."""
-        experts = job.route.experts
-        jobs = [job] if len(experts) == 1 else [
-            _Job(question=job.question, config=job.config, decision=job.decision, policy_name=job.policy_name,
+    def _plan(self, ctx: PipelineGateContext, chosen: Route, state: ExpertState, cfg: PipelineConfig,
+              filters: Filters, policy: Any, policy_name: str, forced: Decision | None) -> list[_Plan]:
+        """Each chosen expert's settings, adapter and retrieval decision. An expert without its own gate
+        takes the pipeline policy's decision on the question's context (decided once for all of them:
+        without expert gates this is exactly the unrouted decision); one with a gate decides on its own
+        context: its domain's partition, and a probe drafted with its adapter."""
+        plans, shared = [], None
+        for e, w in chosen.experts:
+            ecfg = _expert_config(cfg, e)
+            own = self.gates.policy(e, state.snapshot) if self.gates is not None else None
+            adapter, note = self._adapter_for(e, state.snapshot)
+            plan = _Plan(expert=e, weight=w, config=ecfg, decision=forced, adapter=adapter, adapter_note=note,
+                         gate="policy-expert" if forced is not None else e.gate or policy_name)
+            if forced is None and own is None:
+                if shared is None:
+                    shared = policy.decide(ctx)
+                plan.decision = shared
+            elif forced is None:
+                plan.ctx = self._expert_context(ctx, e, ecfg, filters, chosen.scope, adapter)
+                plan.decision = own.decide(plan.ctx)
+            plans.append(plan)
+        return plans
+
+    def _expert_context(self, ctx: PipelineGateContext, expert: ExpertRecord, cfg: PipelineConfig,
+                        filters: Filters, scope: str, adapter: str | None) -> PipelineGateContext:
+        """The gate context of one expert: what its retrieval would search (its domain; the caller's global
+        ranking for the general expert or a "boost" route, shared with the question's context), the question's
+        one embedding, and probes drafted with the expert's adapter."""
+        if expert.domain is None or scope == "boost":
+            f = filters
+        else:
+            f = Filters(domains=(expert.domain,), groups=filters.groups, all_groups=filters.all_groups)
+        ectx = PipelineGateContext(self, ctx.question, ctx.metadata, f, cfg, embedding=ctx.query_embedding())
+        cand = self.index.config.candidates
+        if f is filters and max(cfg.k, cand) <= max(ctx.config.k, cand):
+            ectx._rankings, ectx._allowed = ctx.rankings(), ctx._allowed  # the same search: not run twice
+            ectx._features = ctx._features
+        ectx.adapter = adapter
+        return ectx
+
+    def _prepare_routed(self, job: _Job, ctx: PipelineGateContext, filters: Filters, plans: list[_Plan]) -> None:
+        """Each chosen expert that retrieves does so from its own domain (inside the caller's access), with
+        its own k and mode; one that skips answers closed-book (continuing the probe's draft when it was
+        drafted with that expert's adapter). Several experts: one branch job each, generated separately and
+        fused at the end."""
+        if len(plans) > 1 and all(p.ctx is None and p.adapter is None and not p.decision.retrieve for p in plans):
+            plans = plans[:1]  # nobody retrieves, none has its own gate or adapter: one closed-book answer
+        jobs = [job] if len(plans) == 1 else [
+            _Job(question=job.question, config=job.config, decision=p.decision, policy_name=job.policy_name,
                  started=job.started, timings=Timings(), is_cancelled=job.is_cancelled, route=job.route,
-                 state=job.state, expert=e, weight=w) for e, w in experts]
+                 state=job.state, expert=p.expert, weight=p.weight) for p in plans]
         cached_any = False
-        for b in jobs:
-            cfg = _expert_config(job.config, b.expert)
-            b.config = cfg
+        for b, p in zip(jobs, plans, strict=True):
+            cfg = b.config = p.config
+            b.plan, b.adapter = p, p.adapter
+            if not p.decision.retrieve:
+                pctx = p.ctx or ctx
+                if len(jobs) == 1 and pctx.probed is not None and pctx.adapter == b.adapter:
+                    b.draft = pctx.probed.draft
+                else:
+                    b.messages = self._with_prompt(closed_book_messages(job.question), b.expert)
+                continue
             domain = b.expert.domain
             if domain is not None and job.route.scope == "boost" and cfg.search_mode == "hybrid":
                 # the caller's global ranking (the gate's), in-domain hits lifted by the route's confidence
                 b.hits = self._boosted_hits(ctx, domain, job.state.router.domain_boost * job.route.confidence,
                                             cfg.k)
             else:
-                if domain is None and cfg is job.config:
+                if p.ctx is not None and (domain is None or job.route.scope != "boost"):
+                    ectx, f = p.ctx, p.ctx.filters  # what the expert's gate already ranked
+                elif domain is None and cfg is job.config:
                     ectx, f = ctx, filters  # the general expert: what the gate already ranked
                 else:
                     f = Filters(domains=(domain,) if domain is not None else None,
@@ -470,14 +648,17 @@ class ExpertRAG:
                              for b in branches]
         for c, b in zip(contributions, branches, strict=True):
             c["passage_ids"] = [h.id for h in b.hits]
+            if b.plan is not None:  # each expert's own retrieval decision and whether its adapter ran
+                c.update(b.plan.to_dict())
         out["contributions"] = contributions
+        out["adapter_applied"] = any(b.adapter is not None for b in branches)
         out["fusion"] = "single" if len(branches) == 1 else None
         return out
 
     def _finish_routed(self, job: _Job) -> Answer:
         """Several experts answered: finish each on its own evidence, fuse, and cite each passage as the
         expert that supplied it (markers renumbered over the answer's concatenated passage list)."""
-        parts = [self._finish(job.question, b.text, b.token_ids, b.logprobs, b.hits, job.decision, b.timings,
+        parts = [self._finish(job.question, b.text, b.token_ids, b.logprobs, b.hits, b.decision, b.timings,
                               b.router, b.prompt_tokens, policy_name=job.policy_name, screening=job.screening)
                  for b in job.branches]
         cands = [ExpertCandidate(
@@ -498,6 +679,8 @@ class ExpertRAG:
                                           expert=cands[i].expert))
         answer.citations = [] if answer.abstained else citations
         answer.passages = passages
+        answer.retrieved = job.decision.retrieve  # any expert retrieved (each one's decision: routing)
+        answer.gate = {**answer.gate, "decision": "retrieve" if job.decision.retrieve else "no_retrieve"}
         t = job.timings
         t.generation_ms = sum(b.timings.generation_ms for b in job.branches)
         answer.timings = t
@@ -513,7 +696,7 @@ class ExpertRAG:
         """The answer to a question the policy expert refuses: nothing retrieved, nothing generated."""
         ms = (time.perf_counter() - started) * 1000
         gate = {"decision": "refused", "score": 1.0, "stage": "policy", "policy": "policy-expert"}
-        text = self.screen.config.refusal_text if self.screen is not None else ABSTAIN_TEXT
+        text = self._sensitive_policy().config.refusal_text  # the screening policy expert, when there is one
         answer = Answer(question=screening.text, text=f"{text} ({screening.reason})", retrieved=False,
                         abstained=True, gate=gate, timings=Timings(other_ms=ms, total_ms=ms),
                         needs_review=True, policy=screening.to_dict())
@@ -534,7 +717,8 @@ class ExpertRAG:
         singles: list[list[_Job]] = []
         for j in jobs:
             if can_batch and j.draft is None and j.memory is None:
-                groups.setdefault(j.config.max_new_tokens, []).append(j)
+                # one batch runs under one adapter: jobs of different experts' adapters do not share one
+                groups.setdefault((j.config.max_new_tokens, j.adapter), []).append(j)
             else:
                 singles.append([j])
         for group in [*groups.values(), *singles]:
@@ -548,6 +732,10 @@ class ExpertRAG:
                     j.error = RequestCancelled("the caller went away; decoding stopped")
 
     def _generate_fresh(self, group: Sequence[_Job]) -> None:
+        with self.model_as(group[0].adapter):
+            self._generate_fresh_as(group)
+
+    def _generate_fresh_as(self, group: Sequence[_Job]) -> None:
         cfg = group[0].config
         t = time.perf_counter()
 
@@ -591,8 +779,9 @@ class ExpertRAG:
             j.emit(AnswerEvent("token", {"text": first.text}))
         rest_budget = j.config.max_new_tokens - len(first.token_ids)
         if first.finish_reason == "length" and rest_budget > 0:
-            more = self.generator.generate(None, state=first.state, max_new_tokens=rest_budget,
-                                           stop=j.config.stop, on_token=self._token_sink([j]))
+            with self.model_as(j.adapter):  # the draft's KV cache was computed with this adapter (or none)
+                more = self.generator.generate(None, state=first.state, max_new_tokens=rest_budget,
+                                               stop=j.config.stop, on_token=self._token_sink([j]))
             j.token_ids += list(more.token_ids)
             j.logprobs += list(more.logprobs)
             j.text = first.text + more.text  # byte-level BPE: pieces decode independently

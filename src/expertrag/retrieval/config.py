@@ -12,9 +12,9 @@ class RetrievalConfig(BaseModel):
     embedder: str = Field("all-MiniLM-L6-v2", description="name recorded in the manifest; loaded offline")
     embed_batch_size: int = Field(64, gt=0)
     # torch is the default so existing indexes and configs keep their meaning. auto follows an existing
-    # index's backend; for a new index it is onnx-int8 when onnxruntime is installed, else torch (embedder.py)
-    embed_backend: Literal["auto", "torch", "onnx", "onnx-int8"] = Field(
-        "torch", description="embedding runtime: torch, onnx (fp32), onnx-int8, or auto (see resolve_backend)")
+    # index's backend; for a new index it is openvino, else onnx-int8, else torch, as installed (embedder.py)
+    embed_backend: Literal["auto", "torch", "onnx", "onnx-int8", "openvino"] = Field(
+        "torch", description="embedding runtime: torch, onnx (fp32), onnx-int8, openvino, or auto (see resolve_backend)")
     dense_index: Literal["flat", "ivf", "hnsw"] = "flat"
     ivf_nlist: int = Field(256, gt=0)
     ivf_nprobe: int = Field(16, gt=0)

@@ -34,11 +34,15 @@ def embedder_path(name: str) -> Path:
     )
 
 
-BACKENDS = ("torch", "onnx", "onnx-int8")
+BACKENDS = ("torch", "onnx", "onnx-int8", "openvino")
 # Vectors of the same model that are interchangeable in one index: torch and ONNX fp32 run the same graph in
 # fp32 and differ by float rounding only (cosine drift ~1e-7, measured in RESULTS.md); int8 weights move
 # vectors measurably (cosine ~0.99), so int8 vectors live apart and an index built with them takes only them.
-VECTOR_FAMILY = {"torch": "fp32", "onnx": "fp32", "onnx-int8": "int8"}
+# OpenVINO runs the fp32 ONNX graph; on CPUs with AMX/AVX512-BF16 it computes in bfloat16 by default, which
+# moved vectors by a cosine of 1e-5 on average (min 0.99998 over 256 shared passages, RESULTS.md): two orders
+# of magnitude below int8's drift and far below any ranking margin, so its vectors count as fp32 ones.
+VECTOR_FAMILY = {"torch": "fp32", "onnx": "fp32", "onnx-int8": "int8", "openvino": "fp32"}
+OPENVINO_HINT = "pip install 'expertrag[openvino]', or set retrieval.embed_backend to onnx-int8 or torch"
 BUCKET_WINDOW_BATCHES = 16  # length-sorting window, in batches: bounded memory, most padding saved
 # Upper bound on batch size x (padded length)^2 of one forward. Activation memory grows with the batch's
 # width, attention with its square: one int8 batch of 64 x 256 tokens raised peak RSS by 542 MB, 64 x 128 by
@@ -53,12 +57,26 @@ def onnxruntime_available() -> bool:
     return importlib.util.find_spec("onnxruntime") is not None
 
 
+def openvino_available() -> bool:
+    # the ONNX export itself needs the `onnx` package (and onnxruntime for the int8 variant)
+    return importlib.util.find_spec("openvino") is not None and importlib.util.find_spec("onnx") is not None
+
+
+def backend_available(backend: str) -> bool:
+    if backend == "openvino":
+        return openvino_available()
+    return onnxruntime_available() if backend.startswith("onnx") else True
+
+
 def resolve_backend(backend: str) -> str:
-    """`auto` (for a new index) is the fastest backend installed: onnx-int8 with onnxruntime, else torch.
+    """`auto` (for a new index) is the fastest backend installed: openvino, else onnx-int8, else torch.
 
     Measured on the 2-core box (RESULTS.md, "Embedding backends"): int8 embeds 1.8x torch's passages/s with
-    the same answer-recall@20 on RetrievalQA; onnx fp32 is no faster than torch there, so auto skips it."""
+    the same answer-recall@20 on RetrievalQA, OpenVINO on the fp32 graph faster still; onnx fp32 is no faster
+    than torch there, so auto skips it."""
     if backend == "auto":
+        if openvino_available():
+            return "openvino"
         return "onnx-int8" if onnxruntime_available() else "torch"
     if backend not in BACKENDS:
         raise ExpertRAGError(f"unknown embed backend {backend!r}; choose one of auto, {', '.join(BACKENDS)}")
@@ -88,7 +106,7 @@ def query_backend(asked: str, built: str | None) -> str:
     i.e. torch). `auto` follows the index where that backend is installed; the caller still checks the
     result with `check_backend_compatible`."""
     built = built or "torch"
-    if asked == "auto" and (not built.startswith("onnx") or onnxruntime_available()):
+    if asked == "auto" and backend_available(built):
         return resolve_backend(built)
     return resolve_backend(asked)
 
@@ -96,9 +114,10 @@ def query_backend(asked: str, built: str | None) -> str:
 class Embedder:
     """Normalised sentence embeddings (cosine similarity = inner product).
 
-    backend: torch (sentence-transformers, the reference), onnx (the same model exported to ONNX, fp32) or
-    onnx-int8 (dynamically quantised); auto picks onnx when onnxruntime is installed. The ONNX backends run
-    with as many intra-op threads as torch is set to use, so `torch.set_num_threads` governs both.
+    backend: torch (sentence-transformers, the reference), onnx (the same model exported to ONNX, fp32),
+    onnx-int8 (dynamically quantised) or openvino (OpenVINO running the fp32 ONNX graph); auto picks the
+    fastest installed (resolve_backend). The ONNX and OpenVINO backends run with as many threads as torch is
+    set to use, so `torch.set_num_threads` governs all of them.
     bucket: ONNX batches are formed from texts sorted by token count within a window of
     BUCKET_WINDOW_BATCHES batches, so short texts are not padded to long ones; output keeps input order.
     """
@@ -142,6 +161,28 @@ class Embedder:
         return ort.InferenceSession(str(self.onnx_file), options, providers=["CPUExecutionProvider"])
 
     @cached_property
+    def openvino_model(self):
+        """The fp32 ONNX graph compiled by OpenVINO for this CPU (its default precision: bf16 where the CPU
+        has it), and one infer request reused for every batch (batches differ in shape: OpenVINO reshapes)."""
+        try:
+            import openvino
+        except ImportError:
+            raise ExpertRAGError(f"the openvino embedding backend needs openvino: {OPENVINO_HINT}") from None
+        import torch
+
+        compiled = openvino.Core().compile_model(
+            str(self.onnx_file), "CPU",
+            {"INFERENCE_NUM_THREADS": torch.get_num_threads(), "PERFORMANCE_HINT": "LATENCY"})
+        return compiled, compiled.create_infer_request()
+
+    def _forward(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
+        if self.backend == "openvino":
+            compiled, request = self.openvino_model
+            # copy: the request's output buffer is overwritten by the next batch
+            return np.array(request.infer(feeds)[compiled.output(0)])
+        return self.session.run(None, feeds)[0]
+
+    @cached_property
     def tokenizer(self):
         from tokenizers import Tokenizer
 
@@ -160,6 +201,8 @@ class Embedder:
         if self.backend == "torch":
             getter = getattr(self.model, "get_embedding_dimension", None) or self.model.get_sentence_embedding_dimension
             return int(getter())
+        if self.backend == "openvino":
+            return int(self.openvino_model[0].output(0).get_partial_shape()[1].get_length())
         return int(self.session.get_outputs()[0].shape[1])
 
     def encode(self, texts: list[str], *, batch_size: int | None = None) -> np.ndarray:
@@ -199,7 +242,7 @@ class Embedder:
                     ids[j, :n] = encodings[i].ids
                     mask[j, :n] = 1
                 feeds = {"input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids)}
-                out[[start + i for i in rows]] = self.session.run(None, feeds)[0]
+                out[[start + i for i in rows]] = self._forward(feeds)
         return out
 
     def release_memory(self) -> None:
@@ -210,7 +253,7 @@ class Embedder:
         frees the arena's unused chunks (shrinking after every run instead took 31 s for three 64 x 128
         batches against 22 s without, on the loaded box: not worth it per batch)."""
         if self.backend == "torch" or "session" not in self.__dict__:
-            return
+            return  # openvino: its plugin frees per-shape buffers itself (no arena to shrink)
         from expertrag.retrieval.onnx_export import require_onnxruntime
 
         options = require_onnxruntime().RunOptions()

@@ -148,7 +148,8 @@ def onnx_model(model_dir: Path, name: str, variant: str = "fp32") -> Path:
     """Path of the cached ONNX file for `variant`, exporting (and quantising) on first use."""
     if variant not in VARIANTS:
         raise ExpertRAGError(f"unknown ONNX variant {variant!r}; choose one of {', '.join(VARIANTS)}")
-    require_onnxruntime()
+    if variant == "int8":
+        require_onnxruntime()  # its quantiser makes the int8 file; fp32 needs only torch and onnx
     check_pooling(model_dir)
     root = cache_dir() / "onnx"
     root.mkdir(parents=True, exist_ok=True)

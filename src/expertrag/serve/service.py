@@ -16,11 +16,9 @@ from typing import Any, Protocol
 from expertrag.data.config import ChunkingConfig
 from expertrag.data.types import Document
 from expertrag.errors import ExpertRAGError, InputError
-from expertrag.experts.live import LiveExperts
-from expertrag.experts.policy_config import PolicyConfig
 from expertrag.gate.policies import POLICIES, make_policy
 from expertrag.pipeline.answer import User
-from expertrag.pipeline.build import PipelineSettings, gate_dir, load_generator, load_screen
+from expertrag.pipeline.build import PipelineSettings, gate_dir, load_generator, wire_pipeline
 from expertrag.pipeline.rag import AnswerRequest, ExpertRAG, validate_question
 from expertrag.retrieval.builder import BuildReport, build_index
 from expertrag.retrieval.index import Index
@@ -104,11 +102,10 @@ class Service:
         self.generation = index.generation
         generator = self._generator if self._generator is not None else load_generator(self.settings)
         self._tokenizer = getattr(generator, "tokenizer", None)
-        # the index's domain experts (re-read when `expert add/retire` or `train router` changes them) and
-        # the policy expert of the config's rules, as `expertrag ask` builds them
-        screen = load_screen(getattr(self.settings, "policy", None) or PolicyConfig(), index, self.index_dir)
-        return ExpertRAG(index, generator, self.policy(self.default_policy), self.settings.pipeline,
-                         self.default_policy, experts=LiveExperts(self.index_dir), screen=screen)
+        # the index's domain experts (re-read when `expert add/retire` or `train router` changes them), their
+        # gates and adapters, and the policy expert of the config's rules, as `expertrag ask` builds them
+        return wire_pipeline(index, self.index_dir, generator, self.policy(self.default_policy),
+                             self.default_policy, self.settings)
 
     def token_pieces(self, token_ids: list[int]) -> list[str]:
         """Each generated token's text (for chat `logprobs`); "" where the backend has no tokenizer."""
