@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
+import numpy as np
 import pytest
 
 from expertrag.errors import ExpertRAGError, InputError
@@ -161,9 +162,14 @@ def test_eval_gates_command_with_smollm2(tmp_path, monkeypatch, smollm2):
     conf.write_text("pipeline:\n  probe_tokens: 4\n")
     out = tmp_path / "out"
     r = run_cli(["eval-gates", "--index", str(index), "--labels", str(lab), "--out", str(out),
-                 "--policies", "never,always,flare,skr-knn", "--config", str(conf), "--json"])
+                 "--policies", "never,always,flare,skr-knn", "--config", str(conf), "--json",
+                 "--time-answers", "2", "--bootstrap", "50"])
     assert r.exit_code == 0, r.output
     s = json.loads(r.stdout.strip().splitlines()[-1])
+    # answer time measured on 2 questions per branch; flare's probe is its cost, a share of that time
+    assert s["answer_ms"]["questions"] == 2 and s["answer_ms"]["open"] > 0 and s["answer_ms"]["closed"] > 0
+    assert 0 < s["policies"]["flare"]["cost"]["gate_share_of_answer_time"] < 1
+    assert s["policies"]["flare"]["operating"]["n"] == 3
     assert set(s["policies"]) == {"never", "always", "flare"} and "skr-knn" in s["skipped"]
     assert s["policies"]["never"]["accuracy"] == pytest.approx(1 / 3)
     assert s["policies"]["always"]["accuracy"] == pytest.approx(2 / 3)
@@ -210,3 +216,102 @@ def test_merged_folds_equal_one_run_over_all_questions(tmp_path):
     (tmp_path / "broken.json").write_text('{"format": ')
     r = run_cli(["merge-results", str(tmp_path / "broken.json"), "--out", str(tmp_path / "m2")])
     assert isinstance(r.exception, InputError) and "not a JSON" in str(r.exception)
+
+
+def test_fixed_splits_never_move_a_question_as_the_label_file_grows(tmp_path):
+    from expertrag.gate.labels import parse_splits, split_fixed, write_labels
+
+    shares = parse_splits("train=0.6,dev=0.2,test=0.2")
+    big = labels(60, 90, 150)
+    small = big[::3]  # an earlier, shorter state of the same file (another order too)
+    where_big = {r.id: n for n, part in split_fixed(big, shares).items() for r in part}
+    where_small = {r.id: n for n, part in split_fixed(list(reversed(small)), shares).items() for r in part}
+    assert all(where_big[i] == n for i, n in where_small.items())
+    parts = split_fixed(big, shares)
+    assert sum(len(p) for p in parts.values()) == len(big)
+    # each label lands in each split near its share (hash positions are uniform and label-blind)
+    for lab, total in (("no_retrieve", 60), ("retrieve", 90), ("both_wrong", 150)):
+        for name, share in shares.items():
+            got = sum(r.label == lab for r in parts[name])
+            assert abs(got - share * total) <= 4 * (share * (1 - share) * total) ** 0.5 + 1, (lab, name, got)
+    assert split_fixed(big, shares, seed=1) != parts  # the seed matters
+
+    src = tmp_path / "l.jsonl"
+    write_labels(src, big)
+    r = run_cli(["split-labels", "--labels", str(src), "--out", str(tmp_path / "s"), "--prefix", "shared",
+                 "--splits", "train=0.6,dev=0.2,test=0.2"])
+    assert r.exit_code == 0, r.output
+    assert "shared_test:" in r.output and "no_retrieve" in r.output
+    assert [x.id for x in read_labels(tmp_path / "s" / "shared_dev.jsonl")] == [x.id for x in parts["dev"]]
+    for bad, msg in (("train=0.6,test=0.3", "sum to"), ("train=0.6,0.4", "NAME=SHARE"), ("train=1", "two"),
+                     ("a=x,b=1", "not a number"), ("a=0.5,a=0.5", "twice")):
+        r = run_cli(["split-labels", "--labels", str(src), "--out", str(tmp_path / "x"), "--splits", bad])
+        assert isinstance(r.exception, InputError) and msg in str(r.exception), (bad, r.exception)
+    r = run_cli(["split-labels", "--labels", str(src), "--out", str(tmp_path / "x"), "--splits", "a=0.5,b=0.5",
+                 "--folds", "2"])
+    assert isinstance(r.exception, InputError) and "not both" in str(r.exception)
+
+
+class TierGate:
+    """Scores retrieve-labelled questions 0.9, known ones 0.2, hopeless ones 0.1 (a near-oracle ordering)."""
+
+    def decide(self, ctx) -> Decision:
+        s = 0.9 if ctx.question.startswith("unknown") else 0.2 if ctx.question.startswith("known") else 0.1
+        return Decision(s >= 0.5, s, "fast", "tier")
+
+
+@dataclass
+class ProbingCtx:
+    question: str
+    metadata: dict
+    calls: int = 0
+
+    def probe(self):
+        from expertrag.gate.types import Probe
+
+        self.calls += 1
+        return Probe("x", [1], [-0.1], [0.2], ms=50.0)  # as if the draft had taken 50 ms
+
+
+class ProbingGate:
+    name = "probing"
+
+    def decide(self, ctx) -> Decision:
+        ctx.probe()
+        return Decision(True, 0.5, "probe", self.name)
+
+
+def test_intervals_operating_points_and_gate_cost():
+    from expertrag.eval.config import EvalConfig
+    from expertrag.eval.gate_quality import curve_gain, matching_rate
+
+    recs = labels(4, 6, 10)
+    policies = {"kw": KnownWordGate(), "tier": TierGate(), "p1": ProbingGate(), "p2": ProbingGate()}
+    res = evaluate_gates(lambda r: ProbingCtx(r.question, dict(r.metadata)), policies, recs, progress=False,
+                         settings=EvalConfig(bootstrap=200), answer_ms={"closed": 100.0, "open": 300.0})
+    json.dumps(res, allow_nan=False)
+    kw, tier = res["results"]["kw"]["overall"], res["results"]["tier"]["overall"]
+    # always-retrieve: 8/20. kw must retrieve for the 16 unknown+hopeless to reach it; tier only for the 6
+    assert kw["operating"]["match_rate"] == pytest.approx(16 / 20)
+    assert tier["operating"]["match_rate"] == pytest.approx(6 / 20)
+    # tier's curve (0, .2) (.3, .5) (.5, .4) (1, .4) against the chord from .2 to .4
+    assert tier["operating"]["curve_gain"] == pytest.approx(0.395 - 0.3)
+    lo, hi = tier["operating"]["match_rate_ci"]
+    assert lo <= 6 / 20 <= hi and 0 <= lo and hi <= 1
+    assert tier["auroc_ci"][0] <= tier["gate_quality"]["auroc"] <= tier["auroc_ci"][1]
+    assert kw["operating"]["accuracy_at_decisions"] == pytest.approx(0.5)
+    # each policy reading the (shared, cached) probe is charged its 50 ms; the others are not
+    for p in ("p1", "p2"):
+        c = res["results"][p]["overall"]["cost"]
+        assert c["gate_ms"] >= 50.0 and 0 < c["gate_share_of_answer_time"] < 1
+    assert res["results"]["kw"]["overall"]["cost"]["gate_ms"] < 50.0
+    assert matching_rate(np.array([0.0, 0.5, 1.0]), np.array([0.1, 0.3, 0.3]), 0.3) == 0.5
+    assert matching_rate(np.array([0.0, 1.0]), np.array([0.1, 0.29]), 0.3) == 1.0  # never reached
+    assert curve_gain(np.array([0.0, 1.0]), np.array([0.2, 0.4]), 0.2, 0.4) == pytest.approx(0.0)  # the chord
+    import tempfile
+
+    from expertrag.eval.gate_eval import write_gate_report
+
+    with tempfile.TemporaryDirectory() as d:
+        md = write_gate_report(res, d).read_text()
+    assert "## Intervals and operating points" in md and "match always" in md

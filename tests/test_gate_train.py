@@ -195,7 +195,7 @@ def test_train_artifacts_writes_a_gate_folder_the_policies_load(tmp_path):
     names = {p.name for p in tmp_path.iterdir()}
     # exactly these: every file is written through a temporary one, and none may be left behind
     assert names == {"fast.json", "fast.safetensors", "full.json", "full.safetensors", "skr_knn.json", "skr_knn.npz",
-                     "popularity.json", "entropy.json", "router.json", "report.json"}
+                     "popularity.json", "entropy.json", "router.json", "report.json", "band.json"}
     assert report["parts"]["fast"]["metrics"]["auroc"] > 0.9 and report["parts"]["full"]["metrics"]["auroc"] > 0.9
     assert json.loads((tmp_path / "report.json").read_text())["questions"] == len(examples)
     assert "occupation" in report["parts"]["popularity"]["relations"]

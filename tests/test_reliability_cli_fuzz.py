@@ -30,11 +30,12 @@ COMMANDS = {
     "recall": ["--index", "-i", "--dataset", "-d", "--k", "--modes", "--limit", "--config", "--json"],
     "label": ["--dataset", "-d", "--index", "-i", "--out", "-o", "--limit", "--from-metadata", "--batch-size",
               "--config"],
-    "split-labels": ["--labels", "-l", "--out", "-o", "--folds", "--seed", "--questions", "-q"],
+    "split-labels": ["--labels", "-l", "--out", "-o", "--folds", "--splits", "--prefix", "--seed", "--questions",
+                     "-q"],
     "eval-gates": ["--index", "-i", "--labels", "-l", "--out", "-o", "--policies", "-p", "--gate", "--limit",
-                   "--config", "--json"],
+                   "--config", "--bootstrap", "--time-answers", "--json"],
     "train gate": ["--labels", "-l", "--index", "-i", "--out", "-o", "--objective", "--no-probe", "--limit",
-                   "--config", "--json"],
+                   "--config", "--reuse-traces", "--no-reuse-traces", "--json"],
 }
 PARSE_ONLY = {  # valid-looking argv would start real work: always add an unknown option
     "demo": ["--out", "--limit", "--policy", "--retrain-gate", "--config"],

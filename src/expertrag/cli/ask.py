@@ -165,22 +165,34 @@ def record_provenance(out: Path, rag, config: ExpertRAGConfig, dataset: Path) ->
 @app.command("split-labels")
 def split_labels_cmd(
     labels: Path = typer.Option(..., "--labels", "-l", help="label file from `expertrag label`"),
-    out: Path = typer.Option(..., "--out", "-o", help="folder for fold<i>.jsonl (held out) and train<i>.jsonl"),
-    folds: int = typer.Option(2, "--folds", help="number of folds (cross-fitting: train on train<i>, test on fold<i>)"),
+    out: Path = typer.Option(..., "--out", "-o", help="folder for the splits (fold<i>/train<i>, or PREFIX_NAME.jsonl)"),
+    folds: int | None = typer.Option(None, "--folds", help="number of folds (cross-fitting: train on train<i>, "
+                                                           "test on fold<i>); the default mode, with 2 folds"),
+    splits: str | None = typer.Option(None, "--splits", help="fixed named splits instead of folds, e.g. "
+                                      "train=0.6,dev=0.2,test=0.2: each question's split is a seeded hash of its "
+                                      "id, so a growing label file never moves a question"),
+    prefix: str = typer.Option("labels", "--prefix", help="with --splits: files are OUT/PREFIX_NAME.jsonl"),
     seed: int = typer.Option(0, "--seed", help="hash seed of the assignment"),
     questions: Path | None = typer.Option(None, "--questions", "-q",
-                                          help="question file the labels came from: also write fold<i>.questions.jsonl "
-                                               "(the held-out questions, with gold answers, for `expertrag eval`)"),
+                                          help="question file the labels came from: also write the held-out "
+                                               "questions with gold answers (fold<i>.questions.jsonl, or "
+                                               "PREFIX_NAME.questions.jsonl) for `expertrag eval`"),
 ) -> None:
-    """Split labels into stratified folds, so gates are always evaluated on questions they never saw."""
+    """Split labels into stratified folds or fixed named splits, so gates are evaluated on unseen questions."""
+    import re
+
     from expertrag.errors import InputError
     from expertrag.fileio import atomic_write_bytes
-    from expertrag.gate.labels import read_labels, split_folds, write_labels
+    from expertrag.gate.labels import parse_splits, read_labels, split_fixed, split_folds, write_labels
 
-    if folds < 2:
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", prefix):
+        raise InputError(f"--prefix must be a plain file-name stem (letters, digits, . _ -), got {prefix!r}")
+    if splits is not None and folds is not None:
+        raise InputError("give --folds or --splits, not both")
+    shares = parse_splits(splits) if splits is not None else None
+    if shares is None and (folds if folds is not None else 2) < 2:
         raise InputError("--folds must be at least 2")
     records = read_labels(labels)
-    parts = split_folds(records, folds, seed)
     by_id = {}
     if questions is not None:
         from expertrag.data.questions import load_questions
@@ -190,15 +202,45 @@ def split_labels_cmd(
         if missing:
             raise InputError(f"{len(missing)} labelled ids are not in the question file (first: {missing[0]!r})",
                              path=questions)
-    for i, part in enumerate(parts):
+    out.mkdir(parents=True, exist_ok=True)
+
+    def write_questions(path: Path, part) -> None:
+        rows = [{"id": q.id, "question": q.question, "golden_answers": q.golden_answers, "metadata": q.metadata}
+                for q in (by_id[r.id] for r in part)]
+        atomic_write_bytes(path, "".join(json.dumps(x, ensure_ascii=False) + "\n" for x in rows).encode())
+
+    all_labels = sorted({r.label for r in records})
+    source_prov = provenance_path(labels)
+    prov = None
+    if source_prov.is_file():
+        try:
+            prov = json.loads(source_prov.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise InputError(f"unreadable provenance of the labels: {e}", path=source_prov) from None
+
+    def write_part(path: Path, part, what: str) -> None:
+        write_labels(path, part)
+        if prov is not None:  # a split's labels were made with its source's settings: `train gate` reads them
+            atomic_write_bytes(provenance_path(path), (json.dumps(
+                {**prov, "split_of": str(labels), "split": what, "split_seed": seed}, indent=1,
+                ensure_ascii=False) + "\n").encode())
+
+    def counts(part) -> str:
+        return ", ".join(f"{lab} {sum(r.label == lab for r in part)}" for lab in all_labels)
+
+    if shares is not None:
+        parts = split_fixed(records, shares, seed)
+        for name, part in parts.items():
+            write_part(out / f"{prefix}_{name}.jsonl", part, name)
+            if by_id:
+                write_questions(out / f"{prefix}_{name}.questions.jsonl", part)
+            share = len(part) / len(records) if records else 0.0
+            print(f"{prefix}_{name}: {len(part)} ({share:.1%}; target {shares[name]:.0%}): {counts(part)}")
+        return
+    for i, part in enumerate(split_folds(records, folds or 2, seed)):
         held = {r.id for r in part}
-        write_labels(out / f"fold{i}.jsonl", part)
-        write_labels(out / f"train{i}.jsonl", [r for r in records if r.id not in held])
+        write_part(out / f"fold{i}.jsonl", part, f"fold{i}")
+        write_part(out / f"train{i}.jsonl", [r for r in records if r.id not in held], f"train{i}")
         if by_id:
-            rows = [{"id": q.id, "question": q.question, "golden_answers": q.golden_answers, "metadata": q.metadata}
-                    for q in (by_id[r.id] for r in part)]
-            atomic_write_bytes(out / f"fold{i}.questions.jsonl",
-                               "".join(json.dumps(x, ensure_ascii=False) + "\n" for x in rows).encode())
-        counts = {lab: sum(r.label == lab for r in part) for lab in sorted({r.label for r in records})}
-        print(f"fold{i}: {len(part)} held out ({', '.join(f'{k} {v}' for k, v in counts.items())}); "
-              f"train{i}: {len(records) - len(part)}")
+            write_questions(out / f"fold{i}.questions.jsonl", part)
+        print(f"fold{i}: {len(part)} held out ({counts(part)}); train{i}: {len(records) - len(part)}")

@@ -26,6 +26,9 @@ class EvalConfig(BaseModel):
         "retrieve", description="gate-quality target of both_wrong questions (retrieve: need = not closed_correct)")
     sweep_points: int = Field(101, ge=3, description="most thresholds in a policy's threshold sweep")
     reliability_bins: int = Field(10, ge=2, description="equal-width score bins of the gate reliability diagram")
+    bootstrap: int = Field(1000, ge=0, description="bootstrap resamples of the questions for the 95% intervals of "
+                                                   "gate figures (AUROC, matching rate); 0 = none")
+    bootstrap_seed: int = Field(0, description="seed of the bootstrap resampling")
     adaptive_policy: str = Field("adaptive", description="the policy whose speed-up over `always` is reported")
     collapse_dominant_above: float = Field(0.5, gt=0, le=1,
                                            description="expert token share above which a layer is flagged dominant")

@@ -17,6 +17,7 @@ per-policy gate time would be wrong; latency comes from `expertrag eval` / `benc
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
@@ -27,7 +28,7 @@ from tqdm.auto import tqdm
 from expertrag.errors import ExpertRAGError, InputError
 from expertrag.eval.aggregate import stage_shares
 from expertrag.eval.config import EvalConfig
-from expertrag.eval.gate_quality import gate_quality, threshold_sweep
+from expertrag.eval.gate_quality import auroc_interval, gate_quality, operating_summary, threshold_sweep
 from expertrag.eval.merge import pool_records
 from expertrag.eval.metrics import mean_or_nan
 from expertrag.eval.provenance import machine_info, package_versions
@@ -44,9 +45,25 @@ def _source(r: LabelRecord) -> str:
 
 
 def policy_summary(records: Sequence[Mapping[str, Any]], both_wrong_as: str = "retrieve", bins: int = 10,
-                   sweep_points: int = 101) -> dict[str, Any]:
-    """Label-read accuracy, retrieval rate, stage shares, gate quality and sweep of one policy's decisions."""
+                   sweep_points: int = 101, bootstrap: int = 0, bootstrap_seed: int = 0,
+                   answer_ms: Mapping[str, float] | None = None) -> dict[str, Any]:
+    """Label-read accuracy, retrieval rate, stage shares, gate quality and sweep of one policy's decisions;
+    with `bootstrap` > 0 also the AUROC's 95% interval and the operating summary (`operating_summary`);
+    the gate's mean cost (gate_ms), and, given the measured answer times per branch ({"closed", "open"} ms),
+    the gate's share of answer time: mean gate_ms / mean(gate_ms + the chosen branch's answer time)."""
     known = [r for r in records if r["label_accuracy"] is not None]
+    timed = [float(r["gate_ms"]) for r in records if r.get("gate_ms") is not None]
+    cost: dict[str, Any] = {"gate_ms": mean_or_nan(timed) if timed else None}
+    if answer_ms and timed:
+        total = [float(r["gate_ms"]) + float(answer_ms["open" if r["retrieved"] else "closed"])
+                 for r in records if r.get("gate_ms") is not None]
+        cost["gate_share_of_answer_time"] = sum(timed) / sum(total) if sum(total) > 0 else None
+    extra: dict[str, Any] = {}
+    if bootstrap:
+        gq = gate_quality(records, both_wrong_as, bins) or {}
+        extra["auroc_ci"] = auroc_interval(records, both_wrong_as, bootstrap, bootstrap_seed) \
+            if math.isfinite(gq.get("auroc", float("nan"))) else None
+        extra["operating"] = operating_summary(records, sweep_points, bootstrap, bootstrap_seed)
     return {
         "n": len(records), "n_known": len(known),
         "accuracy": mean_or_nan([float(r["label_accuracy"]) for r in known]),
@@ -56,6 +73,7 @@ def policy_summary(records: Sequence[Mapping[str, Any]], both_wrong_as: str = "r
         # only where the decision changes the outcome (retrieve vs no_retrieve; both_wrong left out)
         "gate_quality_decisive": gate_quality(records, "drop", bins),
         "sweep": threshold_sweep(records, sweep_points),
+        "cost": cost, **extra,
     }
 
 
@@ -75,9 +93,40 @@ def build_policies(names: Sequence[str], config: Any, artifacts_dir: Any) -> tup
     return built, skipped
 
 
+class _Metered:
+    """One policy's view of a shared GateContext: what its decision cost as if it ran alone. The context
+    caches the probe and samples for every policy; each policy that asks is charged their measured time
+    (Probe.ms, the context's samples_ms) and not the wait for a first computation (counted in `wall`)."""
+
+    def __init__(self, ctx: Any):
+        self._ctx = ctx
+        self.charged_ms = 0.0  # the probe/sample time this policy used
+        self.waited_ms = 0.0  # wall time spent computing them inside its decide()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._ctx, name)
+
+    def probe(self) -> Any:
+        t = time.perf_counter()
+        p = self._ctx.probe()
+        self.waited_ms += (time.perf_counter() - t) * 1000
+        self.charged_ms += float(getattr(p, "ms", 0.0) or 0.0)
+        return p
+
+    def samples(self, n: int, temperature: float, seed: int) -> Any:
+        t = time.perf_counter()
+        out = self._ctx.samples(n, temperature, seed)
+        spent = (time.perf_counter() - t) * 1000
+        self.waited_ms += spent
+        cost = getattr(self._ctx, "samples_cost_ms", None)  # what computing them took, cached or not
+        self.charged_ms += float(cost(n, temperature, seed)) if callable(cost) else spent
+        return out
+
+
 def evaluate_gates(context: Callable[[LabelRecord], Any], policies: Mapping[str, Any],
                    labels: Sequence[LabelRecord], *, settings: EvalConfig | None = None,
-                   progress: bool | None = None, config: Mapping[str, Any] | None = None) -> dict[str, Any]:
+                   progress: bool | None = None, config: Mapping[str, Any] | None = None,
+                   answer_ms: Mapping[str, float] | None = None) -> dict[str, Any]:
     """Decisions of each policy (name -> Policy) on each labelled question; `context(record)` returns the
     question's GateContext. A policy whose decide() raises an ExpertRAGError other than InputError (a
     condition the user can act on, e.g. the router policy on a model without a retrieval expert) is skipped
@@ -95,9 +144,18 @@ def evaluate_gates(context: Callable[[LabelRecord], Any], policies: Mapping[str,
         except InputError as e:
             errors.append({"id": r.id, "error": str(e)})
             continue
-        for name in list(live):
+        if hasattr(ctx, "query_features"):  # shared by every policy (and reused by retrieval): not charged
             try:
-                d = live[name].decide(ctx)
+                ctx.query_features()
+            except InputError as e:
+                errors.append({"id": r.id, "error": str(e)})
+                continue
+        for name in list(live):
+            metered = _Metered(ctx)
+            try:
+                t = time.perf_counter()
+                d = live[name].decide(metered)
+                wall = (time.perf_counter() - t) * 1000
             except InputError as e:
                 errors.append({"id": r.id, "policy": name, "error": str(e)})
                 continue
@@ -112,27 +170,30 @@ def evaluate_gates(context: Callable[[LabelRecord], Any], policies: Mapping[str,
                 "score": float(d.score), "stage": d.stage, "label": r.label,
                 "closed_correct": r.closed_correct, "open_correct": r.open_correct,
                 "label_accuracy": (r.open_correct if d.retrieve else r.closed_correct) if known else None,
+                "gate_ms": max(wall - metered.waited_ms, 0.0) + metered.charged_ms,
             })
     return json_safe({
         "format": GATES_FORMAT, "version": VERSION, "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "duration_s": time.perf_counter() - started, "n": len(labels),
-        **gate_results(records, settings), "skipped": skipped, "errors": errors,
+        **gate_results(records, settings, answer_ms), "skipped": skipped, "errors": errors,
+        "answer_ms": dict(answer_ms) if answer_ms else None,
         "records": [rec for recs in records.values() for rec in recs],
         "packages": package_versions(), "machine": machine_info(), "config": dict(config or {}),
     })
 
 
-def gate_results(records: Mapping[str, Sequence[Mapping[str, Any]]], settings: EvalConfig) -> dict[str, Any]:
+def gate_results(records: Mapping[str, Sequence[Mapping[str, Any]]], settings: EvalConfig,
+                 answer_ms: Mapping[str, float] | None = None) -> dict[str, Any]:
     """Label counts, never/always/oracle accuracy from the labels, and each policy's summary, overall and per
-    source (`policy_summary`), from per-policy decision records."""
+    source (`policy_summary`; bootstrap intervals overall only), from per-policy decision records."""
     kw = {"both_wrong_as": settings.both_wrong_as, "bins": settings.reliability_bins,
-          "sweep_points": settings.sweep_points}
+          "sweep_points": settings.sweep_points, "answer_ms": answer_ms}
     results: dict[str, Any] = {}
     for name, recs in records.items():
         by_source: dict[str, list[Mapping[str, Any]]] = {}
         for rec in recs:
             by_source.setdefault(rec["source"], []).append(rec)
-        overall = policy_summary(recs, **kw)
+        overall = policy_summary(recs, **kw, bootstrap=settings.bootstrap, bootstrap_seed=settings.bootstrap_seed)
         results[name] = {
             "overall": overall, "sweep": overall.pop("sweep"),
             "sources": {s: {k: v for k, v in policy_summary(rs, **kw).items() if k != "sweep"}
@@ -199,6 +260,37 @@ def render_gate_markdown(result: Mapping[str, Any], figures: Mapping[str, str]) 
               "outcome (labels retrieve vs no_retrieve).", ""]
     lines += table(["policy", "n", "acc (labels)", "retrieval", "precision", "recall", "F1", "AUROC",
                      "AUROC decisive", "stages"], rows)
+    def ci(v: Any) -> str:
+        return f" [{fmt(v[0])}, {fmt(v[1])}]" if v else ""
+
+    op_rows = []
+    for p, r in res.items():
+        o = r["overall"]
+        op = o.get("operating") or {}
+        g = o.get("gate_quality") or {}
+        cost = o.get("cost") or {}
+        if not op:
+            continue
+        share = cost.get("gate_share_of_answer_time")
+        op_rows.append([p, op.get("n"), fmt(g.get("auroc")) + ci(o.get("auroc_ci")),
+                        fmt(op.get("accuracy_at_decisions")) + ci(op.get("accuracy_ci")), fmt(o["retrieval_rate"]),
+                        fmt(op.get("match_rate")) + ci(op.get("match_rate_ci")),
+                        fmt(op.get("curve_gain"), 4) + ci(op.get("curve_gain_ci")),
+                        fmt(cost.get("gate_ms"), 1), "" if share is None else f"{share:.1%}"])
+    if op_rows:
+        am = result.get("answer_ms") or {}
+        lines += ["## Intervals and operating points", "",
+                  "Bootstrap 95% intervals over questions. match always: the least retrieval rate at which the "
+                  "score's threshold sweep reaches always-retrieve's accuracy (1 = only always does), i.e. the "
+                  "share of always-retrieve's retrievals needed. Curve gain: area between the accuracy-vs-"
+                  "retrieval curve and the random chord. Gate ms: the policy's decision cost per question "
+                  "(probe and samples charged to each policy that reads them; the shared index lookup, "
+                  "reused by retrieval, not charged)"
+                  + (f"; share of answer time against measured answers (closed {fmt(am.get('closed'), 0)} ms, "
+                     f"open {fmt(am.get('open'), 0)} ms, {int(am.get('questions', 0))} questions)." if am else "."),
+                  ""]
+        lines += table(["policy", "n", "AUROC [95% CI]", "acc [95% CI]", "retrieval", "match always [95% CI]",
+                        "curve gain [95% CI]", "gate ms", "gate share"], op_rows)
     sw_rows = []
     for p, r in res.items():
         sw = r.get("sweep")

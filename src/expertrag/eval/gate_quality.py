@@ -107,3 +107,93 @@ def threshold_sweep(records: Sequence[Mapping[str, Any]], points: int = 101) -> 
                             "label_accuracy": float(np.where(real, o, c).mean()),
                             "measured_accuracy": mean_or_nan(measured)},
     }
+
+
+# ----------------------------------------------------------------------------- intervals and operating points
+
+
+def _bootstrap(stat, n: int, resamples: int, seed: int, level: float = 0.95) -> list[float] | None:
+    """Percentile interval of stat(indices) over `resamples` resamples of n questions with replacement
+    (resamples where the statistic is undefined, NaN, are left out); None without resamples."""
+    if resamples <= 0 or n == 0:
+        return None
+    rng = np.random.default_rng(seed)
+    vals = []
+    for _ in range(resamples):
+        v = stat(rng.integers(0, n, n))
+        if v is not None and math.isfinite(v):
+            vals.append(v)
+    if not vals:
+        return None
+    a = (1 - level) / 2
+    return [float(np.quantile(vals, a)), float(np.quantile(vals, 1 - a))]
+
+
+def auroc_interval(records: Sequence[Mapping[str, Any]], both_wrong_as: str = "retrieve", resamples: int = 1000,
+                   seed: int = 0) -> list[float] | None:
+    """Bootstrap 95% interval of the score's AUROC against the labels' need (questions resampled)."""
+    rows = [(target(r["label"], both_wrong_as), float(r["score"])) for r in records  # type: ignore[arg-type]
+            if r.get("label") is not None and not r.get("error") and r.get("score") is not None
+            and math.isfinite(float(r["score"]))]
+    rows = [(y, s) for y, s in rows if y is not None]
+    if not rows:
+        return None
+    y = np.asarray([a for a, _ in rows], dtype=bool)
+    s = np.asarray([b for _, b in rows])
+    return _bootstrap(lambda i: auroc(y[i], s[i]), len(rows), resamples, seed)
+
+
+def _curve(s: np.ndarray, c: np.ndarray, o: np.ndarray, cands: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(retrieval rate, accuracy) at each threshold: retrieve iff score >= t (vectorised)."""
+    d = s[None, :] >= cands[:, None]
+    return d.mean(1), np.where(d, o[None, :], c[None, :]).mean(1)
+
+
+def matching_rate(rates: np.ndarray, accs: np.ndarray, always: float) -> float:
+    """The least retrieval rate whose accuracy reaches always-retrieve's (1.0 = only retrieving always does)."""
+    ok = accs >= always - 1e-12
+    return float(rates[ok].min()) if ok.any() else 1.0
+
+
+def curve_gain(rates: np.ndarray, accs: np.ndarray, never: float, always: float) -> float:
+    """Area between the accuracy-vs-retrieval curve and the random chord (never -> always), over rate [0, 1];
+    > 0: the score orders questions better than chance for retrieval."""
+    order = np.argsort(rates, kind="stable")
+    x, y = np.concatenate([[0.0], rates[order], [1.0]]), np.concatenate([[never], accs[order], [always]])
+    return float(np.sum((x[1:] - x[:-1]) * (y[1:] + y[:-1]) / 2) - (never + always) / 2)
+
+
+def operating_summary(records: Sequence[Mapping[str, Any]], points: int = 101, resamples: int = 1000,
+                      seed: int = 0) -> dict[str, Any] | None:
+    """Where a policy's score matches always-retrieve's accuracy and how far its curve lies above the random
+    chord, read off the labels (as `threshold_sweep`), with bootstrap 95% intervals: `match_rate` is the
+    share of questions it must retrieve for (always-retrieve: 1.0), `match_share_of_always` the same as a
+    share of always-retrieve's retrievals (identical, since always retrieves for every question)."""
+    rows = [r for r in records if not r.get("error") and r.get("score") is not None
+            and r.get("closed_correct") is not None and r.get("open_correct") is not None
+            and math.isfinite(float(r["score"]))]
+    if not rows:
+        return None
+    s = np.asarray([float(r["score"]) for r in rows])
+    c = np.asarray([float(r["closed_correct"]) for r in rows])
+    o = np.asarray([float(r["open_correct"]) for r in rows])
+    u = np.unique(s)
+    cands = np.append(u, np.nextafter(u[-1], np.inf))
+    if cands.size > points:
+        cands = cands[np.unique(np.linspace(0, cands.size - 1, points).round().astype(int))]
+
+    def stats(i: np.ndarray) -> tuple[float, float]:
+        rates, accs = _curve(s[i], c[i], o[i], cands)
+        return matching_rate(rates, accs, float(o[i].mean())), curve_gain(rates, accs, float(c[i].mean()),
+                                                                          float(o[i].mean()))
+
+    whole = np.arange(len(rows))
+    m, g = stats(whole)
+    real = np.asarray([bool(r["retrieved"]) for r in rows])
+    return {"n": len(rows), "match_rate": m, "match_share_of_always": m,
+            "match_rate_ci": _bootstrap(lambda i: stats(i)[0], len(rows), resamples, seed),
+            "curve_gain": g, "curve_gain_ci": _bootstrap(lambda i: stats(i)[1], len(rows), resamples, seed + 1),
+            "accuracy_at_decisions": float(np.where(real, o, c).mean()),
+            "accuracy_ci": _bootstrap(lambda i: float(np.where(real[i], o[i], c[i]).mean()), len(rows),
+                                      resamples, seed + 2),
+            "always_accuracy": float(o.mean())}

@@ -30,6 +30,12 @@ class GateConfig(BaseModel):
         None, ge=0, le=1,
         description="when set, the fast stage's uncertain band is its own tuned threshold +- band instead of "
                     "[low, high]: the band follows the operating point (e.g. fit_target_rate)")
+    band_quantile: float | None = Field(
+        0.3, gt=0, le=1,
+        description="the fast stage's uncertain band as a share of the training questions: the band_quantile "
+                    "of fast-gate training scores nearest its threshold are probed (read from the gate "
+                    "folder's band.json). Takes precedence over band/[low, high]; null, or a gate folder "
+                    "without band.json (trained before it existed), uses the absolute band")
     threshold: float | None = Field(
         None, ge=0, le=1,
         description="decision threshold of the full gate on its calibrated score; null = tuned on the "
@@ -37,7 +43,27 @@ class GateConfig(BaseModel):
     fit_target_rate: float | None = Field(
         None, ge=0, le=1, description="when set, tune the decision threshold to this retrieval rate instead of max F1")
     use_query_embedding: bool = Field(True, description="feed the question embedding to the learned gates")
-    use_hidden: bool = Field(False, description="feed the probe's hidden state to the full (query+probe) gate")
+    use_hidden: bool = Field(False, description="feed the probe's hidden state to the full (query+probe) gate "
+                                                "(the layers: pipeline.probe_layers)")
+    # --- feature groups, each switchable (one ablation row each)
+    retrieval_evidence: bool = Field(
+        False, description="both gates read retrieval-side evidence (gate.features.RETRIEVAL_FEATURES: score "
+                           "distribution, sparse/dense agreement, query-term idf, entity in the corpus)")
+    time_features: bool = Field(False, description="both gates read the time-sensitivity cue (time_sensitive)")
+    time_rule: bool = Field(
+        True, description="the adaptive policy retrieves for every time-sensitive question (current, latest, "
+                          "now, this year, a year >= time_recent_from) whatever its score (stage 'rule')")
+    time_recent_from: int = Field(2023, description="a year from this one on makes a question time-sensitive")
+    sample_consistency: int = Field(
+        0, ge=0, description="N > 0: the full gate reads the agreement of N sampled probe drafts with the "
+                             "greedy one (gate.features.SAMPLE_FEATURES); costs N sampled drafts per probed "
+                             "question (one batch of N on a batching backend)")
+    sample_temperature: float = Field(0.7, gt=0, description="temperature of the sampled drafts")
+    sample_seed: int = Field(0, description="seed of the sampled drafts")
+    router_span: Literal["prompt", "question", "both"] = Field(
+        "prompt", description="router statistics the full gate reads: over the whole probe prompt "
+                              "(retrieval_affinity, router_entropy, router_agreement; template included, as "
+                              "the router policy was tuned), the question's tokens only (q_*), or both")
     class_weight: Literal["balanced", "none"] = Field(
         "balanced", description="re-weight classes inversely to their frequency in supervised training")
     logistic_c: float = Field(1.0, gt=0, description="inverse L2 strength of the logistic gate")

@@ -33,6 +33,17 @@ PROBE_FEATURES: tuple[str, ...] = (
 )
 OPTIONAL_PROBE_FEATURES: tuple[str, ...] = ("retrieval_affinity", "router_entropy", "router_agreement")
 POPULARITY_FEATURES: tuple[str, ...] = ("log_s_pop",)
+# gate.retrieval_evidence: what the index says about the question before any generation (can retrieval help?)
+RETRIEVAL_FEATURES: tuple[str, ...] = (
+    "bm25_mean", "dense_mean", "top1_agree", "idf_max_present", "idf_mean_present", "absent_share",
+    "entity_found", "entity_docs_log",
+)
+# gate.time_features: the question asks about something that changes (current, latest, a recent year)
+TIME_FEATURES: tuple[str, ...] = ("time_sensitive",)
+# gate.sample_consistency > 0: N short sampled drafts against the greedy probe (gate.features.sample_features)
+SAMPLE_FEATURES: tuple[str, ...] = ("sample_agreement", "sample_jaccard", "sample_distinct")
+# gate.router_span question|both: router statistics over the question's own tokens only
+QUESTION_ROUTER_FEATURES: tuple[str, ...] = ("q_retrieval_affinity", "q_router_entropy", "q_router_agreement")
 VECTOR_BLOCKS: tuple[str, ...] = ("query_embedding", "hidden")
 
 _WORD = re.compile(r"[\w'’-]+", re.UNICODE)
@@ -80,6 +91,101 @@ def query_features(question: str, bm25_hits: Sequence[Hit], dense_hits: Sequence
     return out
 
 
+# "current", "latest", "now", "this year", "as of", ... : the answer may have changed since the model was
+# trained, so the model's confidence says nothing about whether it is still right
+_TIME_CUES = re.compile(
+    r"\b(current(ly)?|latest|newest|now|nowadays|today|tonight|this (year|season|week|month)|recent(ly)?|"
+    r"most recent|as of|at present|present[- ]day|to date|so far|incumbent|upcoming|next)\b", re.IGNORECASE)
+_YEAR = re.compile(r"\b(1[89]\d\d|2\d\d\d)\b")
+
+
+def time_sensitive(question: str, recent_from: int = 2023) -> bool:
+    """Does the question ask about something that changes: a time cue word, or a year >= recent_from?"""
+    if _TIME_CUES.search(question):
+        return True
+    return any(int(y) >= recent_from for y in _YEAR.findall(question))
+
+
+def time_features(question: str, recent_from: int = 2023) -> dict[str, float]:
+    return {"time_sensitive": float(time_sensitive(question, recent_from))}
+
+
+def capitalised_spans(question: str) -> list[str]:
+    """Runs of capitalised words after the first word (a cheap stand-in for the question's entities);
+    the first word counts when it is not a wh-word/auxiliary (sentence case capitalises it anyway)."""
+    words = _WORD.findall(question)
+    spans: list[list[str]] = []
+    run: list[str] = []
+    for i, w in enumerate(words):
+        cap = w[:1].isupper() and (i > 0 or w.lower() not in _SENTENCE_STARTS)
+        if cap:
+            run.append(w)
+        elif run:
+            spans.append(run)
+            run = []
+    if run:
+        spans.append(run)
+    return [" ".join(r) for r in spans]
+
+
+_SENTENCE_STARTS = frozenset(
+    (*WH_WORDS, "whom", "whose", "is", "are", "was", "were", "do", "does", "did", "can", "in", "on", "the", "a",
+     "an", "name", "list", "give", "tell", "when's", "who's", "what's", "has", "have", "had", "will"))
+
+
+def retrieval_features(question: str, bm25_hits: Sequence[Hit], dense_hits: Sequence[Hit], bm25: Any) -> dict[str, float]:
+    """Retrieval-side evidence (RETRIEVAL_FEATURES). `bm25` is the index's BM25Index (its vocabulary and
+    postings); hits are the top hits of each retriever, best first.
+
+    bm25_mean/dense_mean: mean score of the hits (0 without hits); top1_agree: both retrievers' best passage
+    is the same. Over the question's index terms: idf_max_present / idf_mean_present, BM25's idf
+    log(1 + (N - df + 0.5) / (df + 0.5)) of the terms the corpus has (0 if none), absent_share, the share of
+    terms the vocabulary lacks (0 for a question without terms). entity_found: some capitalised span of the
+    question has all its terms together in one passage; entity_docs_log: log1p of the most passages that
+    hold a span's terms together (both 0 without a span): a question about an entity the corpus never
+    mentions cannot be helped by retrieving from it."""
+    def mean(hits: Sequence[Hit]) -> float:
+        return float(np.mean([h.score for h in hits])) if hits else 0.0
+
+    out = {"bm25_mean": mean(bm25_hits), "dense_mean": mean(dense_hits),
+           "top1_agree": float(bool(bm25_hits) and bool(dense_hits) and bm25_hits[0].id == dense_hits[0].id)}
+    terms = list(dict.fromkeys(bm25.analyse(question)))
+    n = max(int(bm25.num_docs), 1)
+    df = bm25.document_frequency(terms)
+    idf = [math.log(1 + (n - d + 0.5) / (d + 0.5)) for d in df if d > 0]
+    out["idf_max_present"] = max(idf) if idf else 0.0
+    out["idf_mean_present"] = float(np.mean(idf)) if idf else 0.0
+    out["absent_share"] = sum(d == 0 for d in df) / len(df) if df else 0.0
+    docs = [bm25.docs_with_all(t) for t in (bm25.analyse(sp) for sp in capitalised_spans(question)) if t]
+    best = max(docs) if docs else 0
+    out["entity_found"] = float(best > 0)
+    out["entity_docs_log"] = math.log1p(best)
+    return out
+
+
+def sample_features(greedy: str, samples: Sequence[str]) -> dict[str, float]:
+    """Agreement of N sampled drafts with the greedy one (SAMPLE_FEATURES), on normalised answers:
+    sample_agreement, the share of samples equal to the greedy draft; sample_jaccard, their mean word-set
+    Jaccard similarity with it (1 when both are empty); sample_distinct, distinct answers among greedy +
+    samples over their number (1/(N+1) = all agree ... 1 = all differ). No samples: agreement 1, jaccard 1,
+    distinct 1/1 (nothing contradicts the draft)."""
+    from expertrag.answers import normalize_answer
+
+    g = normalize_answer(greedy)
+    norm = [normalize_answer(x) for x in samples]
+    gw = set(g.split())
+
+    def jac(x: str) -> float:
+        w = set(x.split())
+        return 1.0 if not w and not gw else len(w & gw) / len(w | gw)
+
+    if not norm:
+        return {"sample_agreement": 1.0, "sample_jaccard": 1.0, "sample_distinct": 1.0}
+    return {"sample_agreement": sum(x == g for x in norm) / len(norm),
+            "sample_jaccard": float(np.mean([jac(x) for x in norm])),
+            "sample_distinct": len({g, *norm}) / (len(norm) + 1)}
+
+
 def probe_features(probe: Probe) -> dict[str, float]:
     """Uncertainty of the closed-book draft. An empty draft gives 0 for the entropy/log-prob statistics
     and draft_tokens = 0. retrieval_affinity/router_entropy only when the probe has them."""
@@ -99,6 +205,9 @@ def probe_features(probe: Probe) -> dict[str, float]:
         out["router_entropy"] = float(probe.router_entropy)
     if probe.router_agreement is not None:
         out["router_agreement"] = float(probe.router_agreement)
+    for name, v in (probe.question_router or {}).items():
+        if v is not None:
+            out[f"q_{name}"] = float(v)
     return out
 
 
@@ -151,7 +260,12 @@ class FeatureSpec:
 
     @property
     def needs_probe(self) -> bool:
-        return self.use_hidden or any(n in PROBE_FEATURES or n in OPTIONAL_PROBE_FEATURES for n in self.names)
+        return self.use_hidden or any(n in PROBE_FEATURES or n in OPTIONAL_PROBE_FEATURES or
+                                      n in QUESTION_ROUTER_FEATURES or n in SAMPLE_FEATURES for n in self.names)
+
+    @property
+    def needs_samples(self) -> bool:
+        return any(n in SAMPLE_FEATURES for n in self.names)
 
     @classmethod
     def build(cls, names: Sequence[str], *, use_query_embedding: bool = False, use_hidden: bool = False,

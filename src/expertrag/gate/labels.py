@@ -208,3 +208,57 @@ def split_folds(records: Iterable[LabelRecord], folds: int, seed: int = 0) -> li
         for i, r in enumerate(ordered):
             out[i % folds].append(r)
     return out
+
+
+def parse_splits(spec: str) -> dict[str, float]:
+    """"train=0.6,dev=0.2,test=0.2" -> {"train": 0.6, ...}; the shares must be positive and sum to 1."""
+    out: dict[str, float] = {}
+    for part in spec.split(","):
+        name, sep, share = part.strip().partition("=")
+        name = name.strip()
+        if not sep or not name or not name.replace("_", "").replace("-", "").isalnum():
+            raise InputError(f"expected NAME=SHARE pairs separated by commas, got {part.strip()!r}", field="--splits")
+        if name in out:
+            raise InputError(f"split {name!r} named twice", field="--splits")
+        try:
+            out[name] = float(share)
+        except ValueError:
+            raise InputError(f"share of {name!r} is not a number: {share!r}", field="--splits") from None
+        if not 0 < out[name] <= 1:
+            raise InputError(f"share of {name!r} must be in (0, 1], got {out[name]}", field="--splits")
+    if len(out) < 2:
+        raise InputError("name at least two splits", field="--splits")
+    if abs(sum(out.values()) - 1) > 1e-6:
+        raise InputError(f"the shares sum to {sum(out.values()):g}, not 1", field="--splits")
+    return out
+
+
+def split_position(rid: str, seed: int = 0) -> float:
+    """A question's fixed position in [0, 1): a seeded hash of its id alone."""
+    import hashlib
+
+    return int(hashlib.sha256(f"split:{seed}:{rid}".encode()).hexdigest()[:15], 16) / 16 ** 15
+
+
+def split_fixed(records: Iterable[LabelRecord], shares: Mapping[str, float], seed: int = 0
+                ) -> dict[str, list[LabelRecord]]:
+    """Named splits (e.g. train/dev/test) in which each question's split depends only on its id and the
+    seed: a label file that grows, or is reordered, never moves a question to another split, so a gate
+    tuned on dev never sees a question that was once in test.
+
+    Stratification "as far as that allows": an exact per-label deal (as `split_folds` does) would reshuffle
+    when questions are added. The hash position is uniform and independent of the label, so every label
+    lands in each split in proportion to the shares in expectation (binomial deviation, reported by the
+    command); that is the most a per-id rule can promise."""
+    names = list(shares)
+    bounds = []
+    acc = 0.0
+    for n in names:
+        acc += shares[n]
+        bounds.append(acc)
+    out: dict[str, list[LabelRecord]] = {n: [] for n in names}
+    for r in records:
+        u = split_position(r.id, seed)
+        i = next((j for j, b in enumerate(bounds) if u < b), len(names) - 1)
+        out[names[i]].append(r)
+    return out

@@ -26,6 +26,8 @@ FEATURE_SIGNALS: dict[str, str] = {
     "min_logprob": "logprobs", "mean_logprob": "logprobs", "draft_tokens": "logprobs",
     "retrieval_affinity": "retrieval_affinity", "router_entropy": "router_entropy",
     "router_agreement": "router_agreement",
+    "q_retrieval_affinity": "retrieval_affinity", "q_router_entropy": "router_entropy",
+    "q_router_agreement": "router_agreement",
 }
 _WHY = {
     "entropy": "entropies of the full next-token distribution",
@@ -73,7 +75,7 @@ def check_policy(policy: Any, caps: Capabilities, name: str | None = None) -> No
             f"policy '{name}' needs {what}, which backend '{caps.backend}' ({caps.model}) cannot give{hint}; "
             "pick another policy or backend")
     dims = getattr(policy, "hidden_dims", None)
-    wrong = sorted(d for d in (dims() if callable(dims) else ()) if d and caps.hidden_size and d != caps.hidden_size)
+    wrong = sorted(d for d in (dims() if callable(dims) else ()) if d and caps.hidden_size and d % caps.hidden_size)
     if wrong:
         raise BackendCapabilityError(
             f"policy '{name}' was trained on {wrong[0]}-dim hidden states; backend '{caps.backend}' ({caps.model}) "

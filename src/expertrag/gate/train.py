@@ -31,6 +31,10 @@ from expertrag.gate.features import (
     OPTIONAL_PROBE_FEATURES,
     PROBE_FEATURES,
     QUERY_FEATURES,
+    QUESTION_ROUTER_FEATURES,
+    RETRIEVAL_FEATURES,
+    SAMPLE_FEATURES,
+    TIME_FEATURES,
     FeatureSpec,
     s_pop_of,
 )
@@ -48,6 +52,19 @@ from expertrag.gate.models import (
     write_json_atomic,
 )
 from expertrag.gate.policies import ARTIFACTS, PopularityPolicy, SkrKnnPolicy
+from expertrag.gate.policies.artifacts import write_band
+
+
+def query_feature_names(config: GateConfig) -> tuple[str, ...]:
+    """The fast (query-only) gate's scalar features under this config (its feature-group switches)."""
+    return (*QUERY_FEATURES, *(RETRIEVAL_FEATURES if config.retrieval_evidence else ()),
+            *(TIME_FEATURES if config.time_features else ()))
+
+
+def router_feature_names(config: GateConfig) -> tuple[str, ...]:
+    """Router statistics the full gate may read under gate.router_span (those the probes have)."""
+    return {"prompt": OPTIONAL_PROBE_FEATURES, "question": QUESTION_ROUTER_FEATURES,
+            "both": (*OPTIONAL_PROBE_FEATURES, *QUESTION_ROUTER_FEATURES)}[config.router_span]
 
 
 def retrieval_rate_warning(rate: float, low: float = 0.05, high: float = 0.95) -> str | None:
@@ -323,23 +340,37 @@ def train_artifacts(examples: Sequence[GateExample], config: GateConfig | None,
             report["warnings"].append(f"{name} gate: {w}")
 
     # fast (query-only) gate
-    fast_spec = FeatureSpec.build(QUERY_FEATURES, use_query_embedding=config.use_query_embedding)
+    qnames = query_feature_names(config)
+    fast_spec = FeatureSpec.build(qnames, use_query_embedding=config.use_query_embedding)
     vecs = [{"query_embedding": e.query_embedding, "hidden": e.hidden} for e in examples]
     fast_spec = fast_spec.with_dims(vecs[0])
     run("fast", fast_spec, [e.query_features for e in examples], vecs)
+    # the quantile probe band: how far the fast gate's training scores lie from its threshold
+    from expertrag.gate.models import load_gate
+
+    fast = load_gate(out / ARTIFACTS["fast"])
+    fast_scores = fast.score_batch(fast_spec.vectorize_many([e.query_features for e in examples], vecs))
+    band = write_band(out, fast.decision_threshold, fast_scores)
+    report["band"] = {"threshold": band["threshold"], "n": band["n"],
+                      **({f"q{config.band_quantile:g}": _band_at(band, config.band_quantile)}
+                         if config.band_quantile is not None else {})}
 
     # full (query + probe) gate and the probe baselines
     has_probe = all(e.probe_features is not None for e in examples)
     if has_probe:
-        opt = [n for n in OPTIONAL_PROBE_FEATURES if all(n in (e.probe_features or {}) for e in examples)]
+        opt = [n for n in router_feature_names(config) if all(n in (e.probe_features or {}) for e in examples)]
         if config.use_hidden and not all(e.hidden is not None for e in examples):
             raise ExpertRAGError("gate.use_hidden is on but some training probes have no hidden state")
-        full_spec = FeatureSpec.build((*QUERY_FEATURES, *PROBE_FEATURES, *opt),
+        samples = SAMPLE_FEATURES if config.sample_consistency else ()
+        if samples and not all(n in (e.probe_features or {}) for e in examples for n in samples):
+            raise ExpertRAGError("gate.sample_consistency is on but some training probes have no sample features")
+        full_spec = FeatureSpec.build((*qnames, *PROBE_FEATURES, *opt, *samples),
                                       use_query_embedding=config.use_query_embedding,
                                       use_hidden=config.use_hidden).with_dims(vecs[0])
         rows = [{**e.query_features, **(e.probe_features or {})} for e in examples]
         run("full", full_spec, rows, vecs)
         ent = np.array([[r["mean_token_entropy"]] for r in rows])
+        report["parts"]["full"]["router_features"] = opt
         report["parts"]["entropy"] = _threshold_part(
             ThresholdGate("mean_token_entropy", direction="above"), ent, y, keep, out / ARTIFACTS["entropy"])
         if "retrieval_affinity" in opt:
@@ -374,6 +405,12 @@ def train_artifacts(examples: Sequence[GateExample], config: GateConfig | None,
         _remove(out, ARTIFACTS["popularity"])
     write_json_atomic(out / ARTIFACTS["report"], report)
     return report
+
+
+def _band_at(band: dict[str, Any], q: float) -> list[float]:
+    qs = band["distance_quantiles"]
+    d = float(np.interp(q, np.linspace(0, 1, len(qs)), qs))
+    return [band["threshold"] - d, band["threshold"] + d]
 
 
 def _threshold_part(gate: ThresholdGate | RouterGate, X: np.ndarray, y: np.ndarray, keep: np.ndarray,

@@ -11,7 +11,7 @@ from typing import Any, Literal, Protocol
 
 import numpy as np
 
-Stage = Literal["fixed", "fast", "probe", "metadata", "policy"]  # policy: the policy expert decided
+Stage = Literal["fixed", "fast", "probe", "metadata", "policy", "rule"]  # policy: the policy expert decided; rule: a gate rule (time cue)
 
 
 @dataclass
@@ -19,15 +19,17 @@ class Probe:
     """A short closed-book draft of the answer and what the model revealed while writing it.
 
     logprobs/entropies: one per drafted token (entropy of the full next-token distribution, nats).
-    hidden: the prompt's last-token hidden state at the probe layer, or None.
-    retrieval_affinity: the retrieval expert's router probability averaged over every token of the
-    probe's prompt forward (the whole closed-book prompt, chat template and system prompt included, not
-    only the question's tokens), then over the MoE layers with a retrieval expert; None for a model
-    without one.
-    router_entropy: the router's entropy averaged the same way (whole prompt, then MoE layers), or None
-    for a dense model. Both come from the generator's `RouterStats`: the transformers backend counts only the
-    question's tokens (RouterStats.span says which).
+    hidden: the prompt's last-token hidden state at the probe layer(s) (pipeline.probe_layers: several
+    layers are concatenated in that order), or None.
+    retrieval_affinity: the retrieval expert's router probability averaged over the tokens the backend's
+    `RouterStats` counts (RouterStats.span), then over the MoE layers with a retrieval expert; None for a
+    model without one. On the native backend that is every token of the probe's prompt forward (chat
+    template and system prompt included); on the transformers backend the question's tokens.
+    router_entropy: the router's entropy averaged the same way, or None for a dense model.
     router_agreement: share of consecutive MoE layers whose top-1 expert agrees, over the same tokens.
+    question_router: the same three statistics ({retrieval_affinity, router_entropy, router_agreement})
+    over the question's own tokens only, or None where the backend cannot separate them (gate features
+    q_retrieval_affinity, q_router_entropy, q_router_agreement).
     draft: the generator's `Generation` of this draft (its `.state` holds the KV cache and tokens); a
     "no retrieval" answer continues from it instead of starting again.
     """
@@ -40,6 +42,7 @@ class Probe:
     retrieval_affinity: float | None = None
     router_entropy: float | None = None
     router_agreement: float | None = None
+    question_router: dict[str, float | None] | None = None
     draft: Any = None
     ms: float = 0.0
 
@@ -67,3 +70,6 @@ class GateContext(Protocol):
 
     def probe(self) -> Probe:
         """Run (once) the closed-book draft."""
+
+    def samples(self, n: int, temperature: float, seed: int) -> list[str]:
+        """(Once) n short sampled closed-book drafts, seeded (only gates with sample features ask)."""

@@ -86,6 +86,9 @@ class Generation:
     hidden: Any = None  # [len(hidden_layers), H] at the prompt's last token (a tensor or an array), or None
     router: Any = None  # the backend's raw router output (native: list of MoEAux), for diagnostics only
     router_stats: RouterStats | None = None  # what the pipeline and the gate read
+    # the same statistics over the `router_span` tokens only, from a backend whose `router_stats` count the
+    # whole prompt (native); None when not asked, not found, or already what `router_stats` holds
+    question_router_stats: RouterStats | None = None
     top_logprobs: list[dict[int, float]] | None = None  # per token: top-k alternatives' log-probs, if given
 
 

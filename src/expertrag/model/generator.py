@@ -1,8 +1,10 @@
 """The `native` backend: `ExpertRAGGenerator` runs our decoder (dense or with MoE layers, reading
 passages through the retrieval expert) behind the `Generator` seam of model.backend.
 
-Its router statistics count every prompt token (span "prompt"), as the router policy's thresholds were
-tuned that way; the transformers backend counts the question's tokens. `Generation`/`Generator` are
+Its router statistics (`Generation.router_stats`) count every prompt token (span "prompt"), as the router
+policy's thresholds were tuned that way; given `router_span`, a single-prompt call also returns the same
+statistics over the span's tokens only (`Generation.question_router_stats`). The transformers backend
+counts the question's tokens in `router_stats` itself. `Generation`/`Generator` are
 re-exported from model.backend, where they live.
 """
 
@@ -21,19 +23,32 @@ from expertrag.moe.types import MoEAux, PassageMemory
 __all__ = ["ExpertRAGGenerator", "Generation", "Generator", "native_router_stats"]
 
 
-def native_router_stats(router: list[MoEAux | None] | None) -> RouterStats | None:
+def native_router_stats(router: list[MoEAux | None] | None, rows: Sequence[bool] | None = None
+                        ) -> RouterStats | None:
     """Our MoE layers' outputs -> RouterStats over every prompt token (the retrieval slot included in
-    the softmax, its probability as retrieval_affinity; usage from the dispatch counts)."""
+    the softmax, its probability as retrieval_affinity; usage from the dispatch counts). `rows`: a mask over
+    the prompt's tokens of ONE unpadded row (B = 1) to count only those (span "question")."""
+    import torch
+
     probs, affinity, usage = {}, {}, {}
     for i, a in enumerate(router or []):
         if a is None:
             continue
-        probs[i] = a.router_logits.float().softmax(-1)
+        p = a.router_logits.float().softmax(-1)
+        aff = a.retrieval_affinity
+        if rows is not None:
+            sel = torch.tensor(list(rows), dtype=torch.bool, device=p.device)
+            if sel.numel() != p.shape[0]:
+                return None  # not the single unpadded prompt the mask was made for
+            p = p[sel]
+            aff = None if aff is None else aff.reshape(-1)[sel]
+        probs[i] = p
         counts = a.tokens_per_expert.float()
         usage[i] = (counts / counts.sum().clamp_min(1)).tolist()
-        if a.retrieval_affinity is not None:
-            affinity[i] = float(a.retrieval_affinity.float().mean())
-    return router_stats(probs, "prompt", affinity=affinity, usage=usage) if probs else None
+        if aff is not None:
+            affinity[i] = float(aff.float().mean())
+    span = "prompt" if rows is None else "question"
+    return router_stats(probs, span, affinity=affinity, usage=usage) if probs else None
 
 
 class ExpertRAGGenerator:
@@ -74,12 +89,31 @@ class ExpertRAGGenerator:
                  hidden_layers: Sequence[int] | None = None, return_router: bool = False,
                  router_span: str | None = None,
                  on_token: Callable[[TokenEvent], None] | None = None) -> Generation:
-        """`router_span` is accepted and not used: our statistics count the whole prompt (module doc)."""
-        return self.generate_batch(
+        """`router_span`: also count the router over that substring's tokens (question_router_stats)."""
+        g = self.generate_batch(
             None if prompt is None else [prompt], max_new_tokens=max_new_tokens, stop=stop,
             passages=None if passages is None else [passages] if not isinstance(passages, PassageMemory)
             else passages, state=state, temperature=temperature, top_p=top_p, seed=seed,
             hidden_layers=hidden_layers, return_router=return_router, on_token=on_token)[0]
+        if return_router and router_span and prompt is not None and state is None and g.router is not None:
+            mask = self._span_mask(prompt, router_span)
+            if mask is not None:
+                g.question_router_stats = native_router_stats(g.router, mask)
+        return g
+
+    def _span_mask(self, prompt: Prompt, span: str) -> list[bool] | None:
+        """Which prompt tokens cover `span`, on the same text and ids `encode_prompt` feeds the model."""
+        from expertrag.model.generation import encode_prompt
+        from expertrag.model.router_stats import span_token_mask
+
+        ids = encode_prompt(self.tokenizer, prompt, system_prompt=self.cfg.system_prompt)
+        if isinstance(prompt, str):
+            return span_token_mask(self.tokenizer, prompt, True, ids, span)
+        messages = list(prompt)
+        if self.cfg.system_prompt is not None and (not messages or messages[0].get("role") != "system"):
+            messages = [{"role": "system", "content": self.cfg.system_prompt}, *messages]
+        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return span_token_mask(self.tokenizer, text, False, ids, span)
 
     def generate_batch(self, prompts: Sequence[Prompt] | None, *, max_new_tokens: int | None = None,
                        stop: Sequence[str] | None = None,

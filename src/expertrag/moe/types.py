@@ -33,7 +33,8 @@ class MoEAux:
                         work the experts did (dispatch counts), not a routing statistic of the text.
     retrieval_affinity: [B, T] softmax probability of the retrieval slot over all slots (unmasked), or
                         None when the layer has no retrieval expert. The pipeline's probe averages it over
-                        every prompt token (chat template included), not only the question's.
+                        every prompt token (chat template included: Probe.retrieval_affinity) and, on the
+                        native backend, over the question's tokens alone (Probe.question_router).
     dropped_tokens:     token-slots dropped by capacity (0 when dropless).
     """
 

@@ -18,6 +18,10 @@ class PipelineConfig(BaseModel):
     probe_tokens: int = Field(8, gt=0, description="closed-book draft length for the slow gate stage")
     stop: list[str] = Field(default_factory=lambda: ["\n"])
     probe_layer: int = Field(-1, description="decoder layer whose hidden state feeds the gate (-1 = last, normed)")
+    probe_layers: list[int] | None = Field(
+        None, description="several decoder layers whose last-token hidden states, concatenated in this order, "
+                          "feed the gate's linear probe (null = [probe_layer])")
+    probe_batch_size: int = Field(16, gt=0, description="probes run together when training a gate")
     abstain_below: float = Field(0.25, ge=0, le=1, description="answer confidence under which an unsupported answer abstains")
     max_query_chars: int = Field(1000, gt=0)
     answer_cache_size: int = Field(1024, ge=0)

@@ -36,7 +36,7 @@ from expertrag.experts.policy_config import PolicyConfig
 from expertrag.experts.registry import ExpertRecord, RegistrySnapshot
 from expertrag.experts.router import Route, RoutingSettings, boost_order, route
 from expertrag.gate.config import GateConfig
-from expertrag.gate.features import query_features
+from expertrag.gate.features import query_features, retrieval_features, time_features
 from expertrag.gate.policies.base import Policy
 from expertrag.gate.requirements import check_policy
 from expertrag.gate.types import Decision, Probe
@@ -186,8 +186,33 @@ class PipelineGateContext:
         self._features: dict[str, float] | None = None
         self._embedding: np.ndarray | None = embedding  # the policy expert's classifier may have computed it
         self._probe: Probe | None = None
+        self._samples: dict[tuple[int, float, int], list[str]] = {}
+        self._samples_ms: dict[tuple[int, float, int], float] = {}
+        self.samples_ms = 0.0  # sampled drafts (gate sample consistency)
         self.retrieval_ms = 0.0  # ranking work done for the gate, reusable by retrieval
         self.adapter: str | None = None  # an expert's context probes with the expert's adapter
+
+    @classmethod
+    def many(cls, rag: ExpertRAG, items: Sequence[tuple[str, dict[str, Any]]], batch_size: int = 64
+             ) -> list[PipelineGateContext]:
+        """Unfiltered contexts for many (question, metadata) pairs, their embeddings and rankings computed in
+        batches (one encoder call and one dense search per batch): the same values `rankings()` would
+        compute one question at a time, for gate training and evaluation over thousands of labels."""
+        out: list[PipelineGateContext] = []
+        index = rag.index
+        depth = max(rag.config.k, index.config.candidates)
+        allowed = index.allowed(None)
+        for i in range(0, len(items), batch_size):
+            part = items[i:i + batch_size]
+            t = time.perf_counter()
+            vectors = index.embedder.encode([q for q, _ in part])
+            sparse, dense = index.component_rankings([q for q, _ in part], depth, allowed, query_vectors=vectors)
+            ms = (time.perf_counter() - t) * 1000 / max(len(part), 1)
+            for j, (q, meta) in enumerate(part):
+                ctx = cls(rag, q, meta, None, embedding=vectors[j])
+                ctx._allowed, ctx._rankings, ctx.retrieval_ms = allowed, (sparse[j], dense[j]), ms
+                out.append(ctx)
+        return out
 
     def query_embedding(self) -> np.ndarray:
         if self._embedding is None:
@@ -209,16 +234,40 @@ class PipelineGateContext:
         return self._rankings
 
     def query_features(self) -> dict[str, float]:
+        """Query-only features: gate.features' query, retrieval-evidence and time features (a gate reads
+        the names its FeatureSpec lists; the evidence costs a few vocabulary lookups, no search)."""
         if self._features is None:
             bm25, dense = self.rankings()
             top_b, top_d = self.rag.index.hits([bm25[:5], dense[:5]], self._allowed)
-            self._features = query_features(self.question, top_b, top_d)
+            self._features = {**query_features(self.question, top_b, top_d),
+                              **retrieval_features(self.question, top_b, top_d, self.rag.index.bm25),
+                              **time_features(self.question)}
         return self._features
 
     def probe(self) -> Probe:
         if self._probe is None:
             self._probe = self.rag.probe(self.question, adapter=self.adapter)
         return self._probe
+
+    def set_probe(self, probe: Probe) -> None:
+        """A probe computed elsewhere for this question (batched, or read off a label's trace)."""
+        self._probe = probe
+
+    def samples(self, n: int, temperature: float, seed: int) -> list[str]:
+        key = (int(n), float(temperature), int(seed))
+        if key not in self._samples:
+            t = time.perf_counter()
+            self._samples[key] = self.rag.sample_drafts([self.question], n, temperature, seed)[0]
+            self._samples_ms[key] = (time.perf_counter() - t) * 1000
+            self.samples_ms += self._samples_ms[key]
+        return self._samples[key]
+
+    def samples_cost_ms(self, n: int, temperature: float, seed: int) -> float:
+        """What computing these samples took (0 when they were set from outside or not computed)."""
+        return self._samples_ms.get((int(n), float(temperature), int(seed)), 0.0)
+
+    def set_samples(self, n: int, temperature: float, seed: int, texts: list[str]) -> None:
+        self._samples[(int(n), float(temperature), int(seed))] = list(texts)
 
     @property
     def probed(self) -> Probe | None:
@@ -320,24 +369,74 @@ class ExpertRAG:
         return self._expert_policy
 
     # ---- the closed-book probe -----------------------------------------------------------------------
+    def _probe_layers(self) -> list[int] | None:
+        if not self.generator.capabilities.hidden_states:
+            return None
+        return list(self.config.probe_layers or [self.config.probe_layer])
+
     def probe(self, question: str, adapter: str | None = None) -> Probe:
         """The closed-book draft, by the base model or with an expert's adapter (its gate's probe)."""
         t = time.perf_counter()
         with self.model_as(adapter):
             g = self.generator.generate(
                 closed_book_messages(question), max_new_tokens=self.config.probe_tokens, stop=self.config.stop,
-                hidden_layers=[self.config.probe_layer] if self.generator.capabilities.hidden_states else None,
-                return_router=True, router_span=question,
+                hidden_layers=self._probe_layers(), return_router=True, router_span=question,
             )
-        stats = g.router_stats
-        return Probe(
-            text=g.text, token_ids=list(g.token_ids), logprobs=list(g.logprobs), entropies=list(g.entropies),
-            hidden=_as_vector(g.hidden),
-            retrieval_affinity=stats.mean_retrieval_affinity if stats else None,
-            router_entropy=stats.mean_entropy if stats else None,
-            router_agreement=stats.top_expert_agreement if stats else None,
-            draft=g, ms=(time.perf_counter() - t) * 1000,
-        )
+        return _probe_of(g, (time.perf_counter() - t) * 1000)
+
+    def probe_many(self, questions: Sequence[str], *, hidden: bool = True, batch_size: int | None = None
+                   ) -> list[Probe]:
+        """The probes of several questions, batched where that gives the same probes as `probe` one by one:
+        a dense model on a backend that batches (left padding; equal up to float rounding). An MoE model
+        shares one router output over a batch and a backend without batching gets one call each.
+        `hidden=False` skips the hidden states (a gate that does not read them)."""
+        caps = self.generator.capabilities
+        layers = self._probe_layers() if hidden else None
+        size = batch_size or self.config.probe_batch_size
+        if not caps.batched or caps.batch_shares_router or caps.router_stats or size <= 1 or len(questions) <= 1:
+            return [self.probe(q) for q in questions]
+        out: list[Probe] = []
+        for i in range(0, len(questions), size):
+            part = list(questions[i:i + size])
+            t = time.perf_counter()
+            kw = {"hidden_layers": layers} if layers else {}
+            with self.model_as(None):  # the base model, under the adapter bank's lock where there is one
+                gens = self.generator.generate_batch([closed_book_messages(q) for q in part],
+                                                     max_new_tokens=self.config.probe_tokens, stop=self.config.stop,
+                                                     **kw)
+            ms = (time.perf_counter() - t) * 1000 / len(part)  # each row's share of the batch
+            out += [_probe_of(g, ms, keep_draft=False) for g in gens]
+        return out
+
+    def sample_drafts(self, questions: Sequence[str], n: int, temperature: float, seed: int,
+                      batch_rows: int = 1) -> list[list[str]]:
+        with self.model_as(None):  # the base model, under the adapter bank's lock where there is one
+            return self._sample_drafts(questions, n, temperature, seed, batch_rows)
+
+    def _sample_drafts(self, questions: Sequence[str], n: int, temperature: float, seed: int,
+                       batch_rows: int = 1) -> list[list[str]]:
+        """n sampled closed-book drafts (probe_tokens long) per question, seeded: the gate's sample
+        consistency. Where the backend batches (dense model), the n copies of a question's prompt are one
+        batch, one prompt forward's worth of wall time; `batch_rows` > n packs the copies of several
+        questions into one batch (gate training: more rows per forward on CPU). Else n calls with seeds
+        seed, seed + 1, ... Reproducible for a fixed backend, batch layout and seed; a question's samples
+        depend on its batch's layout (one random stream per batch), not their distribution."""
+        caps = self.generator.capabilities
+        if not questions or n <= 0:
+            return [[] for _ in questions]
+        if not (caps.batched and not caps.batch_shares_router and n > 1):
+            return [[self.generator.generate(closed_book_messages(q), max_new_tokens=self.config.probe_tokens,
+                                             stop=self.config.stop, temperature=temperature, seed=seed + i).text
+                     for i in range(n)] for q in questions]
+        per = max(1, batch_rows // n)  # questions per batch
+        out: list[list[str]] = []
+        for i in range(0, len(questions), per):
+            part = questions[i:i + per]
+            gens = self.generator.generate_batch([closed_book_messages(q) for q in part for _ in range(n)],
+                                                 max_new_tokens=self.config.probe_tokens, stop=self.config.stop,
+                                                 temperature=temperature, seed=seed)
+            out += [[g.text for g in gens[j * n:(j + 1) * n]] for j in range(len(part))]
+        return out
 
     # ---- answering -------------------------------------------------------------------------------------
     def answer(self, question: str, user: User | None = None, metadata: dict[str, Any] | None = None, *,
@@ -872,6 +971,30 @@ def _expert_config(cfg: PipelineConfig, expert: ExpertRecord | None) -> Pipeline
         return cfg
     update = {n: v for n, v in (("k", expert.k), ("search_mode", expert.mode)) if v is not None}
     return cfg.model_copy(update=update)
+
+
+def _router_summary(stats: RouterStats | None) -> dict[str, float | None] | None:
+    if stats is None:
+        return None
+    return {"retrieval_affinity": stats.mean_retrieval_affinity, "router_entropy": stats.mean_entropy,
+            "router_agreement": stats.top_expert_agreement}
+
+
+def _probe_of(g: Any, ms: float, keep_draft: bool = True) -> Probe:
+    """A generation of the closed-book prompt as the gate's Probe. Router statistics: `router_stats` as the
+    backend counts them (Probe doc); the question-only ones from `question_router_stats`, or from
+    `router_stats` itself where the backend already counted only the question (span "question")."""
+    stats = g.router_stats
+    q_stats = g.question_router_stats or (stats if stats is not None and stats.span == "question" else None)
+    return Probe(
+        text=g.text, token_ids=list(g.token_ids), logprobs=list(g.logprobs), entropies=list(g.entropies),
+        hidden=_as_vector(g.hidden),
+        retrieval_affinity=stats.mean_retrieval_affinity if stats else None,
+        router_entropy=stats.mean_entropy if stats else None,
+        router_agreement=stats.top_expert_agreement if stats else None,
+        question_router=_router_summary(q_stats),
+        draft=g if keep_draft else None, ms=ms,
+    )
 
 
 def _as_vector(hidden: Any) -> np.ndarray | None:

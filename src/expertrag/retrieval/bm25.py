@@ -83,6 +83,38 @@ class BM25Index:
     def __len__(self) -> int:
         return len(self.rowids)
 
+    @property
+    def num_docs(self) -> int:
+        return len(self.rowids)
+
+    def analyse(self, text: str) -> list[str]:
+        """`text` as the index's terms (the query tokenizer: stop words dropped, stemmed as indexed)."""
+        return query_tokens(text, self.stemmer)
+
+    def _postings(self, term: str) -> np.ndarray:
+        """Column positions of the passages holding `term` (empty for a term not in the vocabulary).
+        bm25s keeps a CSC score matrix: a term's nonzero rows are exactly the passages that contain it."""
+        tid = self._vocab.get(term)
+        sc = getattr(self.model, "scores", None)
+        if tid is None or not isinstance(sc, dict) or tid + 1 >= len(sc["indptr"]):
+            return np.zeros(0, dtype=np.int64)
+        ip = sc["indptr"]
+        return np.asarray(sc["indices"][ip[tid]:ip[tid + 1]])
+
+    def document_frequency(self, terms: Iterable[str]) -> list[int]:
+        """Per term (index terms, see `analyse`): how many passages contain it (0 = not in the vocabulary)."""
+        return [int(self._postings(t).size) for t in terms]
+
+    def docs_with_all(self, terms: Iterable[str]) -> int:
+        """How many passages contain every one of `terms` (0 for no terms)."""
+        common: np.ndarray | None = None
+        for t in dict.fromkeys(terms):
+            post = self._postings(t)
+            common = post if common is None else np.intersect1d(common, post, assume_unique=True)
+            if common.size == 0:
+                return 0
+        return 0 if common is None else int(common.size)
+
     def search(self, query: str, k: int, allowed: np.ndarray | None = None) -> list[tuple[int, float]]:
         """Top-k (rowid, score) with score > 0; `allowed` (sorted rowids) restricts the candidates.
 

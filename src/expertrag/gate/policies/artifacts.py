@@ -1,7 +1,8 @@
 """The policies' files in an index's `gate/` folder (written by `expertrag train gate`; see ARTIFACTS).
 
 fast.json/.safetensors and full.json/.safetensors (adaptive), skr_knn.json + skr_knn.npz, popularity.json,
-entropy.json and router.json (tuned thresholds, used when the config leaves them null). Everything is
+entropy.json and router.json (tuned thresholds, used when the config leaves them null), band.json (the
+fast gate's training-score distances from its threshold, for the quantile probe band). Everything is
 written through `expertrag.fileio`'s atomic writer; a missing or corrupt file raises GateArtifactError.
 """
 
@@ -34,6 +35,7 @@ ARTIFACTS: dict[str, str] = {
     "entropy": "entropy.json",
     "router": "router.json",
     "report": "report.json",
+    "band": "band.json",
 }
 TRAIN_HINT = "train it with `expertrag train gate`"
 POPULARITY_FORMAT = "expertrag-gate-popularity"
@@ -116,3 +118,41 @@ def load_skr_knn(artifacts_dir: str | os.PathLike[str] | None, policy: str,
         return build(e, lab, int(k if k is not None else doc["k"]))
     except (OSError, KeyError, ValueError, TypeError) as e:
         raise GateArtifactError(f"{npz}: corrupt skr-knn index: {e}") from None
+
+
+BAND_FORMAT = "expertrag-gate-band"
+BAND_POINTS = 101  # distance quantiles at 0, 0.01, ..., 1
+
+
+def band_distances(scores: Any, threshold: float) -> list[float]:
+    """Quantiles 0, 0.01, ..., 1 of |score - threshold| over the fast gate's training scores."""
+    d = np.abs(np.asarray(scores, dtype=np.float64) - float(threshold))
+    return [float(x) for x in np.quantile(d, np.linspace(0, 1, BAND_POINTS))] if d.size else [0.0] * BAND_POINTS
+
+
+def write_band(artifacts_dir: str | os.PathLike[str], threshold: float, scores: Any) -> dict[str, Any]:
+    doc = {"format": BAND_FORMAT, "version": VERSION, "threshold": float(threshold), "n": int(np.size(scores)),
+           "distance_quantiles": band_distances(scores, threshold)}
+    write_json_atomic(Path(artifacts_dir) / ARTIFACTS["band"], doc)
+    return doc
+
+
+def read_band(artifacts_dir: str | os.PathLike[str] | None, quantile: float) -> tuple[float, float] | None:
+    """(low, high) = threshold -+ the `quantile` of training distances (interpolated between the stored
+    quantiles), or None when the folder has no band.json (a gate trained before it existed)."""
+    if artifacts_dir is None:
+        return None
+    path = Path(artifacts_dir) / ARTIFACTS["band"]
+    if not path.is_file():
+        return None
+    doc = read_json_artifact(path, "probe band file")
+    check_version(path, doc, BAND_FORMAT, "probe band file")
+    try:
+        t = float(doc["threshold"])
+        qs = [float(x) for x in doc["distance_quantiles"]]
+        if len(qs) < 2 or not all(np.isfinite(qs)) or not np.isfinite(t):
+            raise ValueError("need finite threshold and >= 2 distance quantiles")
+    except (KeyError, TypeError, ValueError) as e:
+        raise GateArtifactError(f"{path}: corrupt probe band file: {e}") from None
+    d = float(np.interp(quantile, np.linspace(0, 1, len(qs)), qs))
+    return t - d, t + d
