@@ -31,7 +31,8 @@ $(BASE): pyproject.toml Makefile
 
 $(STAMP): $(BASE)
 	$(PY) -m pip install -q --disable-pip-version-check -e '.[dev]' torch==2.13.0
-	# Ray Data for `index --ray` (issue 17). Optional: without it --ray says how to install it and its tests skip.
+	# Ray (Data + Serve) for the --ray options of index/label/eval/serve (issue 17). Optional: without it
+	# --ray says how to install it and its tests skip.
 	$(PY) -m pip install -q --disable-pip-version-check -e '.[ray]' torch==2.13.0 \
 	  || echo "note: ray could not be installed; the --ray commands and bench ray are unavailable, their tests are skipped"
 	touch $(STAMP)

@@ -169,8 +169,13 @@ def test_bench_ray_runs_every_build_on_the_same_slice(tmp_path):
     # not the speed (RESULTS.md has the measured run)
     from expertrag.bench.ray_index import run
 
-    result = run(data=None, passages=8, progress=False)  # the packaged corpus (tests never read the shared data)
+    # the packaged corpus (tests never read the shared data); 2 demo questions labelled 3 ways, batches of 1
+    result = run(data=None, passages=8, progress=False, questions=2, batch_size=1)
     assert result["documents"] == 8 and result["passages"] >= 8
+    assert result["label_questions"] == 2 and result["label_files_identical"]  # run() raises if they differ
+    for w in (1, 2):
+        assert result[f"label_ray{w}_q_per_min"] == pytest.approx(120 / result[f"label_ray{w}_s"])
+    assert result["label_single_q_per_min"] > result["label_single_with_load_q_per_min"] > 0
     for w in (1, 2):
         assert result[f"ray{w}_s"] > 0 and result[f"ray{w}_cluster_start_s"] > 0
         assert result[f"ray{w}_time_vs_single"] == pytest.approx(result[f"ray{w}_s"] / result["single_s"])

@@ -6,6 +6,12 @@ own: that is the driver's peak (the Ray workers are separate processes, not coun
 starts its local cluster in that process; the cluster start is timed apart from the build, and the build
 time includes starting the actors (each loads its tokenizer and embedder), since that is what Ray costs.
 Every worker and the single-process build use `threads` intra-op threads.
+
+Labelling throughput (`questions` > 0): the packaged demo questions (16 at most) are labelled on the
+single-process build's index by `label_questions` in a fresh process and by `label_on_ray` with 1 and 2 model
+actors, each in a fresh process, same batches. Single-process figures are given with and without its model
+load; the Ray ones include the actors' model loads (each actor loads its own; that is what Ray costs, and on
+16 questions it is a large share), the cluster start is timed apart. All three label files must be the same.
 """
 
 from __future__ import annotations
@@ -81,6 +87,82 @@ def _one(mode: str, corpus: Path, out: Path, workers: int, threads: int) -> dict
     return result
 
 
+def _label_one(mode: str, index: Path, questions: Path, out: Path, workers: int, threads: int,
+               batch_size: int) -> dict:
+    """One labelling run in this (fresh) process; prints nothing but its result."""
+    import torch
+
+    from expertrag.data.questions import load_questions
+    from expertrag.pipeline.build import PipelineSections
+
+    torch.set_num_threads(threads)
+    qs = load_questions(questions)
+    settings = PipelineSections()  # the package defaults (greedy, pipeline.max_new_tokens)
+    result: dict = {"mode": mode, "workers": workers if mode == "label-ray" else 0, "questions": len(qs)}
+    if mode == "label-single":
+        from expertrag.pipeline.build import load_pipeline
+        from expertrag.pipeline.labeling import label_questions
+
+        t = time.perf_counter()
+        rag = load_pipeline(index, settings, "always")
+        result["load_s"] = time.perf_counter() - t
+        t = time.perf_counter()
+        label_questions(rag, qs, out, batch_size=batch_size, progress=False)
+        result["label_s"] = time.perf_counter() - t
+        result["cluster_start_s"] = 0.0
+    else:
+        from expertrag.pipeline.ray_work import label_on_ray
+        from expertrag.retrieval.ray_build import ray_session
+
+        t = time.perf_counter()
+        with ray_session(None, num_cpus=workers * threads):
+            result["cluster_start_s"] = time.perf_counter() - t
+            t = time.perf_counter()
+            label_on_ray(index, settings, qs, out, batch_size=batch_size, num_workers=workers,
+                         threads_per_worker=threads, progress=False)
+            result["label_s"] = time.perf_counter() - t  # the actors' model loads included
+        result["load_s"] = None
+    result["labels"] = out.read_text(encoding="utf-8")
+    return result
+
+
+def _label_rows(index: Path, n: int, workers: tuple[int, ...], threads: int, batch_size: int, tmp: Path,
+                env: dict, progress: bool) -> dict:
+    from importlib.resources import files
+
+    source = Path(str(files("expertrag.assets").joinpath("demo_questions.jsonl")))
+    questions = tmp / "questions.jsonl"
+    questions.write_text("".join(source.read_text(encoding="utf-8").splitlines(keepends=True)[:n]),
+                         encoding="utf-8")
+    rows = []
+    for k, (mode, w) in enumerate([("label-single", 0)] + [("label-ray", w) for w in workers]):
+        cmd = [sys.executable, "-m", "expertrag.bench.ray_index", mode, str(questions), str(tmp / f"labels-{k}.jsonl"),
+               str(w), str(threads), "--index", str(index), "--batch-size", str(batch_size)]
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        if proc.returncode != 0:
+            raise RuntimeError(f"{mode} labelling failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+        row = json.loads(proc.stdout.strip().splitlines()[-1])
+        rows.append(row)
+        if progress:
+            print(f"{mode} workers={w}: {row['questions']} questions in {row['label_s']:.1f} s "
+                  f"(+{row['cluster_start_s']:.1f} s cluster start)", file=sys.stderr)
+    single = rows[0]
+    q = single["questions"]
+    out: dict = {"label_questions": q, "label_batch_size": batch_size,
+                 "label_single_load_s": single["load_s"], "label_single_s": single["label_s"],
+                 "label_single_q_per_min": 60 * q / single["label_s"],
+                 "label_single_with_load_q_per_min": 60 * q / (single["label_s"] + single["load_s"])}
+    for row in rows[1:]:
+        w = row["workers"]
+        if row["labels"] != single["labels"]:
+            raise RuntimeError(f"labelling on Ray with {w} workers wrote a different label file")
+        out[f"label_ray{w}_s"] = row["label_s"]
+        out[f"label_ray{w}_cluster_start_s"] = row["cluster_start_s"]
+        out[f"label_ray{w}_q_per_min"] = 60 * q / row["label_s"]
+    out["label_files_identical"] = True
+    return out
+
+
 def _peak_rss_mb() -> float:
     """This process's peak RSS since its exec (VmHWM). Not ru_maxrss: Linux carries that across fork and
     exec, so a child of a large process (a test run) would report at least its parent's peak."""
@@ -92,9 +174,13 @@ def _peak_rss_mb() -> float:
 
 
 def run(data: Path | None = None, passages: int = 1000, workers: tuple[int, ...] = (1, 2), threads: int = 1,
-        progress: bool = True) -> dict:
+        progress: bool = True, questions: int = 0, batch_size: int = 4) -> dict:
     if passages < 1:
         raise InputError(f"--passages must be at least 1, got {passages}")
+    if not 0 <= questions <= 16:
+        raise InputError(f"--questions must be between 0 and 16 (the packaged demo questions), got {questions}")
+    if batch_size < 1:
+        raise InputError(f"--batch-size must be at least 1, got {batch_size}")
     from expertrag.retrieval.ray_build import require_ray
 
     require_ray()
@@ -117,6 +203,8 @@ def run(data: Path | None = None, passages: int = 1000, workers: tuple[int, ...]
                 print(f"{mode} workers={w}: {row['passages']} passages in {row['build_s']:.1f} s "
                       f"(+{row['cluster_start_s']:.1f} s cluster start), driver peak RSS "
                       f"{row['driver_peak_rss_mb']:.0f} MB", file=sys.stderr)
+        labelling = (_label_rows(Path(tmp) / "index-0", questions, workers, threads, batch_size, Path(tmp), env,
+                                 progress) if questions else {})
     single = rows[0]
     result: dict = {"documents": n_docs, "passages": single["passages"], "threads_per_worker": threads,
                     "load_average_1m": os.getloadavg()[0], "cpus": os.cpu_count(),
@@ -137,15 +225,21 @@ def run(data: Path | None = None, passages: int = 1000, workers: tuple[int, ...]
     if 1 in workers and 2 in workers:
         result["ray2_speedup_vs_ray1"] = result["ray1_s"] / result["ray2_s"]
     result["single_embed_s"] = single["timings"]["embed_s"]
+    result.update(labelling)
     return result
 
 
 if __name__ == "__main__":  # one build, in the fresh process `run` starts
     p = argparse.ArgumentParser()
-    p.add_argument("mode", choices=["single", "ray"])
-    p.add_argument("corpus", type=Path)
+    p.add_argument("mode", choices=["single", "ray", "label-single", "label-ray"])
+    p.add_argument("corpus", type=Path)  # the questions for the label modes
     p.add_argument("out", type=Path)
     p.add_argument("workers", type=int)
     p.add_argument("threads", type=int)
+    p.add_argument("--index", type=Path)
+    p.add_argument("--batch-size", type=int, default=4)
     a = p.parse_args()
-    print(json.dumps(_one(a.mode, a.corpus, a.out, a.workers, a.threads)))
+    if a.mode.startswith("label"):
+        print(json.dumps(_label_one(a.mode, a.index, a.corpus, a.out, a.workers, a.threads, a.batch_size)))
+    else:
+        print(json.dumps(_one(a.mode, a.corpus, a.out, a.workers, a.threads)))

@@ -10,6 +10,7 @@ import typer
 from expertrag.cli import eval_common as ec
 from expertrag.cli.app import app
 from expertrag.config import ExpertRAGConfig
+from expertrag.errors import InputError
 
 
 def _print_answer(a) -> None:
@@ -81,11 +82,17 @@ def label_cmd(
     batch_size: int = typer.Option(8, "--batch-size", help="questions generated together"),
     config_path: Path | None = typer.Option(None, "--config", help="YAML config"),
     backend: str | None = typer.Option(None, "--backend", help=ec.BACKEND_HELP),
+    on_ray: bool = typer.Option(False, "--ray", help=ec.RAY_HELP),
+    address: str | None = typer.Option(None, "--address", help=ec.ADDRESS_HELP),
+    num_workers: int | None = typer.Option(None, "--num-workers", help=ec.NUM_WORKERS_HELP),
 ) -> None:
     """Derive retrieval labels: retrieve / no_retrieve / both_wrong from closed- vs open-book correctness."""
     from expertrag.data.questions import load_questions
     from expertrag.gate.labels import records_from_metadata, write_labels
 
+    ec.check_ray_options(on_ray, address, num_workers)
+    if batch_size < 1:
+        raise InputError(f"--batch-size must be at least 1, got {batch_size}")
     questions = load_questions(dataset)[:limit]
     if from_metadata:
         records = records_from_metadata(questions)
@@ -96,9 +103,23 @@ def label_cmd(
     from expertrag.pipeline.labeling import label_questions
 
     config = ec.with_backend(ExpertRAGConfig.load(config_path), backend)
-    rag = load_pipeline(index, config, "always")
-    record_provenance(out, rag, config, dataset)
-    counts = label_questions(rag, questions, out, batch_size=batch_size)
+    if on_ray:
+        from types import SimpleNamespace
+
+        from expertrag.pipeline.ray_work import label_on_ray
+        from expertrag.retrieval.index import Index
+
+        ec.check_index(index)  # here, not as a traceback from every worker's constructor
+        # the driver loads no model: provenance reads only the pipeline config and the index, which are
+        # what load_pipeline gives the actors, so a file may be resumed with or without --ray
+        record_provenance(out, SimpleNamespace(config=config.pipeline, index=Index(index, config.retrieval)),
+                          config, dataset)
+        counts = label_on_ray(index, config, questions, out, batch_size=batch_size, num_workers=num_workers or 2,
+                              address=address)
+    else:
+        rag = load_pipeline(index, config, "always")
+        record_provenance(out, rag, config, dataset)
+        counts = label_questions(rag, questions, out, batch_size=batch_size)
     print(f"labelled {sum(counts.values())} questions -> {out}: " +
           ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
 

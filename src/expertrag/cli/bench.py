@@ -230,10 +230,15 @@ def bench_ray(
     data: Path | None = typer.Option(None, help="shared data folder (its corpora/wiki_vital.jsonl); default: the packaged wiki corpus"),
     passages: int = typer.Option(1000, "--passages", help="documents of the corpus slice (vital summaries: ~1 passage each)"),
     threads: int = typer.Option(1, help="intra-op threads per worker and for the single-process build"),
+    questions: int = typer.Option(16, "--questions", help="packaged demo questions (0-16) labelled single-process "
+                                                          "and on 1 and 2 model actors; 0 skips labelling"),
+    batch_size: int = typer.Option(4, "--batch-size", help="labelling batch size (the same in every run)"),
     as_json: bool = typer.Option(False, "--json", help="print the result as JSON on the last line"),
 ) -> None:
     """Index build throughput: single process vs Ray Data with 1 and 2 workers, each build in a fresh
-    process and output folder; Ray's overhead at 1 worker, the 2-worker speed-up, the driver's peak RSS."""
+    process and output folder; Ray's overhead at 1 worker, the 2-worker speed-up, the driver's peak RSS.
+    Then labelling throughput (questions/min) single-process vs `label --ray` with 1 and 2 model actors."""
     from expertrag.bench.ray_index import run
 
-    _emit(run(data=data, passages=passages, threads=threads, progress=not as_json), as_json)
+    _emit(run(data=data, passages=passages, threads=threads, progress=not as_json, questions=questions,
+              batch_size=batch_size), as_json)

@@ -33,11 +33,15 @@ def eval_cmd(
     config_path: Path | None = typer.Option(None, "--config", help="YAML config"),
     as_json: bool = typer.Option(False, "--json", help="print the summary as JSON on the last line"),
     backend: str | None = typer.Option(None, "--backend", help=ec.BACKEND_HELP),
+    on_ray: bool = typer.Option(False, "--ray", help=ec.RAY_HELP),
+    address: str | None = typer.Option(None, "--address", help=ec.ADDRESS_HELP),
+    num_workers: int | None = typer.Option(None, "--num-workers", help=ec.NUM_WORKERS_HELP),
 ) -> None:
     """Evaluate retrieval policies end to end: accuracy, latency, gate quality, threshold sweep, dilution."""
     from expertrag.data.questions import load_questions
     from expertrag.eval.runner import evaluate
 
+    ec.check_ray_options(on_ray, address, num_workers)
     config = ec.with_backend(ExpertRAGConfig.load(config_path), backend)
     settings = config.eval
     names = ec.parse_policies(policies, settings.policies)
@@ -53,11 +57,16 @@ def eval_cmd(
     questions = {name: load_questions(p) for name, p in files.items()}
     label_paths = list(labels or [])
     label_map = ec.read_label_files(label_paths)
-    factory = ec.make_factory(index, config, gate)
-    result = evaluate(factory, questions, names, labels=label_map, limit=limit if limit is not None else settings.limit,
-                      seed=settings.seed if seed is None else seed, progress=None if not as_json else False,
-                      k_sweep=ks, settings=settings, files=files,
-                      config=ec.provenance(config, index, gate, label_paths))
+    common = dict(labels=label_map, limit=limit if limit is not None else settings.limit,
+                  seed=settings.seed if seed is None else seed, progress=None if not as_json else False,
+                  k_sweep=ks, files=files, config=ec.provenance(config, index, gate, label_paths))
+    if on_ray:
+        from expertrag.eval.ray_run import evaluate_on_ray
+
+        result = evaluate_on_ray(index, config, gate, questions, names, eval_settings=settings,
+                                 num_workers=num_workers or 2, address=address, **common)
+    else:
+        result = evaluate(ec.make_factory(index, config, gate), questions, names, settings=settings, **common)
     json_path, report_path = ec.write_eval(result, out)
     if as_json:
         print(json.dumps(result["summary"] | {"eval_json": str(json_path), "report": str(report_path)}))

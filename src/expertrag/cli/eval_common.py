@@ -87,6 +87,23 @@ def with_backend(config: ExpertRAGConfig, backend: str | None) -> ExpertRAGConfi
     return config.model_copy(update={"model": model})
 
 
+RAY_HELP = "run on Ray actors, each loading the model once (pip install -e '.[ray]'); same output as without it"
+ADDRESS_HELP = "with --ray: a running cluster ('auto' or HOST:PORT); default: a local one for this run"
+NUM_WORKERS_HELP = "with --ray: model actors (default 2)"
+
+
+def check_ray_options(on_ray: bool, address: str | None, num_workers: int | None) -> None:
+    """Usage checks of --ray/--address/--num-workers, before anything loads: Ray missing names the extra."""
+    if not on_ray and (address is not None or num_workers is not None):
+        raise InputError("--address and --num-workers need --ray")
+    if on_ray:
+        from expertrag.retrieval.ray_build import require_ray
+
+        require_ray()
+        if num_workers is not None and num_workers < 1:
+            raise InputError(f"--num-workers must be at least 1, got {num_workers}")
+
+
 def load_generator(config: ExpertRAGConfig) -> Any:
     from expertrag.pipeline.build import load_generator
 
@@ -95,20 +112,9 @@ def load_generator(config: ExpertRAGConfig) -> Any:
 
 def make_factory(index_dir: Path, config: ExpertRAGConfig, gate: Path | None, generator: Any = None):
     """policy name -> ExpertRAG sharing one Index and one generator (loaded now), caches off."""
-    from expertrag.gate.policies import make_policy
-    from expertrag.pipeline.build import gate_dir
-    from expertrag.pipeline.rag import ExpertRAG
-    from expertrag.retrieval.index import Index
+    from expertrag.pipeline.build import policy_factory
 
-    index = Index(index_dir, config.retrieval)
-    generator = generator if generator is not None else load_generator(config)
-    pcfg = config.pipeline.model_copy(update={"answer_cache_size": 0, "retrieval_cache_size": 0, "cache_path": None})
-    artifacts = gate if gate is not None else gate_dir(index_dir)
-
-    def factory(policy: str) -> ExpertRAG:
-        return ExpertRAG(index, generator, make_policy(policy, config.gate, artifacts), pcfg, policy)
-
-    return factory
+    return policy_factory(index_dir, config, gate, generator if generator is not None else load_generator(config))
 
 
 def provenance(config: ExpertRAGConfig, index: Path, gate: Path | None, labels: list[Path]) -> dict[str, Any]:

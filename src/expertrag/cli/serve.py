@@ -22,16 +22,32 @@ def serve_cmd(
     host: str | None = typer.Option(None, "--host", help="bind address (default serve.host, 127.0.0.1)"),
     port: int | None = typer.Option(None, "--port", help="TCP port (default serve.port, 8000)"),
     backend: str | None = typer.Option(None, "--backend", help=ec.BACKEND_HELP),
+    on_ray: bool = typer.Option(False, "--ray", help="the pipeline in Ray Serve replicas behind the same API "
+                                                     "(serve.ray: replicas / autoscaling); pip install -e '.[ray]'"),
+    address: str | None = typer.Option(None, "--address", help=ec.ADDRESS_HELP),
 ) -> None:
     """Serve the HTTP API and the web page: answers (streamed or not), OpenAI-compatible chat, search,
     documents, metrics. Every /v1 route needs an API key (`expertrag keys add`)."""
     from expertrag.errors import InputError
-    from expertrag.serve.server import run
-    from expertrag.serve.service import Service
 
+    if address is not None and not on_ray:
+        raise InputError("--address needs --ray")
+    if on_ray:
+        from expertrag.serve.ray_serve import require_serve
+
+        require_serve()  # before the config or the index is read: one line naming the extra
     config = ec.with_backend(ExpertRAGConfig.load(config_path), backend)
     if port is not None and not 0 <= port <= 65535:
         raise InputError(f"--port {port}: must be between 0 and 65535")
+    if on_ray:
+        from expertrag.serve.ray_serve import run_on_ray
+
+        ec.check_index(index)
+        run_on_ray(index, config, host or config.serve.host, config.serve.port if port is None else port, address)
+        return
+    from expertrag.serve.server import run
+    from expertrag.serve.service import Service
+
     service = Service(index, config)
     run(service, host or config.serve.host, config.serve.port if port is None else port)
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -79,6 +80,34 @@ def evaluate(rag_factory: Callable[[str], Any],
     error. `labels` maps question id -> LabelRecord; `groups` maps question id -> group name (default:
     from the labels, see `group_of`); `files` maps dataset name -> its file (hashed); `config` is stored.
     """
+    plan = plan_eval(questions, policies, labels=labels, limit=limit, seed=seed, k_sweep=k_sweep, groups=groups,
+                     settings=settings)
+    runs, dilution_runs, skipped = build_runs(rag_factory, plan.policies, plan.ks)
+    records = answer_items(runs, plan.items, plan.labels, plan.groups, plan.settings, skipped, progress=progress)
+    return assemble(plan, records, dilution_runs, skipped, files=files, config=config)
+
+
+@dataclass
+class EvalPlan:
+    """What `evaluate` answers, settled before any model is touched (the Ray run ships it to its workers)."""
+
+    settings: EvalConfig
+    started: float
+    labels: dict[str, LabelRecord]
+    given: dict[str, Sequence[Question]]
+    datasets: dict[str, list[Question]]
+    groups: dict[str, str]
+    items: list[tuple[str, Question]]
+    policies: list[str]
+    ks: list[int]
+    seed: int
+    limit: int | None
+
+
+def plan_eval(questions: Mapping[str, Sequence[Question]] | Sequence[Question], policies: Sequence[str], *,
+              labels: Mapping[str, LabelRecord] | None = None, limit: int | None = None, seed: int = 0,
+              k_sweep: Sequence[int] = (), groups: Mapping[str, str] | None = None,
+              settings: EvalConfig | None = None) -> EvalPlan:
     settings = settings or EvalConfig()
     started = time.perf_counter()
     labels = dict(labels or {})
@@ -89,7 +118,15 @@ def evaluate(rag_factory: Callable[[str], Any],
     policies = list(dict.fromkeys(policies))
     if not policies:
         raise ValueError("no policies to evaluate")
+    ks = sorted({int(k) for k in k_sweep})
+    if any(k <= 0 for k in ks):
+        raise ValueError(f"k_sweep needs positive k, got {list(k_sweep)}")
+    return EvalPlan(settings, started, labels, given, datasets, grp, items, policies, ks, seed, limit)
 
+
+def build_runs(rag_factory: Callable[[str], Any], policies: Sequence[str],
+               ks: Sequence[int]) -> tuple[dict[str, Any], dict[int, str], dict[str, str]]:
+    """(run name -> pipeline, dilution k -> run name, skipped run -> reason)."""
     skipped: dict[str, str] = {}
     runs: dict[str, Any] = {}
     for p in policies:
@@ -99,9 +136,6 @@ def evaluate(rag_factory: Callable[[str], Any],
         else:
             runs[p] = rag
     dilution_runs: dict[int, str] = {}  # k -> run name
-    ks = sorted({int(k) for k in k_sweep})
-    if any(k <= 0 for k in ks):
-        raise ValueError(f"k_sweep needs positive k, got {list(k_sweep)}")
     for k in ks:
         if "always" in runs and runs["always"].config.k == k:
             dilution_runs[k] = "always"
@@ -113,7 +147,15 @@ def evaluate(rag_factory: Callable[[str], Any],
         rag.config = rag.config.model_copy(update={"k": k})
         dilution_runs[k] = f"always@k={k}"
         runs[f"always@k={k}"] = rag
+    return runs, dilution_runs, skipped
 
+
+def answer_items(runs: dict[str, Any], items: Sequence[tuple[str, Question]], labels: Mapping[str, LabelRecord],
+                 grp: Mapping[str, str], settings: EvalConfig, skipped: dict[str, str], *,
+                 progress: bool | None = None, offset: int = 0) -> dict[str, list[dict[str, Any]]]:
+    """Every run answers every item (warm-up first); run name -> records in item order. A run failing with
+    an ExpertRAGError is dropped from `runs` and its reason put in `skipped`. `offset` is the first item's
+    position in the whole evaluation, so a shard of it (the Ray run) rotates the policies as one run would."""
     records: dict[str, list[dict[str, Any]]] = {name: [] for name in runs}
 
     def fail(name: str, err: Exception) -> None:
@@ -149,7 +191,7 @@ def evaluate(rag_factory: Callable[[str], Any],
     bar = tqdm(total=len(items) * len(names), desc="eval", unit="answer",
                disable=None if progress is None else not progress)
     if settings.interleave:
-        for i, (ds, q) in enumerate(items):
+        for i, (ds, q) in enumerate(items, offset):
             for j in range(len(names)):
                 answer(names[(i + j) % len(names)], ds, q)
                 bar.update(1)
@@ -159,7 +201,15 @@ def evaluate(rag_factory: Callable[[str], Any],
                 answer(name, ds, q)
                 bar.update(1)
     bar.close()
+    return records
 
+
+def assemble(plan: EvalPlan, records: dict[str, list[dict[str, Any]]], dilution_runs: Mapping[int, str],
+             skipped: dict[str, str], *, files: Mapping[str, str | os.PathLike[str]] | None = None,
+             config: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The result dict from the records of every run (see the module doc)."""
+    settings, policies, labels, given, datasets = plan.settings, plan.policies, plan.labels, plan.given, plan.datasets
+    seed, limit, ks, started = plan.seed, plan.limit, plan.ks, plan.started
     results, summary = aggregate(records, policies, settings, skipped)
     agg = summary_options(settings)
     dilution = {}

@@ -136,6 +136,23 @@ def expert_policy(policy: PolicyConfig, index_dir: str | Path):
     return PolicyExpert(cfg, audit=AuditLog(policy.audit_path or Path(index_dir) / AUDIT_FILE))
 
 
+def policy_factory(index_dir: str | Path, config: PipelineSettings, gate: str | Path | None = None,
+                   generator: Generator | None = None):
+    """policy name -> ExpertRAG sharing one Index and one generator (loaded now), answer and retrieval caches
+    off: what `expertrag eval` answers with, in its own process or in each Ray worker."""
+    from expertrag.gate.policies import make_policy
+
+    index = Index(index_dir, config.retrieval)
+    generator = generator if generator is not None else load_generator(config)
+    pcfg = config.pipeline.model_copy(update={"answer_cache_size": 0, "retrieval_cache_size": 0, "cache_path": None})
+    artifacts = gate if gate is not None else gate_dir(index_dir)
+
+    def factory(policy: str) -> ExpertRAG:
+        return ExpertRAG(index, generator, make_policy(policy, config.gate, artifacts), pcfg, policy)
+
+    return factory
+
+
 def load_screen(policy: PolicyConfig, index: Index, index_dir: str | Path):
     """The policy expert of these rules (None without rules), classifying with the index's own embedder
     so its question embedding is the one the gate and dense retrieval reuse."""

@@ -45,32 +45,56 @@ def trace(g) -> dict[str, list]:
             "entropies": [round(float(x), 5) for x in g.entropies]}
 
 
+def open_for_append(out: Path):
+    """`out` opened for appending label records. A torn last line (a run killed mid-write) is cut off first:
+    the next record would otherwise be glued to it and lost with it, and its question redone on every rerun."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.is_file() and out.stat().st_size:
+        with open(out, "rb+") as f:
+            data = f.read()
+            if not data.endswith(b"\n"):
+                f.truncate(data.rfind(b"\n") + 1)
+    return open(out, "a", encoding="utf-8")
+
+
+def label_batch(rag: ExpertRAG, questions: Sequence[Question]) -> list[LabelRecord]:
+    """One batch's label records, in the order of `questions` (each with gold answers): both books are
+    generated for the whole batch at once. `label_questions` and the Ray workers (pipeline/ray_work.py)
+    both call this, so a batch gives the same records wherever it runs."""
+    cfg = rag.config
+    hits = [PipelineGateContext(rag, q.question, dict(q.metadata), None).retrieve(cfg.k) for q in questions]
+    closed = generate_all(rag.generator, [closed_book_messages(q.question) for q in questions],
+                          max_new_tokens=cfg.max_new_tokens, stop=cfg.stop)
+    opened = generate_all(
+        rag.generator, [open_book_messages(q.question, h, cfg.passage_max_chars) for q, h in zip(questions, hits, strict=True)],
+        max_new_tokens=cfg.max_new_tokens, stop=cfg.stop)
+    records = []
+    for q, c, o in zip(questions, closed, opened, strict=True):
+        closed_ok = bool(contains_answer(c.text, q.golden_answers))
+        open_ok = bool(contains_answer(o.text, q.golden_answers))
+        records.append(LabelRecord(id=q.id, question=q.question, label=derive_label(closed_ok, open_ok),
+                                   closed_correct=closed_ok, open_correct=open_ok, closed_answer=c.text,
+                                   open_answer=o.text, metadata=dict(q.metadata), closed_trace=trace(c)))
+    return records
+
+
+def labelling_todo(questions: Sequence[Question], out: Path) -> list[Question]:
+    """The questions still to label into `out`: those with gold answers whose id is not in it yet."""
+    done = already_labelled(out)
+    return [q for q in questions if q.golden_answers and q.id not in done]
+
+
 def label_questions(rag: ExpertRAG, questions: Sequence[Question], out: Path, *, batch_size: int = 8,
                     progress: bool | None = None) -> dict[str, int]:
     """Label `questions` (those with gold answers) into the JSONL file `out`; returns label counts."""
-    done = already_labelled(out)
-    todo = [q for q in questions if q.golden_answers and q.id not in done]
-    cfg = rag.config
+    todo = labelling_todo(questions, out)
     counts: dict[str, int] = {}
-    out.parent.mkdir(parents=True, exist_ok=True)
     bar = tqdm(total=len(todo), desc="label", unit="q", disable=None if progress is None else not progress)
-    with open(out, "a", encoding="utf-8") as f:
+    with open_for_append(out) as f:
         for i in range(0, len(todo), batch_size):
             part = todo[i:i + batch_size]
-            hits = [PipelineGateContext(rag, q.question, dict(q.metadata), None).retrieve(cfg.k) for q in part]
-            closed = generate_all(rag.generator, [closed_book_messages(q.question) for q in part],
-                                  max_new_tokens=cfg.max_new_tokens, stop=cfg.stop)
-            opened = generate_all(
-                rag.generator, [open_book_messages(q.question, h, cfg.passage_max_chars) for q, h in zip(part, hits, strict=True)],
-                max_new_tokens=cfg.max_new_tokens, stop=cfg.stop)
-            for q, c, o in zip(part, closed, opened, strict=True):
-                closed_ok = bool(contains_answer(c.text, q.golden_answers))
-                open_ok = bool(contains_answer(o.text, q.golden_answers))
-                label = derive_label(closed_ok, open_ok)
-                counts[label] = counts.get(label, 0) + 1
-                record = LabelRecord(id=q.id, question=q.question, label=label, closed_correct=closed_ok,
-                                     open_correct=open_ok, closed_answer=c.text, open_answer=o.text,
-                                     metadata=dict(q.metadata), closed_trace=trace(c))
+            for record in label_batch(rag, part):
+                counts[record.label] = counts.get(record.label, 0) + 1
                 f.write(json.dumps(record.to_dict(), ensure_ascii=False) + "\n")
             f.flush()
             bar.update(len(part))

@@ -2,7 +2,42 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class RayAutoscaling(BaseModel):
+    """Ray Serve autoscaling of the pipeline deployment: replicas follow the requests in flight."""
+
+    model_config = ConfigDict(extra="forbid")
+    min_replicas: int = Field(1, ge=0, description="replicas kept when idle (0: the first request waits for one)")
+    max_replicas: int = Field(2, ge=1, description="most replicas (each loads the model)")
+    target_ongoing_requests: float = Field(
+        4.0, gt=0, description="requests in flight per replica that autoscaling aims at")
+
+    @model_validator(mode="after")
+    def _ordered(self):
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"min_replicas ({self.min_replicas}) is above max_replicas ({self.max_replicas})")
+        return self
+
+
+class RayServeConfig(BaseModel):
+    """`expertrag serve --ray`: the API on a Ray Serve ingress, the pipeline in its own deployment."""
+
+    model_config = ConfigDict(extra="forbid")
+    replicas: int = Field(1, ge=1, description="pipeline replicas (each loads the model once); fixed count")
+    autoscaling: RayAutoscaling | None = Field(
+        None, description="scale the pipeline replicas between min and max instead of a fixed count")
+    cpus_per_replica: float = Field(1.0, gt=0, description="Ray CPUs reserved by each pipeline replica")
+    threads_per_replica: int = Field(1, gt=0, description="torch intra-op threads of each pipeline replica")
+    max_ongoing_requests: int = Field(
+        16, gt=0, description="requests one pipeline replica takes at once (its own queue batches them)")
+
+    @model_validator(mode="after")
+    def _one_scaling(self):
+        if self.autoscaling is not None and "replicas" in self.model_fields_set:
+            raise ValueError("give serve.ray.replicas or serve.ray.autoscaling, not both")
+        return self
 
 
 class ServeConfig(BaseModel):
@@ -28,3 +63,4 @@ class ServeConfig(BaseModel):
         None, gt=0, description="intra-op threads of the model (null = torch's default; on a small shared "
                                 "machine 1 is often faster than 2)")
     recent_latencies: int = Field(1000, gt=0, description="answers kept for the page's p50/p95 latency")
+    ray: RayServeConfig = Field(default_factory=RayServeConfig, description="`serve --ray` deployments")

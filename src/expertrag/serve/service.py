@@ -65,7 +65,10 @@ def open_index(index_dir: Path, settings: PipelineSettings) -> Index:
 
 
 class Service:
-    def __init__(self, index_dir: str | Path, settings: ServiceSettings, *, generator: Any = None):
+    def __init__(self, index_dir: str | Path, settings: ServiceSettings, *, generator: Any = None,
+                 engine: Any = None):
+        """`engine(service)`, when given, makes the answer engine instead of the in-process AnswerEngine
+        (serve/ray_serve.py: answers from Ray Serve pipeline replicas)."""
         self.index_dir = Path(index_dir)
         self.settings = settings
         self.cfg: ServeConfig = settings.serve
@@ -80,10 +83,10 @@ class Service:
         self._policy_lock = threading.Lock()
         self.policy(self.default_policy)  # the default policy's artifacts must load before serving
         self._generator = generator
-        self.engine = AnswerEngine(self._make_rag, queue_size=self.cfg.queue_size, batch_max=self.cfg.batch_max,
-                                   batch_wait_ms=self.cfg.batch_wait_ms,
-                                   on_batch=self.metrics.batch_size.observe, on_depth=self.metrics.queue_depth.set,
-                                   on_cancelled=self.metrics.cancelled.inc)
+        self.engine = engine(self) if engine is not None else AnswerEngine(
+            self._make_rag, queue_size=self.cfg.queue_size, batch_max=self.cfg.batch_max,
+            batch_wait_ms=self.cfg.batch_wait_ms, on_batch=self.metrics.batch_size.observe,
+            on_depth=self.metrics.queue_depth.set, on_cancelled=self.metrics.cancelled.inc)
         self._search = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="expertrag-search")
         self._ingest = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="expertrag-ingest")
         self._search_index: Index | None = None
