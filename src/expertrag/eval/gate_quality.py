@@ -74,9 +74,10 @@ def gate_quality(records: Sequence[Mapping[str, Any]], both_wrong_as: str = "ret
     return out
 
 
-def threshold_sweep(records: Sequence[Mapping[str, Any]], points: int = 101) -> dict[str, Any] | None:
-    """Accuracy vs retrieval rate as the decision threshold moves, read off the labels (module doc).
-    None when fewer than one labelled question with both branches known, or the scores are constant."""
+def _sweep_inputs(records: Sequence[Mapping[str, Any]], points: int):
+    """(rows, scores, closed-correct, open-correct, candidate thresholds) of the records that are labelled
+    with both branches and scored; None when there are none. Candidates run from the lowest score (retrieve
+    for all) to just past the highest (retrieve for none), thinned to at most `points`."""
     rows = [r for r in records if not r.get("error") and r.get("score") is not None
             and r.get("closed_correct") is not None and r.get("open_correct") is not None
             and math.isfinite(float(r["score"]))]
@@ -86,11 +87,19 @@ def threshold_sweep(records: Sequence[Mapping[str, Any]], points: int = 101) -> 
     c = np.asarray([float(r["closed_correct"]) for r in rows])
     o = np.asarray([float(r["open_correct"]) for r in rows])
     u = np.unique(s)
-    if u.size < 2:
-        return None
-    cands = np.append(u, np.nextafter(u[-1], np.inf))  # u[0]: retrieve all ... past the max: retrieve none
+    cands = np.append(u, np.nextafter(u[-1], np.inf))
     if cands.size > points:
         cands = cands[np.unique(np.linspace(0, cands.size - 1, points).round().astype(int))]
+    return rows, s, c, o, cands
+
+
+def threshold_sweep(records: Sequence[Mapping[str, Any]], points: int = 101) -> dict[str, Any] | None:
+    """Accuracy vs retrieval rate as the decision threshold moves, read off the labels (module doc).
+    None when fewer than one labelled question with both branches known, or the scores are constant."""
+    sweep = _sweep_inputs(records, points)
+    if sweep is None or np.unique(sweep[1]).size < 2:
+        return None
+    rows, s, c, o, cands = sweep
     pts = []
     for t in cands:
         d = s >= t
@@ -169,18 +178,10 @@ def operating_summary(records: Sequence[Mapping[str, Any]], points: int = 101, r
     chord, read off the labels (as `threshold_sweep`), with bootstrap 95% intervals: `match_rate` is the
     share of questions it must retrieve for (always-retrieve: 1.0), `match_share_of_always` the same as a
     share of always-retrieve's retrievals (identical, since always retrieves for every question)."""
-    rows = [r for r in records if not r.get("error") and r.get("score") is not None
-            and r.get("closed_correct") is not None and r.get("open_correct") is not None
-            and math.isfinite(float(r["score"]))]
-    if not rows:
+    sweep = _sweep_inputs(records, points)
+    if sweep is None:
         return None
-    s = np.asarray([float(r["score"]) for r in rows])
-    c = np.asarray([float(r["closed_correct"]) for r in rows])
-    o = np.asarray([float(r["open_correct"]) for r in rows])
-    u = np.unique(s)
-    cands = np.append(u, np.nextafter(u[-1], np.inf))
-    if cands.size > points:
-        cands = cands[np.unique(np.linspace(0, cands.size - 1, points).round().astype(int))]
+    rows, s, c, o, cands = sweep
 
     def stats(i: np.ndarray) -> tuple[float, float]:
         rates, accs = _curve(s[i], c[i], o[i], cands)
