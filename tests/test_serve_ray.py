@@ -1,8 +1,9 @@
 """`serve --ray` (issue 17): the same HTTP API with the pipeline in Ray Serve replicas.
 
 A local Ray cluster (num_cpus=2, loopback) and Serve's proxy on a free 127.0.0.1 port are started by the
-module fixture; two pipeline replicas and one domain expert's deployment (finance; medicine is configured
-without one, so the pipeline answers it) load the real SmolLM2 and MiniLM. Real HTTP (httpx) is checked
+module fixture; two pipeline replicas load the real SmolLM2 and MiniLM (and later one domain expert's
+deployment: finance, added at run time; medicine is configured without one, so the pipeline answers it;
+one model load fewer than deploying finance from the start and adding it again). Real HTTP (httpx) is checked
 against the in-process Service on the same index: same answers, same access control, same routing. Serve
 and Ray are shut down after the module. Skipped when Ray Serve is not installed.
 """
@@ -65,7 +66,7 @@ def deployed(tmp_path_factory, smollm2_dir):
     index = tmp / "index"
     build_index(index, [Document(d["id"], d["title"], d["contents"], d.get("metadata", {}))
                         for d in DOCS + EXPERT_DOCS], progress=False)
-    ExpertRegistry(index).add([ExpertRecord(name=d, domain=d) for d in ("finance", "medicine")])
+    ExpertRegistry(index).add([ExpertRecord(name="medicine", domain="medicine")])  # finance: added by a test
     store = KeyStore(keys_path(index, None))
     keys = {"admin": store.add("admin", [], admin=True), "staff": store.add("ann", ["staff"]),
             "guest": store.add("eve", ["guests"])}
@@ -77,7 +78,7 @@ def deployed(tmp_path_factory, smollm2_dir):
              log_to_driver=False)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        assert deploy(index, config) == {"added": ["finance"], "removed": [], "failed": []}
+        assert deploy(index, config) == {"added": [], "removed": [], "failed": []}  # medicine has replicas: 0
 
         def client(key: str | None = None) -> httpx.Client:
             return httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=300,
@@ -209,38 +210,37 @@ def test_each_domain_expert_answers_from_its_own_deployment(deployed, local):
     client, keys, index, config = deployed
     running = 'expertrag_ray_expert_deployment_running{expert="finance"}'
     to_finance = 'expertrag_ray_dispatched_total{deployment="expert-finance"}'
-    apps = serve.status().applications
-    assert apps[expert_app_name("finance")].deployments["expert-finance"].replica_states.get("RUNNING") == 1
-    assert expert_app_name("medicine") not in apps  # replicas: 0, the pipeline answers it
+    assert set(serve.status().applications) == {"expertrag"}  # medicine has replicas: 0, the pipeline answers it
     bond, insulin = "What is a bond?", "What hormone do beta cells of the pancreas make?"
+
+    def ask(c, question: str, expert: str) -> None:
+        r = c.post("/v1/answer", json={"question": question})
+        assert r.status_code == 200, r.text
+        assert r.json()["routing"]["experts"][0]["name"] == expert
+        _same(r.json(), local(keys["guest"], question))
+
     with client(keys["guest"]) as c:
-        _wait_for(c, running, True)
-        before = _dispatched(c)
-        for question, expert in ((bond, "finance"), (insulin, "medicine")):
-            r = c.post("/v1/answer", json={"question": question})
-            assert r.status_code == 200, r.text
-            _same(r.json(), local(keys["guest"], question))
-            assert r.json()["routing"]["experts"][0]["name"] == expert
-        after = _dispatched(c)
-        assert after[to_finance] == before.get(to_finance, 0) + 1  # the bond question went to expert-finance
-        assert after['expertrag_ray_expert_fallback_total{expert="medicine"}'] >= 1
+        ask(c, insulin, "medicine")  # no expert deployment at all: the ingress does not even route
+        ask(c, bond, "general")  # no finance expert yet
 
         registry = ExpertRegistry(index)
-        registry.retire("finance")  # at run time: the deployment goes, the pipeline answers finance questions
+        registry.add([ExpertRecord(name="finance", domain="finance")])  # at run time: a deployment is created
+        assert sync_experts(index, config)["added"] == ["finance"]
+        app = serve.status().applications[expert_app_name("finance")]
+        assert app.deployments["expert-finance"].replica_states.get("RUNNING") == 1
+        _wait_for(c, running, True)
+        before = _dispatched(c).get(to_finance, 0)
+        ask(c, bond, "finance")
+        ask(c, insulin, "medicine")
+        assert _dispatched(c)[to_finance] == before + 1  # the bond question, not the insulin one
+        assert _dispatched(c)['expertrag_ray_expert_fallback_total{expert="medicine"}'] == 1
+
+        registry.retire("finance")  # the deployment goes; finance questions go to the general expert again
         assert sync_experts(index, config)["removed"] == ["finance"]
         _wait_for(c, running, False)
-        r = c.post("/v1/answer", json={"question": bond})
-        assert r.status_code == 200 and "finance" not in [e["name"] for e in r.json()["routing"]["experts"]]
-        _same(r.json(), local(keys["guest"], bond))
-        assert _dispatched(c)[to_finance] == after[to_finance]
-
-        registry.add([ExpertRecord(name="finance", domain="finance")])  # back: a deployment is created
-        assert sync_experts(index, config)["added"] == ["finance"]
-        _wait_for(c, running, True)
-        r = c.post("/v1/answer", json={"question": bond})
-        assert r.status_code == 200 and r.json()["routing"]["experts"][0]["name"] == "finance"
-        _same(r.json(), local(keys["guest"], bond))
-        assert _dispatched(c)[to_finance] == after[to_finance] + 1
+        assert expert_app_name("finance") not in serve.status().applications
+        ask(c, bond, "general")
+        assert _dispatched(c)[to_finance] == before + 1
 
 
 def test_ray_serve_config_is_checked(tmp_path):
