@@ -3,23 +3,42 @@
 ```
 HTTP -> Ray Serve proxy -> "ingress" deployment (1 replica): the FastAPI app of serve/app.py, unchanged
            Service: keys, rate limits, access control, search and ingest workers, metrics  (as in-process)
-           its answer engine is RayAnswerEngine: each answer goes to a handle of ...
-        -> "pipeline" deployment (serve.ray.replicas, or serve.ray.autoscaling min..max): each replica
-           loads the model + index once and answers with the in-process AnswerEngine (one model thread,
-           batches of concurrent answers), so an answer is exactly what `expertrag serve` gives
+           its answer engine is RayAnswerEngine: it routes each question (ExpertDispatch) and sends it to ...
+        -> "pipeline" deployment (serve.ray.replicas, or serve.ray.autoscaling min..max): the general expert,
+           and every question when the index has no domain expert with a deployment
+        -> "expert-NAME" deployment, one Serve application per active domain expert (expertrag-expert-NAME;
+           serve.ray.experts.NAME or serve.ray.expert_default: replicas or autoscaling): its questions
+   every pipeline or expert replica loads the model + index once and answers with the in-process
+   AnswerEngine (one model thread, batches of concurrent answers), so an answer is exactly what
+   `expertrag serve` gives
 ```
 Only what the model does moves: authentication, the user's groups (sent as the pipeline's `User`, so the
 access filter still runs inside retrieval), policy checks and request limits stay in the ingress, in
 Service's own code. Streaming answers travel as a Ray Serve streaming call (one AnswerEvent per item); a
 client that goes away cancels the call, which cancels the replica's decoding.
 
-Index updates: ingest runs in the ingress (one replica, so builds never race); each answer carries the
-generation the ingress has committed, and a pipeline replica that is behind opens it before answering
-(between batches, on its model thread), so a caller reads its own write whichever replica answers.
+Domain experts: the ingress routes with the pipeline's own `route_question` (registry, router, the caller's
+rankings on the ingress's search index) and picks the top expert's deployment. That replica runs the whole
+pipeline (policy screening, routing again, the experts' gates and adapters, retrieval in the domain,
+generation, fusion of several experts), so the dispatch only decides where the work runs, never what the
+answer is: a question the ingress would route differently (a redacting policy rule changes the question
+first) still gets the in-process answer. A question routed to several experts goes to its top expert's
+deployment, which answers every branch. Each expert replica holds the whole index, not only its domain's
+passages (a partitioned index per expert is not built). No routing work at all while no expert deployment
+runs. Experts added or retired at run time: `sync_experts` (run by `run_on_ray` every serve.ray.expert_poll_s)
+deploys or deletes their applications, each its own, so nothing else is redeployed; the ingress sees the
+running ones within expert_poll_s (ExpertHandles) and until then, or for an expert with `replicas: 0`, the
+pipeline deployment answers (counted as a fallback in /metrics).
 
-Not done yet: one deployment per domain expert (experts are routed inside the pipeline, so a busy expert
-scales with the whole pipeline, not alone); /metrics counts the ingress only (batch sizes of the replicas
-are not gathered).
+Index updates: ingest runs in the ingress (one replica, so builds never race); each answer carries the
+generation the ingress has committed, and a pipeline or expert replica that is behind opens it before
+answering (between batches, on its model thread), so a caller reads its own write whichever replica answers.
+
+/metrics is the ingress's registry: the service's usual series, plus the answers sent to each deployment
+(`expertrag_ray_dispatched_total{deployment}`), fallbacks per expert and the running expert deployments.
+Not gathered: the replicas' own batch sizes and queue depths (each replica keeps them in its own Service;
+a handle call reaches one replica that Serve picks, so collecting them needs every replica's actor or Ray's
+metrics export, neither wired here). The ingress's `expertrag_batch_size` therefore stays empty under --ray.
 """
 
 from __future__ import annotations
@@ -542,7 +561,8 @@ def run_on_ray(index_dir: Path, settings: Any, host: str, port: int, address: st
             while not stop.wait(settings.serve.ray.expert_poll_s):
                 try:
                     sync_experts(index_dir, settings)
-                except ExpertRAGError as e:  # a registry being edited by hand: say so, keep serving
-                    print(f"expertrag: the expert registry could not be read: {e}", file=sys.stderr, flush=True)
+                except Exception as e:  # noqa: BLE001 (a registry edited by hand, a busy controller: keep serving)
+                    print(f"expertrag: the expert deployments could not be updated: {e}", file=sys.stderr,
+                          flush=True)
         finally:
             serve.shutdown()  # drains the replicas (Serve's graceful shutdown), then removes them
