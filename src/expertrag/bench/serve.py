@@ -9,6 +9,9 @@ Caches are off, so every answer is real work. The model runs with the same intra
 
 3. With `ray_replicas` (`--ray-replicas 1,2`): the same server started with `--ray` (its own local Ray
    cluster, all the machine's CPUs) and `serve.ray.replicas` = each count, the same warm-up and levels.
+   All servers are started first (one after another) and stay up; with `rounds` > 1 (`--rounds`) each
+   level's requests are split into that many blocks and the servers take turns in a rotating order, so a
+   machine whose load drifts during the run does not favour whichever server runs last.
 Reported: answers/s and p50/p95/p99 latency per level, errors, `http_overhead_ratio` (mean latency at
 concurrency 1 over HTTP / in-process) and `batching_gain` (answers/s at the highest level / at 1); on Ray
 also `ray_overhead_latency_c1` (mean latency at concurrency 1, Ray 1 replica / in-process serve),
@@ -20,6 +23,7 @@ Serve replica (pipeline, ingress), the controller and the proxy.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import socket
 import subprocess
@@ -73,7 +77,7 @@ async def _load(url: str, key: str, questions: list[str], requests: int, concurr
         started = time.perf_counter()
         await asyncio.gather(*(one(client, i) for i in range(requests)))
         wall = time.perf_counter() - started
-    return {"concurrency": concurrency, "requests": requests, "answers": len(latencies),
+    return {"concurrency": concurrency, "requests": requests, "answers": len(latencies), "latencies": latencies,
             "answers_per_s": len(latencies) / wall if wall > 0 else float("nan"), "wall_s": wall,
             "mean_ms": float(np.mean(latencies)) if latencies else float("nan"),
             "p50_ms": _pct(latencies, 50), "p95_ms": _pct(latencies, 95), "p99_ms": _pct(latencies, 99),
@@ -82,7 +86,7 @@ async def _load(url: str, key: str, questions: list[str], requests: int, concurr
 
 def run(index: Path, *, questions: Path | None = None, requests: int = 32, concurrency: tuple[int, ...] = (1, 4, 16),
         policy: str = "always", max_tokens: int = 16, threads: int = 1, timeout: float = 600.0,
-        progress: bool = True, ray_replicas: tuple[int, ...] = ()) -> dict[str, Any]:
+        progress: bool = True, ray_replicas: tuple[int, ...] = (), rounds: int = 1) -> dict[str, Any]:
     import torch
 
     from expertrag.pipeline.build import PipelineSections, load_pipeline
@@ -124,14 +128,48 @@ def run(index: Path, *, questions: Path | None = None, requests: int = 32, concu
            "serve": {"torch_threads": threads, "rate_limit_per_minute": 0,
                      "queue_size": max(64, max(concurrency) * 2), "batch_max": max(concurrency),
                      "request_timeout_s": timeout, "max_tokens_cap": max(256, max_tokens)}}
-    load = dict(qs=qs, requests=requests, concurrency=concurrency, max_tokens=max_tokens, timeout=timeout, say=say)
-    levels, _ = _serve_levels(index, cfg, [], threads, **load)
-    on_ray = []
-    for n in ray_replicas:
-        rcfg = {**cfg, "serve": {**cfg["serve"], "ray": {"replicas": n, "threads_per_replica": threads}}}
-        say(f"serve --ray with {n} pipeline replica(s)")
-        ray_levels, memory = _serve_levels(index, rcfg, ["--ray"], threads, **load)
-        on_ray.append({"replicas": n, "levels": ray_levels, "peak_rss_mb": memory})
+    servers = [("serve", cfg, [])] + [
+        (f"ray{n}", {**cfg, "serve": {**cfg["serve"], "ray": {"replicas": n, "threads_per_replica": threads}}},
+         ["--ray"]) for n in ray_replicas]
+    block = -(-requests // rounds)  # requests per level, server and round
+    lat: dict[tuple[str, int], list[float]] = {}
+    walls: dict[tuple[str, int], float] = {}
+    errs: dict[tuple[str, int], dict[str, int]] = {}
+    memory: dict[str, dict] = {}
+    with contextlib.ExitStack() as stack:
+        up = {}
+        for name, scfg, extra in servers:  # one after another: no two model loads at once
+            say(f"starting {name}")
+            up[name] = stack.enter_context(_server(index, scfg, extra, threads, timeout))
+            asyncio.run(_load(up[name]["url"], up[name]["key"], qs, 1, 1, max_tokens, timeout))  # warm-up
+        # rounds rotate the order of the servers, so a load that drifts during the run (a shared machine)
+        # falls on each of them alike; every server gets the same questions in the same order
+        for r in range(rounds):
+            order = [servers[(i + r) % len(servers)][0] for i in range(len(servers))]
+            for name in order:
+                for c in concurrency:
+                    say(f"round {r + 1}/{rounds}: {name}, {block} answers at concurrency {c}")
+                    res = asyncio.run(_load(up[name]["url"], up[name]["key"], qs, block, c, max_tokens, timeout))
+                    lat.setdefault((name, c), []).extend(res["latencies"])
+                    walls[(name, c)] = walls.get((name, c), 0.0) + res["wall_s"]
+                    for k, v in res["errors_by_kind"].items():
+                        errs.setdefault((name, c), {})[k] = errs.get((name, c), {}).get(k, 0) + v
+        for name in up:
+            memory[name] = {"server": _peak_mb(up[name]["pid"]), **_replica_peaks(up[name]["pid"]),
+                            "ready_s": up[name]["ready_s"]}
+
+    def levels_of(name: str) -> list[dict[str, Any]]:
+        out = []
+        for c in concurrency:
+            v, wall, e = lat.get((name, c), []), walls[(name, c)], errs.get((name, c), {})
+            out.append({"concurrency": c, "requests": block * rounds, "answers": len(v),
+                        "answers_per_s": len(v) / wall if wall > 0 else float("nan"), "wall_s": wall,
+                        "mean_ms": float(np.mean(v)) if v else float("nan"), "p50_ms": _pct(v, 50),
+                        "p95_ms": _pct(v, 95), "p99_ms": _pct(v, 99), "errors": sum(e.values()), "errors_by_kind": e})
+        return out
+
+    levels = levels_of("serve")
+    on_ray = [{"replicas": n, "levels": levels_of(f"ray{n}"), "peak_rss_mb": memory[f"ray{n}"]} for n in ray_replicas]
 
     first, last = levels[0], levels[-1]
     best = max(levels, key=lambda r: r["answers_per_s"])
@@ -156,11 +194,10 @@ def run(index: Path, *, questions: Path | None = None, requests: int = 32, concu
     return out
 
 
-def _serve_levels(index: Path, cfg: dict, extra: list[str], threads: int, *, qs: list[str], requests: int,
-                  concurrency: tuple[int, ...], max_tokens: int, timeout: float, say) -> tuple[list, dict]:
-    """`expertrag serve [extra]` in a subprocess on a free loopback port, a warm-up answer, then the load at
-    each concurrency level; and the peak RSS (VmHWM) of the server and, on Ray, of its replicas."""
-    levels = []
+@contextlib.contextmanager
+def _server(index: Path, cfg: dict, extra: list[str], threads: int, timeout: float):
+    """`expertrag serve [extra]` in a subprocess on a free loopback port, with a throw-away key; stopped
+    (SIGTERM) at the end."""
     with tempfile.TemporaryDirectory(prefix="expertrag-bench-serve-") as tmp:
         tmp_path = Path(tmp)
         keys_file = tmp_path / "keys.json"
@@ -180,12 +217,7 @@ def _serve_levels(index: Path, cfg: dict, extra: list[str], threads: int, *, qs:
         try:
             t = time.perf_counter()
             _wait_ready(url, proc, tmp_path / "server.log")
-            ready_s = time.perf_counter() - t
-            asyncio.run(_load(url, key, qs, 1, 1, max_tokens, timeout))  # warm-up
-            for c in concurrency:
-                say(f"HTTP{' ' + ' '.join(extra) if extra else ''}: {requests} answers at concurrency {c}")
-                levels.append(asyncio.run(_load(url, key, qs, requests, c, max_tokens, timeout)))
-            memory = {"server": _peak_mb(proc.pid), **_replica_peaks(proc.pid), "ready_s": ready_s}
+            yield {"url": url, "key": key, "pid": proc.pid, "ready_s": time.perf_counter() - t}
         finally:
             proc.terminate()
             try:
@@ -193,7 +225,6 @@ def _serve_levels(index: Path, cfg: dict, extra: list[str], threads: int, *, qs:
             except subprocess.TimeoutExpired:
                 proc.kill()
             log.close()
-    return levels, memory
 
 
 def _peak_mb(pid: int) -> float | None:

@@ -201,6 +201,8 @@ def bench_serve(
     threads: int = typer.Option(1, "--threads", min=1, help="torch intra-op threads (both sides)"),
     ray_replicas: str = typer.Option("", "--ray-replicas", help="also `serve --ray` with these pipeline replica "
                                      "counts, e.g. 1,2 (the same load; needs Ray Serve)"),
+    rounds: int = typer.Option(1, "--rounds", min=1, help="split each level's requests into this many blocks, "
+                               "the servers taking turns in rotating order (against load drift)"),
     as_json: bool = typer.Option(False, "--json", help="print the result as JSON on the last line"),
 ) -> None:
     """Load test of `expertrag serve` on loopback vs the in-process pipeline: answers/s, latency
@@ -226,7 +228,8 @@ def bench_serve(
 
         require_serve()  # one line naming the extra, before minutes of in-process load
     result = run(index, questions=questions, requests=requests, concurrency=levels, policy=policy,
-                 max_tokens=max_tokens, threads=threads, progress=not as_json, ray_replicas=replicas)
+                 max_tokens=max_tokens, threads=threads, progress=not as_json, ray_replicas=replicas,
+                 rounds=rounds)
     if as_json:
         print(json.dumps(result))
     else:
