@@ -182,6 +182,7 @@ def run(index: Path, *, questions: Path | None = None, requests: int = 32, concu
         "http_overhead_ratio": first["mean_ms"] / in_process["mean_ms"],
         "batching_gain": last["answers_per_s"] / first["answers_per_s"],
     }
+    out["serve_peak_rss_mb"] = memory["serve"]  # the in-process server's VmHWM, for the Ray replicas' figures
     if on_ray:
         out["ray"] = on_ray
         one = next((x for x in on_ray if x["replicas"] == 1), None)
