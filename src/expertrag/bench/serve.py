@@ -165,7 +165,8 @@ def run(index: Path, *, questions: Path | None = None, requests: int = 32, concu
             out.append({"concurrency": c, "requests": block * rounds, "answers": len(v),
                         "answers_per_s": len(v) / wall if wall > 0 else float("nan"), "wall_s": wall,
                         "mean_ms": float(np.mean(v)) if v else float("nan"), "p50_ms": _pct(v, 50),
-                        "p95_ms": _pct(v, 95), "p99_ms": _pct(v, 99), "errors": sum(e.values()), "errors_by_kind": e})
+                        "p95_ms": _pct(v, 95), "p99_ms": _pct(v, 99), "errors": sum(e.values()), "errors_by_kind": e,
+                        "latencies_ms": [round(x, 1) for x in v]})  # kept: outliers need their order to be read
         return out
 
     levels = levels_of("serve")
