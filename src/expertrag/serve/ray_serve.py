@@ -339,7 +339,7 @@ class ExpertHandles:
         apps = serve.status().applications
         running = {}
         for app, st in apps.items():
-            if app.startswith(EXPERT_APP_PREFIX) and str(st.status) in ("RUNNING", "ApplicationStatus.RUNNING"):
+            if app.startswith(EXPERT_APP_PREFIX) and st.status == "RUNNING":
                 name = app[len(EXPERT_APP_PREFIX):]
                 running[name] = self._running.get(name) or serve.get_app_handle(app)
         self._running = running  # one assignment: readers see the old dict or the new one
