@@ -1,9 +1,11 @@
 """`serve --ray` (issue 17): the same HTTP API with the pipeline in Ray Serve replicas.
 
 A local Ray cluster (num_cpus=2, loopback) and Serve's proxy on a free 127.0.0.1 port are started by the
-module fixture; two pipeline replicas load the real SmolLM2 and MiniLM. Real HTTP (httpx) is checked
-against the in-process Service on the same index: same answers, same access control. Serve and Ray are
-shut down after the module. Skipped when Ray Serve is not installed.
+module fixture; two pipeline replicas load the real SmolLM2 and MiniLM (and later one domain expert's
+deployment: finance, added at run time; medicine is configured without one, so the pipeline answers it;
+one model load fewer than deploying finance from the start and adding it again). Real HTTP (httpx) is checked
+against the in-process Service on the same index: same answers, same access control, same routing. Serve
+and Ray are shut down after the module. Skipped when Ray Serve is not installed.
 """
 
 from __future__ import annotations
@@ -28,9 +30,19 @@ def _serve_importable() -> bool:
 
 INSTALL = "pip install -e '.[ray]'"
 needs_serve = pytest.mark.skipif(not _serve_importable(), reason=f"Ray Serve is not installed ({INSTALL})")
+# half a CPU each: 2 pipeline replicas + 1 expert replica on a num_cpus=2 cluster
 CONFIG = {"gate": {"policy": "always"}, "pipeline": {"max_new_tokens": 8},
           "serve": {"max_tokens_cap": 16, "rate_limit_per_minute": 6000, "rate_limit_burst": 1000,
-                    "ray": {"replicas": 2}}}
+                    "ray": {"replicas": 2, "cpus_per_replica": 0.5, "expert_poll_s": 0.5,
+                            "experts": {"medicine": {"replicas": 0}}}}}
+EXPERT_DOCS = [
+    {"id": "bond", "title": "Bonds", "contents": "A bond is a fixed-income loan an investor makes to a borrower.",
+     "metadata": {"domain": "finance"}},
+    {"id": "stock", "title": "Stocks", "contents": "A stock is a share of ownership in a company.",
+     "metadata": {"domain": "finance"}},
+    {"id": "insulin", "title": "Insulin", "contents": "Insulin is a hormone made by beta cells of the pancreas.",
+     "metadata": {"domain": "medicine"}},
+]
 COMPARED = ("question", "text", "retrieved", "abstained", "gate", "tokens")
 
 
@@ -45,14 +57,16 @@ def deployed(tmp_path_factory, smollm2_dir):
     from ray import serve
 
     from expertrag.config import ExpertRAGConfig
+    from expertrag.experts.registry import ExpertRecord, ExpertRegistry
     from expertrag.retrieval.builder import build_index
     from expertrag.serve.keys import KeyStore, keys_path
-    from expertrag.serve.ray_serve import APP_NAME, build_app
+    from expertrag.serve.ray_serve import deploy
 
     tmp = tmp_path_factory.mktemp("serve-ray")
     index = tmp / "index"
-    build_index(index, [Document(d["id"], d["title"], d["contents"], d.get("metadata", {})) for d in DOCS],
-                progress=False)
+    build_index(index, [Document(d["id"], d["title"], d["contents"], d.get("metadata", {}))
+                        for d in DOCS + EXPERT_DOCS], progress=False)
+    ExpertRegistry(index).add([ExpertRecord(name="medicine", domain="medicine")])  # finance: added by a test
     store = KeyStore(keys_path(index, None))
     keys = {"admin": store.add("admin", [], admin=True), "staff": store.add("ann", ["staff"]),
             "guest": store.add("eve", ["guests"])}
@@ -64,7 +78,7 @@ def deployed(tmp_path_factory, smollm2_dir):
              log_to_driver=False)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        serve.run(build_app(index, config), name=APP_NAME, route_prefix="/")
+        assert deploy(index, config) == {"added": [], "removed": [], "failed": []}  # medicine has replicas: 0
 
         def client(key: str | None = None) -> httpx.Client:
             return httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=300,
@@ -165,7 +179,71 @@ def test_two_pipeline_replicas_and_an_ingest_reaches_them(deployed):
     assert len({r.json()["text"] for r in answers}) == 1
 
 
-def test_ray_serve_config_is_checked():
+def _dispatched(c) -> dict[str, float]:
+    """/metrics of the ingress: answers sent to each deployment, and the expert deployments it sees running."""
+    out = {}
+    for line in c.get("/metrics").text.splitlines():
+        for prefix in ("expertrag_ray_dispatched_total", "expertrag_ray_expert_deployment_running",
+                       "expertrag_ray_expert_fallback_total"):
+            if line.startswith(prefix + "{"):
+                out[line.split(" ")[0]] = float(line.split(" ")[1])
+    return out
+
+
+def _wait_for(c, series: str, present: bool, timeout: float = 30) -> None:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while (series in _dispatched(c)) != present:
+        assert time.monotonic() < deadline, f"{series} still {'absent' if present else 'present'}"
+        time.sleep(0.2)
+
+
+@needs_serve
+@pytest.mark.slow
+def test_each_domain_expert_answers_from_its_own_deployment(deployed, local):
+    from ray import serve
+
+    from expertrag.experts.registry import ExpertRecord, ExpertRegistry
+    from expertrag.serve.ray_serve import expert_app_name, sync_experts
+
+    client, keys, index, config = deployed
+    running = 'expertrag_ray_expert_deployment_running{expert="finance"}'
+    to_finance = 'expertrag_ray_dispatched_total{deployment="expert-finance"}'
+    assert set(serve.status().applications) == {"expertrag"}  # medicine has replicas: 0, the pipeline answers it
+    bond, insulin = "What is a bond?", "What hormone do beta cells of the pancreas make?"
+
+    def ask(c, question: str, expert: str) -> None:
+        r = c.post("/v1/answer", json={"question": question})
+        assert r.status_code == 200, r.text
+        assert r.json()["routing"]["experts"][0]["name"] == expert
+        _same(r.json(), local(keys["guest"], question))
+
+    with client(keys["guest"]) as c:
+        ask(c, insulin, "medicine")  # no expert deployment at all: the ingress does not even route
+        ask(c, bond, "general")  # no finance expert yet
+
+        registry = ExpertRegistry(index)
+        registry.add([ExpertRecord(name="finance", domain="finance")])  # at run time: a deployment is created
+        assert sync_experts(index, config)["added"] == ["finance"]
+        app = serve.status().applications[expert_app_name("finance")]
+        assert app.deployments["expert-finance"].replica_states.get("RUNNING") == 1
+        _wait_for(c, running, True)
+        before = _dispatched(c).get(to_finance, 0)
+        ask(c, bond, "finance")
+        ask(c, insulin, "medicine")
+        assert _dispatched(c)[to_finance] == before + 1  # the bond question, not the insulin one
+        assert _dispatched(c)['expertrag_ray_expert_fallback_total{expert="medicine"}'] == 1
+
+        registry.retire("finance")  # the deployment goes; finance questions go to the general expert again
+        assert sync_experts(index, config)["removed"] == ["finance"]
+        _wait_for(c, running, False)
+        assert expert_app_name("finance") not in serve.status().applications
+        ask(c, bond, "general")
+        assert _dispatched(c)[to_finance] == before + 1
+
+
+def test_ray_serve_config_is_checked(tmp_path):
     from pydantic import ValidationError
 
     from expertrag.serve.config import RayServeConfig, ServeConfig
@@ -183,6 +261,26 @@ def test_ray_serve_config_is_checked():
             self.serve = ServeConfig.model_validate({"ray": ray})
 
     assert scaling_options(S({"replicas": 3}))["num_replicas"] == 3
+    # per-expert deployments: a default, per-name overrides; errors name the field
+    from expertrag.config import ConfigError, ExpertRAGConfig
+    from expertrag.serve.ray_serve import expert_scaling_options
+
+    per = S({"cpus_per_replica": 0.5, "expert_default": {"replicas": 2},
+             "experts": {"law": {"autoscaling": {"max_replicas": 3}, "cpus_per_replica": 1}, "med": {"replicas": 0}}})
+    assert expert_scaling_options(per, "finance") == {"ray_actor_options": {"num_cpus": 0.5},
+                                                      "max_ongoing_requests": 16, "num_replicas": 2}
+    assert expert_scaling_options(per, "law")["autoscaling_config"]["max_replicas"] == 3
+    assert expert_scaling_options(per, "law")["ray_actor_options"] == {"num_cpus": 1}
+    assert expert_scaling_options(per, "med") is None  # no deployment of its own: the pipeline answers
+    for bad, message in [({"general": {"replicas": 2}}, "serve.ray: .*experts.general: the general expert is"),
+                         ({"bad name": {}}, "serve.ray: .*experts.'bad name': not an expert name"),
+                         ({"law": {"replicas": -1}}, "serve.ray.experts.law.replicas: .*greater than or equal"),
+                         ({"law": {"replicas": 1, "autoscaling": {}}}, "serve.ray.experts.law: .*not both"),
+                         ({"law": {"replica": 1}}, "serve.ray.experts.law.replica: Extra inputs")]:
+        path = tmp_path / "bad.yaml"
+        path.write_text(json.dumps({"serve": {"ray": {"experts": bad}}}), encoding="utf-8")
+        with pytest.raises(ConfigError, match=message):
+            ExpertRAGConfig.load(path)
     auto = scaling_options(S({"autoscaling": {"min_replicas": 0, "max_replicas": 4}, "cpus_per_replica": 2}))
     assert "num_replicas" not in auto and auto["ray_actor_options"] == {"num_cpus": 2}
     assert auto["autoscaling_config"] == {"min_replicas": 0, "max_replicas": 4, "initial_replicas": 1,

@@ -199,10 +199,15 @@ def bench_serve(
     policy: str = typer.Option("always", "--policy", help="retrieval policy of every answer"),
     max_tokens: int = typer.Option(16, "--max-tokens", min=1, help="tokens generated per answer"),
     threads: int = typer.Option(1, "--threads", min=1, help="torch intra-op threads (both sides)"),
+    ray_replicas: str = typer.Option("", "--ray-replicas", help="also `serve --ray` with these pipeline replica "
+                                     "counts, e.g. 1,2 (the same load; needs Ray Serve)"),
+    rounds: int = typer.Option(1, "--rounds", min=1, help="split each level's requests into this many blocks, "
+                               "the servers taking turns in rotating order (against load drift)"),
     as_json: bool = typer.Option(False, "--json", help="print the result as JSON on the last line"),
 ) -> None:
     """Load test of `expertrag serve` on loopback vs the in-process pipeline: answers/s, latency
-    percentiles, errors, HTTP overhead at concurrency 1 and the gain from batching."""
+    percentiles, errors, HTTP overhead at concurrency 1 and the gain from batching; with --ray-replicas, the
+    same load on `serve --ray` (Ray's overhead at 1 replica, the 2-replica ratio, peak RSS per replica)."""
     from expertrag.bench.serve import run
     from expertrag.errors import InputError
 
@@ -212,8 +217,19 @@ def bench_serve(
         raise InputError(f"--concurrency {concurrency!r}: give comma-separated integers, e.g. 1,4,16") from None
     if not levels or min(levels) < 1:
         raise InputError("--concurrency: give at least one level, each >= 1")
+    try:
+        replicas = tuple(int(c) for c in ray_replicas.split(",") if c.strip())
+    except ValueError:
+        raise InputError(f"--ray-replicas {ray_replicas!r}: give comma-separated integers, e.g. 1,2") from None
+    if replicas and min(replicas) < 1:
+        raise InputError("--ray-replicas: each count must be >= 1")
+    if replicas:
+        from expertrag.serve.ray_serve import require_serve
+
+        require_serve()  # one line naming the extra, before minutes of in-process load
     result = run(index, questions=questions, requests=requests, concurrency=levels, policy=policy,
-                 max_tokens=max_tokens, threads=threads, progress=not as_json)
+                 max_tokens=max_tokens, threads=threads, progress=not as_json, ray_replicas=replicas,
+                 rounds=rounds)
     if as_json:
         print(json.dumps(result))
     else:
@@ -222,6 +238,10 @@ def bench_serve(
             flat[f"c{lv['concurrency']}_answers_per_s"] = lv["answers_per_s"]
             flat[f"c{lv['concurrency']}_p50_ms"] = lv["p50_ms"]
         flat["in_process_answers_per_s"] = result["in_process"]["answers_per_s"]
+        for r in result.get("ray", []):
+            for lv in r["levels"]:
+                flat[f"ray{r['replicas']}_c{lv['concurrency']}_answers_per_s"] = lv["answers_per_s"]
+                flat[f"ray{r['replicas']}_c{lv['concurrency']}_p50_ms"] = lv["p50_ms"]
         _emit(flat, False)
 
 

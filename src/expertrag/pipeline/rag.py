@@ -495,7 +495,8 @@ class ExpertRAG:
             out.append(answer)
         return out
 
-    def filters_for(self, user: User | None) -> Filters:
+    @staticmethod
+    def filters_for(user: User | None) -> Filters:
         """The retrieval filter of a caller. Fail closed: no user = public passages only; every passage
         needs the explicit administrator switch `User(..., all_groups=True)`."""
         if user is None:
@@ -622,17 +623,7 @@ class ExpertRAG:
         the top hits of the caller's global ranking, which the gate's query features compute anyway."""
         if self._domain_map is None or self._domain_map.generation != self.index.generation:
             self._domain_map = DomainMap(self.index)
-        dmap = self._domain_map
-
-        def hit_domains() -> list[str | None]:
-            bm25, dense = ctx.rankings()
-            depth = self.routing_settings.depth
-            return dmap.domains([r for r, _ in self.index.fuse(bm25, dense, depth, "hybrid")])
-
-        groups, all_groups = (tuple(user.groups), user.all_groups) if user is not None else ((), False)
-        embedding = ctx.query_embedding() if state.router is not None else None
-        return route(state.snapshot, state.router, embedding, groups=groups, all_groups=all_groups,
-                     metadata=ctx.metadata, hit_domains=hit_domains, settings=self.routing_settings)
+        return route_question(self.index, self._domain_map, ctx, state, user, self.routing_settings)
 
     def _plan(self, ctx: PipelineGateContext, chosen: Route, state: ExpertState, cfg: PipelineConfig,
               filters: Filters, policy: Any, policy_name: str, forced: Decision | None) -> list[_Plan]:
@@ -934,6 +925,21 @@ class ExpertRAG:
             token_ids=list(token_ids), logprobs=[float(x) for x in logprobs],
             needs_review=flagged, policy=screening.to_dict() if flagged else {},
         )
+
+
+def route_question(index: Index, dmap: DomainMap, ctx: PipelineGateContext, state: ExpertState,
+                   user: User | None, settings: RoutingSettings) -> Route:
+    """The two-layer route of one question (`ExpertRAG._route`), also what `serve --ray`'s ingress computes
+    to pick the expert deployment that answers: the same code, so both pick the same expert."""
+
+    def hit_domains() -> list[str | None]:
+        bm25, dense = ctx.rankings()
+        return dmap.domains([r for r, _ in index.fuse(bm25, dense, settings.depth, "hybrid")])
+
+    groups, all_groups = (tuple(user.groups), user.all_groups) if user is not None else ((), False)
+    embedding = ctx.query_embedding() if state.router is not None else None
+    return route(state.snapshot, state.router, embedding, groups=groups, all_groups=all_groups,
+                 metadata=ctx.metadata, hit_domains=hit_domains, settings=settings)
 
 
 _STOPWORDS = frozenset(

@@ -21,6 +21,29 @@ class RayAutoscaling(BaseModel):
         return self
 
 
+class RayExpertScaling(BaseModel):
+    """One domain expert's own Ray Serve deployment (`serve.ray.experts.NAME`, or `serve.ray.expert_default`)."""
+
+    model_config = ConfigDict(extra="forbid")
+    replicas: int = Field(1, ge=0, description="replicas of this expert's deployment (each loads the model and "
+                                                "the index); 0: no deployment of its own, the pipeline answers")
+    autoscaling: RayAutoscaling | None = Field(
+        None, description="scale this expert's replicas between min and max instead of a fixed count")
+    cpus_per_replica: float | None = Field(None, gt=0, description="Ray CPUs per replica (null: serve.ray's)")
+    max_ongoing_requests: int | None = Field(None, gt=0, description="null: serve.ray.max_ongoing_requests")
+
+    @model_validator(mode="after")
+    def _one_scaling(self):
+        if self.autoscaling is not None and "replicas" in self.model_fields_set:
+            raise ValueError("give replicas or autoscaling, not both")
+        return self
+
+    @property
+    def deployed(self) -> bool:
+        """Does this expert get a deployment of its own?"""
+        return self.autoscaling is not None or self.replicas > 0
+
+
 class RayServeConfig(BaseModel):
     """`expertrag serve --ray`: the API on a Ray Serve ingress, the pipeline in its own deployment."""
 
@@ -32,12 +55,33 @@ class RayServeConfig(BaseModel):
     threads_per_replica: int = Field(1, gt=0, description="torch intra-op threads of each pipeline replica")
     max_ongoing_requests: int = Field(
         16, gt=0, description="requests one pipeline replica takes at once (its own queue batches them)")
+    expert_default: RayExpertScaling = Field(
+        default_factory=RayExpertScaling, description="the deployment of every domain expert not named in "
+                                                      "serve.ray.experts ({replicas: 0}: none, the pipeline answers)")
+    experts: dict[str, RayExpertScaling] = Field(
+        default_factory=dict, description="per domain expert (by registry name): its deployment's replicas or "
+                                          "autoscaling bounds, overriding expert_default")
+    expert_poll_s: float = Field(2.0, gt=0, description="how often experts added or retired at run time are "
+                                                        "looked for (deployments created / removed)")
 
     @model_validator(mode="after")
     def _one_scaling(self):
         if self.autoscaling is not None and "replicas" in self.model_fields_set:
             raise ValueError("give serve.ray.replicas or serve.ray.autoscaling, not both")
+        from expertrag.experts.registry import GENERAL, NAME_RE
+
+        for name in self.experts:
+            if name == GENERAL:
+                raise ValueError(f"experts.{name}: the general expert is the pipeline deployment; scale it with "
+                                 "serve.ray.replicas or serve.ray.autoscaling")
+            if not NAME_RE.match(name):
+                raise ValueError(f"experts.{name!r}: not an expert name (1-64 letters, digits, '_', '-' or '.', "
+                                 "starting with a letter or digit)")
         return self
+
+    def expert(self, name: str) -> RayExpertScaling:
+        """The scaling of expert `name`'s deployment: its own entry, else the default."""
+        return self.experts.get(name, self.expert_default)
 
 
 class ServeConfig(BaseModel):
