@@ -274,10 +274,16 @@ def build_index(out_dir: str | Path, documents: Iterable[Document], *,
 
             t = time.perf_counter()
             n_live = store.count_live(gen)
+            train = None
+            if retrieval.dense_index in ("ivf", "ivfpq"):
+                # a sample over the whole corpus, bounded by ivf_train_size, read before the vectors stream in
+                train = store.sample_live_vectors(gen, embedder.cache_key, dim, retrieval.ivf_train_size)
             dense = DenseIndex.build(
                 store.iter_live_vectors(gen, embedder.cache_key, dim), dim, retrieval.dense_index,
-                nlist=retrieval.ivf_nlist, hnsw_m=retrieval.hnsw_m, total=n_live,
+                nlist=retrieval.ivf_nlist, hnsw_m=retrieval.hnsw_m, total=n_live, pq_m=retrieval.ivf_pq_m,
+                train=train,
             )
+            del train
             if len(dense) != n_live or n_bm25 != n_live:
                 raise ExpertRAGError(
                     f"{out}: internal mismatch: {n_live} passages, {n_bm25} in BM25, {len(dense)} vectors"

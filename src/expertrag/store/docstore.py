@@ -373,6 +373,20 @@ class DocStore:
             vecs = np.frombuffer(b"".join(r[1] for r in rows), dtype=np.float32).reshape(len(rows), dim)
             yield ids, vecs
 
+    def sample_live_vectors(self, gen: int, model: str, dim: int, n: int) -> np.ndarray:
+        """About `n` live vectors spread evenly over the corpus (every k-th rowid), for training IVF/PQ:
+        the first rows of a corpus read in file order are its first documents, not a sample of it.
+        Only the chosen rows' vectors are read."""
+        total = self.count_live(gen)
+        step = max(1, -(-total // max(n, 1)))
+        cur = self.conn.execute(
+            f"SELECT e.vector FROM passages p JOIN embeddings e ON e.content_hash = p.content_hash "
+            f"AND e.model = :model WHERE {_live('p')} AND p.rowid % :step = 0 ORDER BY p.rowid LIMIT :n",
+            {"gen": gen, "model": model, "step": step, "n": n},
+        )
+        blob = b"".join(r[0] for r in cur)
+        return np.frombuffer(blob, dtype=np.float32).reshape(-1, dim)
+
     # ---- reading -------------------------------------------------------------------------------
     def count_live(self, gen: int) -> int:
         return self.conn.execute(f"SELECT COUNT(*) FROM passages WHERE {_live()}", {"gen": gen}).fetchone()[0]
