@@ -43,7 +43,10 @@ class DenseIndex:
                 head, batches = _take(batches, max(nlist * 40, 4096))
                 train = np.concatenate([v for _, v in head]) if head else np.zeros((0, dim), np.float32)
             train = np.ascontiguousarray(train, dtype=np.float32)
-            nlist = max(1, min(nlist, int(math.sqrt(max(len(train), 1)))))  # small corpora: fewer lists
+            # small corpora: fewer lists. ivfpq (meant for large ones) allows faiss's own minimum of 39
+            # training vectors per list; ivf keeps its sqrt rule so existing indexes build as before
+            cap = len(train) // 39 if kind == "ivfpq" else int(math.sqrt(max(len(train), 1)))
+            nlist = max(1, min(nlist, cap))
             quantizer = faiss.IndexFlatIP(dim)
             if kind == "ivf":
                 ivf = faiss.IndexIVFFlat(quantizer, dim, nlist, faiss.METRIC_INNER_PRODUCT)
