@@ -229,10 +229,10 @@ def build_index(out_dir: str | Path, documents: Iterable[Document], *,
                 store.drop_embeddings(bad, embedder.cache_key)
             todo = store.hashes_missing_embeddings(gen, embedder.cache_key)
             hash_blocks = [todo[i:i + EMBED_COMMIT_ROWS] for i in range(0, len(todo), EMBED_COMMIT_ROWS)]
-            # a generator: the in-process encoder reads a block, embeds it and commits it before reading the
-            # next, so a rerun after a kill resumes; an encoder may also read all blocks first (Ray)
-            text_blocks = ([passage_text(title, body) for title, body in store.texts_for_hashes(hashes)]
-                           for hashes in hash_blocks)
+            # read lazily: an encoder takes a block's texts, embeds them and hands the vectors back before it
+            # reads far ahead (in-process: one block; Ray: a few in flight), and each block is committed below
+            # before the next is waited for, so a rerun after a kill resumes from the cache
+            text_blocks = _TextBlocks(store, hash_blocks)
             encode = encoder or (lambda emb, blocks: (emb.encode(texts) for texts in blocks))
             dim_seen, embedded = None, 0
             bar = tqdm(total=len(todo), desc="embed", unit="passage", disable=disable)
@@ -326,6 +326,22 @@ def build_index(out_dir: str | Path, documents: Iterable[Document], *,
         deleted_passages=sum(len(r) for r in removed.values()), embedded=len(todo), reembedded=len(bad),
         rolled_back=rolled_back, seconds=seconds, timings=timings, peak_rss_mb=rss,
     )
+
+
+class _TextBlocks:
+    """The texts of each block of content hashes, read from the store only when iterated to; sized, so an
+    encoder knows how many blocks (shards) there are without reading them."""
+
+    def __init__(self, store: DocStore, hash_blocks: list[list[str]]):
+        self.store = store
+        self.hash_blocks = hash_blocks
+
+    def __len__(self) -> int:
+        return len(self.hash_blocks)
+
+    def __iter__(self) -> Iterator[list[str]]:
+        for hashes in self.hash_blocks:
+            yield [passage_text(title, body) for title, body in self.store.texts_for_hashes(hashes)]
 
 
 def _peak_rss_mb() -> float:
