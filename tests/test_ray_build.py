@@ -8,6 +8,7 @@ to be cut into several chunks so that chunk order across actors is exercised.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -110,6 +111,80 @@ def test_ray_update_embeds_only_new_text(builds, ray_cluster):
     again = build_index_on_ray(tmp / "ray", iter_documents([corpus, extra]), progress=False, num_workers=2)
     assert again.generation == 2 and again.embedded == 1 and again.counts["added"] == 1
     assert [h.id for h in Index(tmp / "ray").search("kelp forests", 1, "dense")] == ["new1"]
+
+
+class FailOnce:
+    """Mixed into the embed worker by the resume test: logs every text it embeds (JSON lines in `log`), and
+    while the `marker` file exists raises on the shard holding a passage of the document titled "Long 2"
+    (the corpus's last), as a worker whose shard fails does; removing the marker makes it fail once only."""
+
+    marker: str
+    log: str
+
+    def encode(self, texts):
+        if os.path.exists(self.marker) and any(t.startswith("Long 2. ") for t in texts):
+            os.remove(self.marker)
+            raise RuntimeError("injected shard failure")
+        vectors = super().encode(texts)
+        with open(self.log, "a", encoding="utf-8") as f:
+            f.write("".join(json.dumps(t) + "\n" for t in texts))
+        return vectors
+
+
+def _logged(path: Path) -> list[str]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()] if path.exists() else []
+
+
+@needs_ray
+def test_ray_build_interrupted_half_way_resumes_without_redoing_finished_shards(builds, tmp_path, monkeypatch):
+    import ray.cloudpickle
+
+    from expertrag.errors import ExpertRAGError
+    from expertrag.retrieval import builder
+    from expertrag.retrieval.ray_build import EncodeWorker, build_index_on_ray
+    from expertrag.store.docstore import DocStore
+
+    tmp, corpus, single, _ = builds
+    monkeypatch.setattr(builder, "EMBED_COMMIT_ROWS", 8)  # shards of 8 texts: several in a tiny corpus
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import this module
+    marker = tmp_path / "fail-once"
+    marker.write_text("")
+    out = tmp_path / "idx"
+
+    def worker(log: str) -> type:
+        return type("LoggingEncodeWorker", (FailOnce, EncodeWorker), {"marker": str(marker), "log": log})
+
+    # 1 worker: shards run in order, so every shard before the failing one has come back and been committed
+    with pytest.raises(ExpertRAGError, match=r"embedding shard (\d+) failed on a Ray worker \(.*injected shard "
+                                             r"failure\); the \1 shards before it are saved: run the same command"):
+        build_index_on_ray(out, iter_documents([corpus]), progress=False, num_workers=1,
+                           encode_worker=worker(str(tmp_path / "run1.jsonl")))
+    assert not marker.exists() and not (out / "manifest.json").exists()  # it failed, nothing was committed
+    store = DocStore(out / "store.sqlite")
+    saved = dict(store.conn.execute("SELECT content_hash, vector FROM embeddings").fetchall())
+    saved_texts = {f"{t}. {c}" for t, c in store.conn.execute(
+        "SELECT title, contents FROM passages WHERE content_hash IN (SELECT content_hash FROM embeddings)")}
+    store.close()
+    assert 0 < len(saved) < single.passages and len(saved) % 8 == 0  # whole shards, not all of them
+
+    resumed = build_index_on_ray(out, iter_documents([corpus]), progress=False, num_workers=1,
+                                 encode_worker=worker(str(tmp_path / "run2.jsonl")))
+    sent = _logged(tmp_path / "run2.jsonl")
+    # only the shards that were not committed went to the workers; the saved ones were reused as they were
+    assert resumed.embedded == len(sent) == single.passages - len(saved)
+    assert not saved_texts & set(sent)
+    a, b = Index(tmp / "single"), Index(out)
+    assert all(b.store.conn.execute("SELECT vector FROM embeddings WHERE content_hash = ?", (h,)).fetchone()[0] == v
+               for h, v in saved.items())
+    # and the index is the single-process build's
+    assert a.store.live_ids(a.generation) == b.store.live_ids(b.generation)
+    m = a.manifest
+    va, vb = (np.concatenate([v for _, v in i.store.iter_live_vectors(i.generation, m.embedder, m.embedding_dim)])
+              for i in (a, b))
+    np.testing.assert_allclose(va, vb, atol=1e-5)
+    for q in ("what is the additive identity", "Long 2"):
+        for mode in ("bm25", "dense", "hybrid"):
+            assert [h.id for h in a.search(q, 10, mode)] == [h.id for h in b.search(q, 10, mode)], (q, mode)
 
 
 def test_ray_flag_without_ray_is_one_clear_error(tmp_path):

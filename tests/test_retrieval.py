@@ -184,9 +184,9 @@ def test_query_with_no_known_terms(index):
     assert len(index.search("zzzqqq xxyyzz", 3, "dense")) == 3
 
 
-@pytest.mark.parametrize("kind", ["ivf", "hnsw"])
+@pytest.mark.parametrize("kind", ["ivf", "ivfpq", "hnsw"])
 def test_approximate_dense_indexes(tmp_path, kind):
-    cfg = RetrievalConfig(dense_index=kind, ivf_nlist=4)
+    cfg = RetrievalConfig(dense_index=kind, ivf_nlist=4, ivf_pq_m=8)
     build_index(tmp_path / "i", docs(), retrieval=cfg, progress=False)
     idx = Index(tmp_path / "i", cfg)
     assert idx.manifest.dense_index == kind

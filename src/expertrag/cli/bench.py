@@ -76,6 +76,44 @@ def bench_build_memory(
     _emit(flat, False)
 
 
+@bench_app.command("scale")
+def bench_scale(
+    data: Path = typer.Option(..., "--data", help="shared data folder: corpora/ (wiki_vital, retrievalqa_passages) "
+                                                  "and questions/nq_open_dev.jsonl"),
+    sizes: str = typer.Option("100000,300000,1000000", "--sizes", help="comma-separated passage counts, one "
+                                                                        "fresh build each"),
+    work: Path = typer.Option(Path("/tmp/expertrag-scale"), "--work", help="folder for the derived corpora and "
+                                                                           "indexes (GBs at 1M passages)"),
+    real_period: int = typer.Option(500, "--real-period", help="about 1 passage in N gets the real embedder, the "
+                                                                "rest the hashed random-projection stand-in"),
+    queries: int = typer.Option(300, "--queries", help="questions timed per search mode"),
+    threads: int = typer.Option(1, help="torch/OMP threads of each child process"),
+    timeout_s: float = typer.Option(3600, "--timeout-s", help="limit per build (and per search run), seconds"),
+    keep: bool = typer.Option(False, "--keep", help="keep each index after its search timing"),
+    as_json: bool = typer.Option(False, "--json", help="print the result as JSON on the last line"),
+) -> None:
+    """Build time, disk size, peak RSS and search latency (BM25, IVF-PQ, hybrid) at 100k-1M derived passages."""
+    from expertrag.bench.scale import parse_sizes, run
+
+    result = run(data, parse_sizes(sizes), work=work, threads=threads, real_period=real_period, queries=queries,
+                 timeout_s=timeout_s, keep=keep, progress=True)
+    if as_json:
+        print(json.dumps(result))
+        return
+    flat: dict = {"threads": result["threads"], "real_period": result["real_period"]}
+    for row in result["sizes"]:
+        n = row["passages_requested"]
+        if "error" in row:
+            flat[f"{n}_error"] = row["error"]
+            continue
+        flat.update({f"{n}_build_s": row["build_wall_s"], f"{n}_peak_rss_mb": row["build_peak_rss_mb"],
+                     f"{n}_disk_mb": row["disk_mb"]["total"]})
+        for mode in ("bm25", "dense", "hybrid"):
+            flat[f"{n}_{mode}_p50_ms"] = row["search"][mode]["p50_ms"]
+            flat[f"{n}_{mode}_p99_ms"] = row["search"][mode]["p99_ms"]
+    _emit(flat, False)
+
+
 @bench_app.command("embed")
 def bench_embed(
     data: Path | None = typer.Option(None, help="shared data folder (corpora/, questions/); default: the packaged wiki corpus, no recall"),

@@ -16,16 +16,21 @@ the driver writes, once per batch. Ray is imported only inside these functions, 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from expertrag.data.types import Question
-from expertrag.errors import ExpertRAGError, InputError
+from expertrag.errors import InputError
 from expertrag.gate.labels import LabelRecord
 
-WORKER_RESTARTS = 2  # a worker that dies is restarted (and its batch retried) this many times, then the run fails
-IN_FLIGHT_PER_WORKER = 2  # one batch running, one queued: an actor never waits on the driver between batches
+# the ordered fan-out lives with the index build (the lowest layer that uses it); eval --ray imports it from here
+from expertrag.retrieval.ray_build import (  # noqa: F401
+    IN_FLIGHT_PER_WORKER,
+    WORKER_RESTARTS,
+    ordered_results,
+    start_workers,
+)
 
 
 def check_workers(num_workers: int | None, threads_per_worker: int = 1) -> None:
@@ -50,57 +55,6 @@ class LabelWorker:
         from expertrag.pipeline.labeling import label_batch
 
         return label_batch(self.rag, questions)
-
-
-def _unwrap(e: Exception) -> Exception:
-    """A user error raised inside a worker, as itself (Ray wraps it with the remote traceback)."""
-    cause = getattr(e, "cause", None)
-    return cause if isinstance(cause, ExpertRAGError) else e
-
-
-def ordered_results(actors: Sequence[Any], method: str, jobs: Sequence[Any]) -> Iterator[Any]:
-    """Yield `getattr(actor, method).remote(job)` for every job, in job order, whichever actor did it:
-    free actors take the next job (load balance across uneven batches), finished results wait in a buffer
-    until all before them are out. A worker that died more often than its restarts allow ends the run."""
-    import ray
-    from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError, RayTaskError
-
-    pending: dict[Any, tuple[int, Any]] = {}  # ref -> (job number, actor)
-    done: dict[int, Any] = {}
-    idle = [a for a in actors for _ in range(IN_FLIGHT_PER_WORKER)]
-    next_job, next_out = 0, 0
-    while next_out < len(jobs):
-        while idle and next_job < len(jobs):
-            actor = idle.pop(0)
-            pending[getattr(actor, method).remote(jobs[next_job])] = (next_job, actor)
-            next_job += 1
-        ready, _ = ray.wait(list(pending), num_returns=1)
-        ref = ready[0]
-        number, actor = pending.pop(ref)
-        try:
-            done[number] = ray.get(ref)
-        except RayTaskError as e:
-            err = _unwrap(e)
-            if err is not e:
-                raise err from None
-            raise
-        except (ActorDiedError, ActorUnavailableError, RayActorError) as e:
-            if getattr(e, "actor_init_failed", False):  # its constructor raised: not retried, Ray keeps the text only
-                lines = [x.strip() for x in str(e).splitlines() if x.strip()]
-                raise ExpertRAGError(f"a Ray worker could not start: {lines[-1] if lines else e}") from None
-            raise ExpertRAGError(f"a Ray worker died more than {WORKER_RESTARTS} times (last on job {number}); "
-                                 f"results before it are kept: {str(e).splitlines()[0]}") from None
-        idle.append(actor)
-        while next_out in done:
-            yield done.pop(next_out)
-            next_out += 1
-
-
-def start_workers(cls: type, n: int, threads: int, *args: Any) -> list[Any]:
-    import ray
-
-    remote = ray.remote(num_cpus=threads, max_restarts=WORKER_RESTARTS, max_task_retries=WORKER_RESTARTS)(cls)
-    return [remote.remote(*args) for _ in range(n)]
 
 
 def label_on_ray(index_dir: str | Path, settings: Any, questions: Sequence[Question], out: Path, *,

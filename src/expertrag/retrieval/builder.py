@@ -17,6 +17,7 @@ FAISS sees them; a bad one is re-embedded and counted in `BuildReport.reembedded
 
 from __future__ import annotations
 
+import collections
 import fcntl
 import functools
 import itertools
@@ -227,16 +228,17 @@ def build_index(out_dir: str | Path, documents: Iterable[Document], *,
             bad = store.bad_embeddings(gen, embedder.cache_key, previous.embedding_dim if previous else None)
             if bad:
                 store.drop_embeddings(bad, embedder.cache_key)
-            todo = store.hashes_missing_embeddings(gen, embedder.cache_key)
-            hash_blocks = [todo[i:i + EMBED_COMMIT_ROWS] for i in range(0, len(todo), EMBED_COMMIT_ROWS)]
-            # a generator: the in-process encoder reads a block, embeds it and commits it before reading the
-            # next, so a rerun after a kill resumes; an encoder may also read all blocks first (Ray)
-            text_blocks = ([passage_text(title, body) for title, body in store.texts_for_hashes(hashes)]
-                           for hashes in hash_blocks)
+            n_todo = store.count_missing_embeddings(gen, embedder.cache_key)
+            # read lazily, page by page (no list of every hash: at 1M passages that alone was ~120 MB): an
+            # encoder takes a block's texts, embeds them and hands the vectors back before it reads far ahead
+            # (in-process: one block; Ray: a few in flight), and each block is committed below before the
+            # next is waited for, so a rerun after a kill resumes from the cache
+            text_blocks = _TodoBlocks(store, gen, embedder.cache_key, EMBED_COMMIT_ROWS, n_todo)
             encode = encoder or (lambda emb, blocks: (emb.encode(texts) for texts in blocks))
             dim_seen, embedded = None, 0
-            bar = tqdm(total=len(todo), desc="embed", unit="passage", disable=disable)
-            for hashes, vectors in zip(hash_blocks, encode(embedder, text_blocks), strict=True):
+            bar = tqdm(total=n_todo, desc="embed", unit="passage", disable=disable)
+            for vectors in encode(embedder, text_blocks):
+                hashes = text_blocks.pop_read()
                 if len(vectors) != len(hashes):
                     raise ExpertRAGError(f"{out}: internal mismatch: {len(hashes)} texts, {len(vectors)} vectors")
                 store.put_embeddings(hashes, vectors, embedder.cache_key)
@@ -244,9 +246,11 @@ def build_index(out_dir: str | Path, documents: Iterable[Document], *,
                 bar.update(len(hashes))
                 embedded += len(hashes)
                 if on_progress is not None:
-                    on_progress("embed", embedded, len(todo))
+                    on_progress("embed", embedded, n_todo)
+            if text_blocks.unanswered() or embedded != n_todo:
+                raise ExpertRAGError(f"{out}: internal mismatch: {n_todo} texts to embed, {embedded} vectors")
             bar.close()
-            if todo:
+            if n_todo:
                 embedder.release_memory()
             timings["embed_s"] = time.perf_counter() - t
             rss["embed"] = _peak_rss_mb()
@@ -274,10 +278,16 @@ def build_index(out_dir: str | Path, documents: Iterable[Document], *,
 
             t = time.perf_counter()
             n_live = store.count_live(gen)
+            train = None
+            if retrieval.dense_index in ("ivf", "ivfpq"):
+                # a sample over the whole corpus, bounded by ivf_train_size, read before the vectors stream in
+                train = store.sample_live_vectors(gen, embedder.cache_key, dim, retrieval.ivf_train_size)
             dense = DenseIndex.build(
                 store.iter_live_vectors(gen, embedder.cache_key, dim), dim, retrieval.dense_index,
-                nlist=retrieval.ivf_nlist, hnsw_m=retrieval.hnsw_m, total=n_live,
+                nlist=retrieval.ivf_nlist, hnsw_m=retrieval.hnsw_m, total=n_live, pq_m=retrieval.ivf_pq_m,
+                train=train,
             )
+            del train
             if len(dense) != n_live or n_bm25 != n_live:
                 raise ExpertRAGError(
                     f"{out}: internal mismatch: {n_live} passages, {n_bm25} in BM25, {len(dense)} vectors"
@@ -317,9 +327,60 @@ def build_index(out_dir: str | Path, documents: Iterable[Document], *,
         index_dir=str(out), generation=gen, passages=n_live, documents=documents_live, counts=counts.as_dict(),
         deleted=len(removed) - len(missing), missing_deletes=missing,
         removed_by_id={i: [pid for pid, _ in r] for i, r in removed.items()},
-        deleted_passages=sum(len(r) for r in removed.values()), embedded=len(todo), reembedded=len(bad),
+        deleted_passages=sum(len(r) for r in removed.values()), embedded=embedded, reembedded=len(bad),
         rolled_back=rolled_back, seconds=seconds, timings=timings, peak_rss_mb=rss,
     )
+
+
+class _TodoBlocks:
+    """Blocks of `rows` distinct texts still without a cached vector, read from the store page by page
+    only when iterated to (an encoder that reads ahead holds a few blocks, never the whole todo list).
+    Sized (how many blocks), so an encoder knows the number of shards without reading them. The builder
+    takes each block's hashes back with `pop_read` in the order the blocks were read. A hash already in a
+    block read but not yet committed is not read again (a text shared by several passages is embedded once)."""
+
+    def __init__(self, store: DocStore, gen: int, model: str, rows: int, total: int):
+        self.store, self.gen, self.model, self.rows, self.total = store, gen, model, rows, total
+        self._read: collections.deque[list[str]] = collections.deque()
+        self._in_flight: set[str] = set()
+
+    def __len__(self) -> int:
+        return -(-self.total // self.rows)
+
+    def __iter__(self) -> Iterator[list[str]]:
+        after, hashes, texts = 0, [], []
+        while True:
+            page = self.store.missing_embeddings_page(self.gen, self.model, after, self.rows)
+            # a hash of this page may be committed (and leave the in-flight set) before the page is done
+            seen: set[str] = set()
+            for rowid, h, title, body in page:
+                after = rowid
+                if h in self._in_flight or h in seen:
+                    continue
+                seen.add(h)
+                self._in_flight.add(h)
+                hashes.append(h)
+                texts.append(passage_text(title, body))
+                if len(hashes) == self.rows:
+                    self._read.append(hashes)
+                    yield texts
+                    hashes, texts = [], []
+            if len(page) < self.rows:
+                break
+        if hashes:
+            self._read.append(hashes)
+            yield texts
+
+    def pop_read(self) -> list[str]:
+        """The hashes of the oldest block handed out and not yet taken back (now committed by the caller)."""
+        if not self._read:
+            raise ExpertRAGError("internal mismatch: the encoder gave more blocks than it was given")
+        hashes = self._read.popleft()
+        self._in_flight.difference_update(hashes)
+        return hashes
+
+    def unanswered(self) -> int:
+        return len(self._read)
 
 
 def _peak_rss_mb() -> float:

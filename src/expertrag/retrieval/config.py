@@ -15,8 +15,12 @@ class RetrievalConfig(BaseModel):
     # index's backend; for a new index it is openvino, else onnx-int8, else torch, as installed (embedder.py)
     embed_backend: Literal["auto", "torch", "onnx", "onnx-int8", "openvino"] = Field(
         "torch", description="embedding runtime: torch, onnx (fp32), onnx-int8, openvino, or auto (see resolve_backend)")
-    dense_index: Literal["flat", "ivf", "hnsw"] = "flat"
+    dense_index: Literal["flat", "ivf", "ivfpq", "hnsw"] = "flat"
     ivf_nlist: int = Field(256, gt=0)
+    # ivfpq: bytes per vector (sub-quantisers of 8 bits); must divide the embedding width (384: 8..384)
+    ivf_pq_m: int = Field(48, gt=0)
+    # ivf/ivfpq are trained on this many vectors spread evenly over the corpus (by rowid), not on the first
+    ivf_train_size: int = Field(65536, gt=0)
     ivf_nprobe: int = Field(16, gt=0)
     hnsw_m: int = Field(32, gt=0)
     hnsw_ef_search: int = Field(64, gt=0)

@@ -1,7 +1,9 @@
 """Dense retrieval: normalised embeddings in FAISS, ids = store rowids.
 
-flat (exact inner product) by default; ivf and hnsw for large corpora. Vectors arrive in batches from the
-store, so building never holds more than the index itself plus one batch.
+flat (exact inner product) by default; ivf and hnsw for large corpora; ivfpq (IVF with product-quantised
+codes: `pq_m` bytes a vector instead of 4 x dim) where the vectors themselves no longer fit in memory.
+Vectors arrive in batches from the store, so building never holds more than the index itself plus one
+batch (and, for ivf/ivfpq, the training sample).
 """
 
 from __future__ import annotations
@@ -26,25 +28,41 @@ class DenseIndex:
     @classmethod
     def build(cls, batches: Iterable[tuple[np.ndarray, np.ndarray]], dim: int, kind: str = "flat", *,
               nlist: int = 256, nprobe: int = 16, hnsw_m: int = 32, ef_search: int = 64,
-              total: int | None = None) -> DenseIndex:
+              total: int | None = None, pq_m: int = 48, train: np.ndarray | None = None) -> DenseIndex:
+        """train: for ivf/ivfpq, the vectors to train on (a sample spread over the corpus); without it
+        the first batches are the sample, which for a corpus read in file order is its first documents."""
         batches = iter(batches)
         if kind == "flat":
             index = faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
         elif kind == "hnsw":
             index = faiss.IndexIDMap2(faiss.IndexHNSWFlat(dim, hnsw_m, faiss.METRIC_INNER_PRODUCT))
-        elif kind == "ivf":
-            # IVF must be trained before anything is added: train on the first batches, then add them.
-            head, batches = _take(batches, max(nlist * 40, 4096))
-            train = np.concatenate([v for _, v in head]) if head else np.zeros((0, dim), np.float32)
-            nlist = max(1, min(nlist, int(math.sqrt(max(len(train), 1)))))  # small corpora: fewer lists
+        elif kind in ("ivf", "ivfpq"):
+            # IVF must be trained before anything is added: on the given sample, else on the first batches
+            head: list = []
+            if train is None:
+                head, batches = _take(batches, max(nlist * 40, 4096))
+                train = np.concatenate([v for _, v in head]) if head else np.zeros((0, dim), np.float32)
+            train = np.ascontiguousarray(train, dtype=np.float32)
+            # small corpora: fewer lists. ivfpq (meant for large ones) allows faiss's own minimum of 39
+            # training vectors per list; ivf keeps its sqrt rule so existing indexes build as before
+            cap = len(train) // 39 if kind == "ivfpq" else int(math.sqrt(max(len(train), 1)))
+            nlist = max(1, min(nlist, cap))
             quantizer = faiss.IndexFlatIP(dim)
-            ivf = faiss.IndexIVFFlat(quantizer, dim, nlist, faiss.METRIC_INNER_PRODUCT)
+            if kind == "ivf":
+                ivf = faiss.IndexIVFFlat(quantizer, dim, nlist, faiss.METRIC_INNER_PRODUCT)
+            else:
+                if dim % pq_m:
+                    raise ValueError(f"retrieval.ivf_pq_m={pq_m} must divide the embedding width {dim}")
+                # 8-bit codes need 256 training vectors per sub-quantiser centroid set; below that (a tiny
+                # corpus) fewer bits, so a small index still builds
+                nbits = 8 if len(train) >= 256 * 39 else max(1, min(8, int(math.log2(max(len(train), 2) / 39))))
+                ivf = faiss.IndexIVFPQ(quantizer, dim, nlist, pq_m, nbits, faiss.METRIC_INNER_PRODUCT)
             if len(train):
                 ivf.train(train)
             index = faiss.IndexIDMap2(ivf)
             batches = _chain(head, batches)
         else:
-            raise ValueError(f"unknown dense index kind {kind!r} (flat, ivf, hnsw)")
+            raise ValueError(f"unknown dense index kind {kind!r} (flat, ivf, ivfpq, hnsw)")
         for ids, vectors in batches:
             index.add_with_ids(np.ascontiguousarray(vectors, dtype=np.float32), ids.astype(np.int64))
         return cls(index, kind, nprobe=nprobe, ef_search=ef_search)
@@ -69,7 +87,7 @@ class DenseIndex:
 
     def _params(self, allowed: np.ndarray | None):
         sel = faiss.IDSelectorBatch(allowed.astype(np.int64)) if allowed is not None else None
-        if self.kind == "ivf":
+        if self.kind in ("ivf", "ivfpq"):
             return faiss.SearchParametersIVF(sel=sel, nprobe=self.nprobe)
         if self.kind == "hnsw":
             return faiss.SearchParametersHNSW(sel=sel, efSearch=self.ef_search)

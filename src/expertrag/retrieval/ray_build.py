@@ -1,27 +1,39 @@
-"""Index builds with chunking and embedding on Ray Data (`expertrag index --ray`, issue 17).
+"""Index builds with chunking and embedding on Ray (`expertrag index --ray`, issue 17).
 
-Only the two expensive, embarrassingly parallel steps leave the driver: chunking (documents -> passages)
-and embedding (passage texts -> vectors), each a `map_batches` over a callable class, so every actor loads
-its tokenizer or embedder once and works on whole batches. Everything else is `build_index`'s own code,
-plugged in through its `chunker` and `encoder` parameters: reading and validating the corpus (the same
-readers, so skip/strict/duplicate-id rules are unchanged), the store upsert, the embedding cache (only
-passages without a cached vector are sent to Ray, so incremental updates work as before), BM25 with
-corpus-wide statistics, FAISS, the manifest and the atomic commit. Results are gathered by row number, so
-the order never depends on which actor finished first.
+Only the two expensive, embarrassingly parallel steps leave the driver: chunking (documents -> passages,
+a Ray Data `map_batches` over a callable class, so every actor loads its tokenizer once) and embedding
+(passage texts -> vectors, on a pool of embedder actors, each loaded once). Everything else is
+`build_index`'s own code, plugged in through its `chunker` and `encoder` parameters: reading and validating
+the corpus (the same readers, so skip/strict/duplicate-id rules are unchanged), the store upsert, the
+embedding cache (only passages without a cached vector are sent to Ray, so incremental updates work as
+before), BM25 with corpus-wide statistics, FAISS, the manifest and the atomic commit. Results are put back
+in input order, so the order never depends on which actor finished first.
 
-What this part does not do yet: a build killed during the Ray embedding step loses that step's vectors
-(they are committed to the store only once all have come back), and the documents and todo texts are held
-in the driver's memory while Ray works on them.
+Resuming: the embedding step works in shards, the builder's commit blocks (`EMBED_COMMIT_ROWS` texts each).
+The driver reads a shard's texts from the store only when an actor is free for it (at most
+`IN_FLIGHT_PER_WORKER` shards per actor are out), and the builder commits each shard's vectors into the
+store's embedding cache as soon as it and every shard before it have come back, before more are waited
+for. A build that dies (a shard that fails, the driver killed, the cluster gone) leaves those shards in the
+cache; the rerun's cache lookup finds them, so only the shards that were not committed are embedded again,
+exactly as the single-process build resumes. What a kill loses is the shards in flight (at most
+`IN_FLIGHT_PER_WORKER` x workers). A worker process that dies is restarted and its shard sent again
+(`WORKER_RESTARTS` times). (An earlier design streamed the texts through one Ray Data pipeline read with
+`iter_batches(preserve_order)`; it hung, and a dataset cannot hand back a shard before the ones before it.)
+
+What this part does not do: chunking is not resumable (as without Ray, a rerun chunks and upserts again,
+which is cheap next to embedding), and the chunked documents are held in the driver while Ray chunks them.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
 import json
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -31,8 +43,9 @@ from expertrag.errors import ExpertRAGError, InputError
 from expertrag.retrieval.config import RetrievalConfig
 
 INSTALL_HINT = "pip install -e '.[ray]'"
-ENCODE_ROWS_PER_CALL = 256  # texts per actor call; the embedder batches them again by its own batch size
 CHUNK_DOCS_PER_CALL = 256
+WORKER_RESTARTS = 2  # a worker that dies is restarted (and its job retried) this many times, then the run fails
+IN_FLIGHT_PER_WORKER = 2  # one job running, one queued: an actor never waits on the driver between jobs
 
 
 def ray_available() -> bool:
@@ -117,8 +130,9 @@ class _ChunkActor:
                 "passage": np.asarray(out, dtype=object)}
 
 
-class _EncodeActor:
-    """One embedder per actor, loaded once, with `threads` intra-op threads (a worker owns its CPUs)."""
+class EncodeWorker:
+    """One embedder per actor, loaded once, with `threads` intra-op threads (a worker owns its CPUs).
+    `encode(texts)` embeds one shard. A subclass may add behaviour (the resume test's failing shard)."""
 
     def __init__(self, name: str, batch_size: int, backend: str, threads: int):
         import torch
@@ -127,18 +141,81 @@ class _EncodeActor:
 
         torch.set_num_threads(threads)
         self.embedder = Embedder(name, batch_size, backend)
-        self.embedder.encode(["warm-up"])  # load now, not inside the first batch's timing
+        self.embedder.encode(["warm-up"])  # load now, not inside the first shard's timing
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        vectors = self.embedder.encode([str(t) for t in batch["text"]])
-        return {"i": batch["i"], "vector": vectors}
+    def encode(self, texts: list[str]) -> np.ndarray:
+        return self.embedder.encode(texts)
+
+
+def _unwrap(e: Exception) -> Exception:
+    """A user error raised inside a worker, as itself (Ray wraps it with the remote traceback)."""
+    cause = getattr(e, "cause", None)
+    return cause if isinstance(cause, ExpertRAGError) else e
+
+
+def start_workers(cls: type, n: int, threads: int, *args: Any) -> list[Any]:
+    import ray
+
+    remote = ray.remote(num_cpus=threads, max_restarts=WORKER_RESTARTS, max_task_retries=WORKER_RESTARTS)(cls)
+    return [remote.remote(*args) for _ in range(n)]
+
+
+def ordered_results(actors: Sequence[Any], method: str, jobs: Iterable[Any]) -> Iterator[Any]:
+    """Yield `getattr(actor, method).remote(job)` for every job, in job order, whichever actor did it:
+    free actors take the next job (load balance across uneven jobs), finished results wait in a buffer
+    until all before them are out. Jobs are taken from `jobs` only when an actor is free for them, so a
+    lazy iterable is read as the work goes (at most IN_FLIGHT_PER_WORKER jobs per actor are out), and a
+    result is yielded before the next one is waited for: the caller can commit it first. A worker that
+    died more often than its restarts allow ends the run."""
+    import ray
+    from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError, RayTaskError
+
+    jobs = iter(jobs)
+    pending: dict[Any, tuple[int, Any]] = {}  # ref -> (job number, actor)
+    done: dict[int, Any] = {}
+    idle = [a for a in actors for _ in range(IN_FLIGHT_PER_WORKER)]
+    next_job, next_out, exhausted = 0, 0, False
+    while True:
+        while idle and not exhausted:
+            job = next(jobs, _END)
+            if job is _END:
+                exhausted = True
+                break
+            actor = idle.pop(0)
+            pending[getattr(actor, method).remote(job)] = (next_job, actor)
+            next_job += 1
+        if not pending:
+            return
+        ready, _ = ray.wait(list(pending), num_returns=1)
+        ref = ready[0]
+        number, actor = pending.pop(ref)
+        try:
+            done[number] = ray.get(ref)
+        except RayTaskError as e:
+            err = _unwrap(e)
+            if err is not e:
+                raise err from None
+            raise
+        except (ActorDiedError, ActorUnavailableError, RayActorError) as e:
+            if getattr(e, "actor_init_failed", False):  # its constructor raised: not retried, Ray keeps the text only
+                lines = [x.strip() for x in str(e).splitlines() if x.strip()]
+                raise ExpertRAGError(f"a Ray worker could not start: {lines[-1] if lines else e}") from None
+            raise ExpertRAGError(f"a Ray worker died more than {WORKER_RESTARTS} times (last on job {number}); "
+                                 f"results before it are kept: {str(e).splitlines()[0]}") from None
+        idle.append(actor)
+        while next_out in done:
+            yield done.pop(next_out)
+            next_out += 1
+
+
+_END = object()
 
 
 class RayBuild:
     """The `chunker` and `encoder` for `build_index`, running on the current Ray session."""
 
     def __init__(self, retrieval: RetrievalConfig, chunking: ChunkingConfig, num_workers: int = 2,
-                 threads_per_worker: int = 1):
+                 threads_per_worker: int = 1, encode_worker: type = EncodeWorker):
         if num_workers < 1:
             raise InputError(f"--num-workers must be at least 1, got {num_workers}")
         if threads_per_worker < 1:
@@ -147,6 +224,7 @@ class RayBuild:
         self.chunking = chunking
         self.num_workers = num_workers
         self.threads = threads_per_worker
+        self.encode_worker = encode_worker
 
     def _blocks(self, n_rows: int, rows_per_call: int) -> int:
         # enough blocks that every worker gets several (load balance), never an empty one
@@ -174,49 +252,49 @@ class RayBuild:
         return (_passage_from_json(str(p)) for _, _, p in gathered)
 
     def encoder(self, embedder, blocks: Iterable[list[str]]) -> Iterator[np.ndarray]:
-        import ray.data
+        """One shard per block, in block order, as each comes back (see the module docstring: the builder
+        commits each before the next is waited for, which is what makes a rerun resume)."""
+        from ray.exceptions import RayTaskError
 
-        blocks = list(blocks)
-        texts = [t for block in blocks for t in block]
-        if not texts:
-            return iter([np.zeros((0, 0), dtype=np.float32) for _ in blocks])
-        n_blocks = self._blocks(len(texts), ENCODE_ROWS_PER_CALL)
-        ds = ray.data.from_items([{"i": i, "text": t} for i, t in enumerate(texts)], override_num_blocks=n_blocks)
+        # the builder's blocks know their number (they are read lazily); no more actors than shards: an
+        # actor without work would still load its embedder
+        n = max(1, min(self.num_workers, len(blocks))) if hasattr(blocks, "__len__") else self.num_workers
+        blocks = iter(blocks)
+        first = next(blocks, None)
+        if first is None:
+            return
         # the builder's embedder: its backend is already resolved against an existing index's vectors
-        ds = ds.map_batches(
-            _EncodeActor, fn_constructor_kwargs={"name": embedder.name, "batch_size": embedder.batch_size,
-                                                 "backend": embedder.backend, "threads": self.threads},
-            batch_size=ENCODE_ROWS_PER_CALL, batch_format="numpy", concurrency=min(self.num_workers, n_blocks),
-            num_cpus=self.threads,
-        )
-        vectors: np.ndarray | None = None
-        seen = np.zeros(len(texts), dtype=bool)
-        for batch in ds.iter_batches(batch_format="numpy", batch_size=None):
-            v = np.asarray(batch["vector"], dtype=np.float32)
-            if vectors is None:
-                vectors = np.empty((len(texts), v.shape[1]), dtype=np.float32)
-            vectors[batch["i"]] = v
-            seen[batch["i"]] = True
-        if vectors is None or not seen.all():
-            raise ExpertRAGError(f"Ray embedding returned {int(seen.sum())} of {len(texts)} vectors")
-        out, start = [], 0
-        for block in blocks:
-            out.append(vectors[start:start + len(block)])
-            start += len(block)
-        return iter(out)
+        actors = start_workers(self.encode_worker, n, self.threads, embedder.name, embedder.batch_size,
+                               embedder.backend, self.threads)
+        shard = 0
+        try:
+            for vectors in ordered_results(actors, "encode", itertools.chain([first], blocks)):
+                yield np.asarray(vectors, dtype=np.float32)
+                shard += 1
+        except RayTaskError as e:  # a Python error in a worker (not a user error): one line, not Ray's traceback
+            lines = [x.strip() for x in str(e).splitlines() if x.strip()]
+            raise ExpertRAGError(f"embedding shard {shard} failed on a Ray worker ({lines[-1] if lines else e}); "
+                                 f"the {shard} shards before it are saved: run the same command again to "
+                                 "resume") from None
+        finally:
+            import ray
+
+            for a in actors:
+                ray.kill(a)
 
 
 def build_index_on_ray(out_dir: str | Path, documents: Iterable[Document], *,
                        retrieval: RetrievalConfig | None = None, chunking: ChunkingConfig | None = None,
                        sources=(), progress: bool | None = None, address: str | None = None,
-                       num_workers: int = 2, threads_per_worker: int = 1):
+                       num_workers: int = 2, threads_per_worker: int = 1, encode_worker: type = EncodeWorker):
     """`build_index` with chunking and embedding on Ray: same index directory, same passages and vectors.
-    Without `address` a local cluster of num_workers * threads_per_worker CPUs is started and stopped."""
+    Without `address` a local cluster of num_workers * threads_per_worker CPUs is started and stopped.
+    A build that stops half way (a failing shard, a kill) resumes on the next run: see the module docstring."""
     from expertrag.retrieval.builder import build_index
 
     retrieval = retrieval or RetrievalConfig()
     chunking = chunking or ChunkingConfig()
-    plan = RayBuild(retrieval, chunking, num_workers, threads_per_worker)
+    plan = RayBuild(retrieval, chunking, num_workers, threads_per_worker, encode_worker)
     with ray_session(address, num_cpus=num_workers * threads_per_worker):
         return build_index(out_dir, documents, retrieval=retrieval, chunking=chunking, sources=sources,
                            progress=progress, chunker=plan.chunker, encoder=plan.encoder)

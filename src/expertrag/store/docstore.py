@@ -310,6 +310,25 @@ class DocStore:
         ).fetchall()
         return [r[0] for r in rows]
 
+    def count_missing_embeddings(self, gen: int, model: str) -> int:
+        """How many distinct texts of generation `gen` have no cached vector for `model`."""
+        return self.conn.execute(
+            f"SELECT COUNT(DISTINCT p.content_hash) FROM passages p WHERE {_live('p')} AND NOT EXISTS "
+            "(SELECT 1 FROM embeddings e WHERE e.content_hash = p.content_hash AND e.model = :model)",
+            {"gen": gen, "model": model},
+        ).fetchone()[0]
+
+    def missing_embeddings_page(self, gen: int, model: str, after: int, limit: int
+                                ) -> list[tuple[int, str, str, str]]:
+        """(rowid, content hash, title, contents) of up to `limit` live rows after rowid `after` whose text
+        has no cached vector, by rowid: the embed step pages through these instead of holding every hash."""
+        return self.conn.execute(
+            f"SELECT p.rowid, p.content_hash, p.title, p.contents FROM passages p WHERE {_live('p')} "
+            "AND p.rowid > :after AND NOT EXISTS (SELECT 1 FROM embeddings e WHERE "
+            "e.content_hash = p.content_hash AND e.model = :model) ORDER BY p.rowid LIMIT :limit",
+            {"gen": gen, "model": model, "after": after, "limit": limit},
+        ).fetchall()
+
     def texts_for_hashes(self, hashes: Sequence[str]) -> list[tuple[str, str]]:
         """(title, contents) for each content hash, in order."""
         marks = ",".join("?" * len(hashes))
@@ -372,6 +391,20 @@ class DocStore:
             ids = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
             vecs = np.frombuffer(b"".join(r[1] for r in rows), dtype=np.float32).reshape(len(rows), dim)
             yield ids, vecs
+
+    def sample_live_vectors(self, gen: int, model: str, dim: int, n: int) -> np.ndarray:
+        """About `n` live vectors spread evenly over the corpus (every k-th rowid), for training IVF/PQ:
+        the first rows of a corpus read in file order are its first documents, not a sample of it.
+        Only the chosen rows' vectors are read."""
+        total = self.count_live(gen)
+        step = max(1, -(-total // max(n, 1)))
+        cur = self.conn.execute(
+            f"SELECT e.vector FROM passages p JOIN embeddings e ON e.content_hash = p.content_hash "
+            f"AND e.model = :model WHERE {_live('p')} AND p.rowid % :step = 0 ORDER BY p.rowid LIMIT :n",
+            {"gen": gen, "model": model, "step": step, "n": n},
+        )
+        blob = b"".join(r[0] for r in cur)
+        return np.frombuffer(blob, dtype=np.float32).reshape(-1, dim)
 
     # ---- reading -------------------------------------------------------------------------------
     def count_live(self, gen: int) -> int:
