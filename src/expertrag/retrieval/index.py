@@ -22,7 +22,12 @@ from expertrag.errors import IndexFormatError, InputError
 from expertrag.retrieval.bm25 import BM25Index
 from expertrag.retrieval.config import RetrievalConfig
 from expertrag.retrieval.dense import DenseIndex
-from expertrag.retrieval.embedder import Embedder, check_backend_compatible, check_embedder_identity, query_backend
+from expertrag.retrieval.embedder import (
+    Embedder,
+    check_backend_compatible,
+    check_embedder_identity,
+    query_backend,
+)
 from expertrag.retrieval.rrf import reciprocal_rank_fusion
 from expertrag.retrieval.types import MODES, PUBLIC, Filters, Hit
 from expertrag.store.docstore import DocStore, StoredPassage
