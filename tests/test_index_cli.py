@@ -172,8 +172,10 @@ def test_killed_build_leaves_previous_index_usable_and_rerun_completes(built, tm
 def test_recall_command(built):
     tmp, out, _ = built
     qfile = write_jsonl(tmp / "rq.jsonl", [
-        {"id": "a", "question": "what pulls the tides?", "golden_answers": ["the Moon"]},
-        {"id": "b", "question": "icy body passing the sun", "golden_answers": ["gas"]},
+        {"id": "a", "question": "what pulls the tides?", "golden_answers": ["the Moon"],
+         "metadata": {"gold_passage_ids": ["d2"]}},
+        {"id": "b", "question": "icy body passing the sun", "golden_answers": ["gas"],
+         "metadata": {"gold_passage_ids": ["d3", "d1"]}},  # d1 is not about comets: at most half found at 1
         {"id": "c", "question": "no gold here"},
     ])
     proc = run_cli("recall", "--index", str(out), "--dataset", str(qfile), "--k", "1,3", "--modes", "bm25,hybrid",
@@ -182,5 +184,9 @@ def test_recall_command(built):
     assert result["questions"] == 2 and result["skipped_without_answers"] == 1
     assert result["modes"]["hybrid"]["recall@3"] == 1.0
     assert 0.0 <= result["modes"]["bm25"]["recall@1"] <= result["modes"]["bm25"]["recall@3"]
+    # gold-passage recall: the share of each question's gold records among its top k, matched by doc id
+    assert result["questions_with_gold_passages"] == 2
+    assert result["modes"]["hybrid"]["gold_recall@3"] == 1.0  # all 3 passages of the index are in the top 3
+    assert result["modes"]["hybrid"]["gold_recall@1"] <= 0.75  # question b can have at most one of its two
     bad = run_cli("recall", "--index", str(out), "--dataset", str(qfile), "--modes", "fuzzy", check=False)
     assert bad.returncode == 2 and "unknown mode" in bad.stderr

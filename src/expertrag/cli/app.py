@@ -31,5 +31,6 @@ from expertrag.cli import (  # noqa: E402,F401
     serve,
     train,
     train_lm,
+    train_retriever,
     train_router,
 )

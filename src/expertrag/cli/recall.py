@@ -22,7 +22,8 @@ def recall_cmd(
     config_path: Path | None = typer.Option(None, "--config", help="YAML config"),
     as_json: bool = typer.Option(False, "--json", help="print the result as JSON on the last line"),
 ) -> None:
-    """Answer-recall@k (a gold answer in a top-k passage, SQuAD-normalised) for each search mode."""
+    """Answer-recall@k (a gold answer in a top-k passage, SQuAD-normalised) for each search mode, and
+    gold-passage recall@k (share of `metadata.gold_passage_ids` among the top k) where questions name them."""
     from expertrag.data.questions import load_questions
     from expertrag.eval.retrieval import answer_recall
     from expertrag.retrieval.index import Index
@@ -50,3 +51,8 @@ def recall_cmd(
     print(f"{result['questions']} questions, {len(idx)} passages\n{header}")
     for m, row in result["modes"].items():
         print(f"{m:<9}" + "".join(f"{row[f'recall@{k}']:<11.3f}" for k in cutoffs))
+    if result["questions_with_gold_passages"]:
+        print(f"gold-passage recall ({result['questions_with_gold_passages']} questions name gold passages)\n"
+              + header.replace("recall@", "gold@  "))
+        for m, row in result["modes"].items():
+            print(f"{m:<9}" + "".join(f"{row[f'gold_recall@{k}']:<11.3f}" for k in cutoffs))

@@ -43,6 +43,7 @@ from expertrag.retrieval.dense import DenseIndex
 from expertrag.retrieval.embedder import (
     Embedder,
     check_backend_compatible,
+    embedder_identity,
     embedder_path,
     passage_text,
     query_backend,
@@ -314,6 +315,9 @@ def build_index(out_dir: str | Path, documents: Iterable[Document], *,
                 extra={"bm25_stemmer": retrieval.bm25_stemmer, "chunking": chunking.model_dump(),
                        "embed_backend": embedder.backend},
             )
+            identity = embedder_identity(embedder.name)
+            if identity is not None:  # a local folder: Index refuses query vectors from other weights
+                manifest.extra["embedder_identity"] = identity
             write_manifest(out, manifest)
 
             # after the commit: nothing below can lose data

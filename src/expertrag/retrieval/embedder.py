@@ -90,10 +90,91 @@ def resolve_backend(backend: str) -> str:
 
 
 def vector_cache_key(name: str, backend: str) -> str:
-    """Key of cached passage vectors in the store: the model name, plus the family when it is not fp32,
-    so vectors cached by torch are never served as int8 ones (and vice versa)."""
+    """Key of cached passage vectors in the store: the model name (plus its weights' fingerprint for a local
+    folder, see embedder_identity), plus the family when it is not fp32, so vectors cached by torch are never
+    served as int8 ones (and vice versa), nor one training run's vectors as another's."""
     family = VECTOR_FAMILY[resolve_backend(backend)]
-    return name if family == "fp32" else f"{name}#{family}"
+    identity = embedder_identity(name)
+    key = name if identity is None else f"{name}@{identity['fingerprint']}"
+    return key if family == "fp32" else f"{key}#{family}"
+
+
+# Written beside a model this project trained (retrieval/ict.py): what it was trained from and how.
+TRAINED_META = "expertrag_embedder.json"
+_WEIGHT_SUFFIXES = (".safetensors", ".bin")
+_identity_memo: dict[tuple, dict] = {}
+
+
+def embedder_identity(name: str) -> dict | None:
+    """What distinguishes a local model folder's vectors: a fingerprint of its weights (and configs), and,
+    for a model this project trained, the base it was trained from and how. None for a packaged name,
+    whose weights are fixed by its package (its name already says which vectors it gives).
+
+    A local folder is named by its path, and a path can be re-trained or overwritten in place; the manifest
+    records this identity so that an index built with one set of weights never takes query vectors from
+    another (Index checks it) and cached vectors of one training run are not reused for the next."""
+    if name in KNOWN_EMBEDDERS:
+        return None
+    folder = embedder_path(name)
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and
+                   (p.suffix in _WEIGHT_SUFFIXES or (p.suffix == ".json" and p.name != TRAINED_META)))
+    # hashing ~90 MB of weights costs a few hundred ms: done once per process per unchanged folder
+    stamp = (str(folder.resolve()), tuple((str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in files))
+    memo = _identity_memo.get(stamp)
+    if memo is not None:
+        return dict(memo)
+    if not any(p.suffix in _WEIGHT_SUFFIXES for p in files):
+        raise ExpertRAGError(f"{folder}: no model weights (*.safetensors or *.bin) in this embedder folder")
+    import hashlib
+
+    from expertrag.fileio import sha256_file
+
+    h = hashlib.sha256()
+    for p in files:
+        h.update(str(p.relative_to(folder)).encode())
+        h.update(sha256_file(p).encode())
+    identity: dict = {"fingerprint": h.hexdigest()[:16]}
+    meta_file = folder / TRAINED_META
+    if meta_file.exists():
+        import json
+
+        try:
+            meta = json.loads(meta_file.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            raise ExpertRAGError(f"{meta_file}: unreadable ({type(e).__name__}: {e})") from None
+        if isinstance(meta, dict):
+            identity.update({k: meta[k] for k in ("base", "method") if isinstance(meta.get(k), str)})
+    _identity_memo[stamp] = identity
+    return dict(identity)
+
+
+def describe_identity(name: str, identity: dict | None) -> str:
+    if identity is None:
+        return repr(name)
+    how = f", {identity['method']} fine-tune of {identity['base']!r}" if identity.get("base") else ""
+    return f"{name!r} (weights {identity['fingerprint']}{how})"
+
+
+def check_embedder_identity(built_name: str, built: dict | None, asked_name: str, where: str) -> None:
+    """Raise unless query vectors of embedder `asked_name` match an index built with `built_name`, whose
+    manifest recorded identity `built` (None: a packaged model, or an index from before identities)."""
+    if built is None:
+        if asked_name != built_name:
+            raise IndexFormatError(
+                f"{where}: index was built with embedder {built_name!r} but the config asks for {asked_name!r}; "
+                "rebuild the index or set retrieval.embedder to match")
+        return
+    try:
+        asked = embedder_identity(asked_name)
+    except ExpertRAGError as e:
+        raise IndexFormatError(f"{where}: index was built with embedder {describe_identity(built_name, built)}; "
+                               f"the config's retrieval.embedder {asked_name!r} cannot be checked: {e}") from None
+    if asked is None or asked.get("fingerprint") != built.get("fingerprint"):
+        raise IndexFormatError(
+            f"{where}: index was built with embedder {describe_identity(built_name, built)}, but the config's "
+            f"retrieval.embedder is {describe_identity(asked_name, asked)}: its query vectors would not match the "
+            f"index's passage vectors. Set retrieval.embedder to {built_name!r} (the same weights), or rebuild "
+            "the index with this embedder")
 
 
 def check_backend_compatible(built: str, asked: str, where: str) -> None:

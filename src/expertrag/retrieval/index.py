@@ -22,7 +22,12 @@ from expertrag.errors import IndexFormatError, InputError
 from expertrag.retrieval.bm25 import BM25Index
 from expertrag.retrieval.config import RetrievalConfig
 from expertrag.retrieval.dense import DenseIndex
-from expertrag.retrieval.embedder import Embedder, check_backend_compatible, query_backend
+from expertrag.retrieval.embedder import (
+    Embedder,
+    check_backend_compatible,
+    check_embedder_identity,
+    query_backend,
+)
 from expertrag.retrieval.rrf import reciprocal_rank_fusion
 from expertrag.retrieval.types import MODES, PUBLIC, Filters, Hit
 from expertrag.store.docstore import DocStore, StoredPassage
@@ -48,11 +53,9 @@ class Index:
         self.dir = Path(directory)
         self.config = config or RetrievalConfig()
         self.manifest = read_manifest(self.dir)
-        if self.config.embedder != self.manifest.embedder:
-            raise IndexFormatError(
-                f"{self.dir}: index was built with embedder {self.manifest.embedder!r} but the config asks "
-                f"for {self.config.embedder!r}; rebuild the index or set retrieval.embedder to match"
-            )
+        # a packaged embedder is matched by name, a local folder (e.g. an ICT-trained one) by its weights
+        check_embedder_identity(self.manifest.embedder, self.manifest.extra.get("embedder_identity"),
+                                self.config.embedder, str(self.dir))
         built_backend = self.manifest.extra.get("embed_backend")  # absent: built before backends, by torch
         self.embed_backend = query_backend(self.config.embed_backend, built_backend)
         check_backend_compatible(built_backend or "torch", self.embed_backend, str(self.dir))
@@ -87,7 +90,8 @@ class Index:
 
     @cached_property
     def embedder(self) -> Embedder:
-        embedder = Embedder(self.manifest.embedder, self.config.embed_batch_size, self.embed_backend)
+        # the config's name: checked above to give the index's vectors (a local folder may have moved since)
+        embedder = Embedder(self.config.embedder, self.config.embed_batch_size, self.embed_backend)
         if embedder.dim != self.manifest.embedding_dim:
             raise IndexFormatError(
                 f"{self.dir}: embedder {embedder.name!r} gives {embedder.dim}-d vectors, the index holds "
