@@ -60,7 +60,7 @@ def build_index(directory: Path, docs: list[dict] = DOCS) -> Path:
     index = directory / "index"
     config = ExpertRAGConfig.load(None)  # what `expertrag index` without --config builds with
     build(index, iter_documents([corpus], config=config.chunking), retrieval=config.retrieval,
-          chunking=config.chunking, progress=False)
+          chunking=config.chunking, sources=[str(corpus)], progress=False)
     return index
 
 
