@@ -6,6 +6,7 @@ first) and the shared data folder.
     python scripts/embed_forward_bench.py ../shared/data
 """
 import glob
+import itertools
 import json
 import statistics as st
 import sys
@@ -18,45 +19,63 @@ from transformers import AutoTokenizer
 
 from expertrag.paths import cache_dir
 
+PASSAGES, BATCH, ROUNDS = 256, 32, 3
+
 root = str(cache_dir() / "onnx")
 d = glob.glob(root + "/*-fp32")[0]
 d8 = glob.glob(root + "/*-int8")[0]
-tok = AutoTokenizer.from_pretrained(json.load(open(d + "/export.json"))["model"])
-rows = [json.loads(l) for l, _ in zip(open(sys.argv[1] + "/corpora/wiki_vital.jsonl"), range(256))]
-texts = [f"{r.get('title','')}. {r.get('contents', r.get('text',''))}" for r in rows]
-texts.sort(key=len)
+with open(d + "/export.json", encoding="utf-8") as f:
+    tok = AutoTokenizer.from_pretrained(json.load(f)["model"])
+with open(sys.argv[1] + "/corpora/wiki_vital.jsonl", encoding="utf-8") as f:
+    rows = [json.loads(line) for line in itertools.islice(f, PASSAGES)]
+texts = sorted((f"{r.get('title', '')}. {r.get('contents', r.get('text', ''))}" for r in rows), key=len)
 batches = []
-for i in range(0, len(texts), 32):
-    e = tok(texts[i:i+32], padding=True, truncation=True, max_length=200, return_tensors="np")
+for i in range(0, len(texts), BATCH):
+    e = tok(texts[i:i + BATCH], padding=True, truncation=True, max_length=200, return_tensors="np")
     batches.append({"input_ids": e["input_ids"].astype(np.int64), "attention_mask": e["attention_mask"].astype(np.int64),
                     "token_type_ids": np.zeros_like(e["input_ids"], dtype=np.int64)})
+
+
 def ort_sess(path):
-    o = ort.SessionOptions(); o.intra_op_num_threads = 1; o.inter_op_num_threads = 1
+    o = ort.SessionOptions()
+    o.intra_op_num_threads = 1
+    o.inter_op_num_threads = 1
     s = ort.InferenceSession(path, o, providers=["CPUExecutionProvider"])
     return lambda b: s.run(None, b)[0]
-core = ov.Core(); core.set_property("CPU", {"INFERENCE_NUM_THREADS": 1})
+
+
+core = ov.Core()
+core.set_property("CPU", {"INFERENCE_NUM_THREADS": 1})
+
+
 def ov_model(path, hint=None):
     cfg = {"INFERENCE_NUM_THREADS": 1, "PERFORMANCE_HINT": "LATENCY"}
-    if hint: cfg["INFERENCE_PRECISION_HINT"] = hint
+    if hint:
+        cfg["INFERENCE_PRECISION_HINT"] = hint
     m = core.compile_model(path, "CPU", cfg)
     req = m.create_infer_request()
     names = [p.get_any_name() for p in m.inputs]
     return lambda b: req.infer({n: b[n] for n in names})[0]
+
+
+def normalised(out):
+    v = np.asarray(out)
+    return v / np.linalg.norm(v, axis=1, keepdims=True)
+
+
 engines = {"ort_fp32": ort_sess(d + "/model.onnx"), "ort_int8": ort_sess(d8 + "/model.onnx"),
            "ov_fp32": ov_model(d + "/model.onnx"), "ov_on_int8_onnx": ov_model(d8 + "/model.onnx")}
 ref = [engines["ort_fp32"](b) for b in batches]
-def pooled(out, b):
-    v = np.asarray(out)
-    return v / np.linalg.norm(v, axis=1, keepdims=True)
-for name, f in engines.items():
-    cos = np.concatenate([(pooled(f(b), b) * pooled(r, b)).sum(1) for b, r in zip(batches, ref)])
-    print(name, "cos vs ort fp32 mean %.5f min %.5f" % (cos.mean(), cos.min()))
+for name, fwd in engines.items():
+    cos = np.concatenate([(normalised(fwd(b)) * normalised(r)).sum(1) for b, r in zip(batches, ref, strict=True)])
+    print(name, f"cos vs ort fp32 mean {cos.mean():.5f} min {cos.min():.5f}")
 times = {n: [] for n in engines}
-for rnd in range(3):
-    for n, f in engines.items():
+for _ in range(ROUNDS):  # interleaved, so a load change on the shared box hits every engine alike
+    for n, fwd in engines.items():
         t = time.perf_counter()
-        for b in batches: f(b)
+        for b in batches:
+            fwd(b)
         times[n].append(time.perf_counter() - t)
 base = st.median(times["ort_fp32"])
 for n, ts in times.items():
-    print(f"{n}: {256/st.median(ts):.1f} passages/s, {base/st.median(ts):.2f}x ort_fp32")
+    print(f"{n}: {len(texts) / st.median(ts):.1f} passages/s, {base / st.median(ts):.2f}x ort_fp32")

@@ -49,14 +49,29 @@ def _env() -> dict[str, str]:
 
 
 def build_index(directory: Path, docs: list[dict] = DOCS) -> Path:
+    """The index the service tests serve, built in this process with the package defaults (`expertrag index`
+    itself is tested in test_index_cli; a subprocess per module only paid Python's and torch's start-up)."""
+    from expertrag.config import ExpertRAGConfig
+    from expertrag.data.readers import iter_documents
+    from expertrag.retrieval.builder import build_index as build
+
     corpus = directory / "corpus.jsonl"
     corpus.write_text("".join(json.dumps(d) + "\n" for d in docs), encoding="utf-8")
     index = directory / "index"
-    cli("index", "--corpus", str(corpus), "--out", str(index))
+    config = ExpertRAGConfig.load(None)  # what `expertrag index` without --config builds with
+    build(index, iter_documents([corpus], config=config.chunking), retrieval=config.retrieval,
+          chunking=config.chunking, sources=[str(corpus)], progress=False)
     return index
 
 
-def add_key(index: Path, name: str, groups: list[str] = (), admin: bool = False) -> str:
+def add_key(index: Path, name: str, groups: list[str] = (), admin: bool = False, *, via_cli: bool = False) -> str:
+    """A new key of the index's service. In this process (the service reads the same keys file) unless
+    `via_cli`: test_serve adds its keys with `expertrag keys add`, which that keeps tested, while the
+    other modules' dozens of keys need no process each."""
+    if not via_cli:
+        from expertrag.serve.keys import KeyStore, keys_path
+
+        return KeyStore(keys_path(index)).add(name, list(groups), admin=admin)
     args = ["keys", "add", "--index", str(index), "--name", name, "--groups", ",".join(groups), "--json"]
     out = cli(*args, *(["--admin"] if admin else [])).stdout.strip().splitlines()[-1]
     return json.loads(out)["key"]

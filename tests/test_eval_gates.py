@@ -159,7 +159,8 @@ def test_eval_gates_command_with_smollm2(tmp_path, monkeypatch, smollm2):
                        LabelRecord("mo", "What is Earth's only natural satellite?", "retrieve", False, True),
                        LabelRecord("zo", "Who founded the Zorblatt Institute?", "both_wrong", False, False)])
     conf = tmp_path / "c.yaml"
-    conf.write_text("pipeline:\n  probe_tokens: 4\n")
+    # 8 answer tokens, not the default 24: the timed answers still outlast flare's 4-token probe
+    conf.write_text("pipeline:\n  probe_tokens: 4\n  max_new_tokens: 8\n")
     out = tmp_path / "out"
     r = run_cli(["eval-gates", "--index", str(index), "--labels", str(lab), "--out", str(out),
                  "--policies", "never,always,flare,skr-knn", "--config", str(conf), "--json",

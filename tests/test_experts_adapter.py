@@ -127,6 +127,27 @@ def test_bad_adapter_folders(tiny_llama, tiny_llama_config, tmp_path):
         load_adapter(tiny_llama, tmp_path / "big")
 
 
+def test_tensors_without_the_llama_prefix_are_refused_by_both_loaders(tiny_llama, tmp_path):
+    """load_adapter and the pipeline's AdapterBank read a folder through one helper: a tensor that is not
+    named like a Llama adapter's (HF_PREFIX) is one clear error in both, and neither leaves LoRA layers."""
+    from safetensors.torch import load_file, save_file
+
+    from expertrag.experts.adapter import AdapterBank
+
+    work = copy.deepcopy(tiny_llama)
+    attach(work, lora_config(rank=2, targets=("q_proj",)))
+    folder = save_adapter(work, tmp_path / "a")
+    tensors = load_file(str(folder / WEIGHTS_FILE))
+    first = sorted(tensors)[0]
+    tensors["base_model.model." + first.removeprefix(HF_PREFIX)] = tensors.pop(first)  # no "model." level
+    save_file(tensors, str(folder / WEIGHTS_FILE), metadata={"format": "pt"})
+    with pytest.raises(AdapterError, match=r"is not named like a Llama adapter \(expected the prefix"):
+        load_adapter(tiny_llama, folder)
+    with pytest.raises(AdapterError, match="is not named like a Llama adapter"):
+        AdapterBank(tiny_llama).load(folder)
+    assert not has_adapter(tiny_llama)
+
+
 def test_saving_over_an_adapter_replaces_it_whole(tiny_llama, tmp_path):
     attach(tiny_llama, lora_config(rank=2))
     save_adapter(tiny_llama, tmp_path / "a")

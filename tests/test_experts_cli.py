@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from serving import build_index
 from test_index_cli import run_cli, write_jsonl
 
 pytestmark = pytest.mark.slow
@@ -33,8 +34,9 @@ def domain_index(tmp_path_factory):
                  "metadata": {"domain": "medicine", "groups": ["staff"]}})
     rows.append({"id": "f1", "title": "Bond", "contents": "A bond is a fixed-income instrument representing a loan.",
                  "metadata": {"domain": "finance"}})
-    corpus = write_jsonl(tmp / "corpus.jsonl", rows)
-    run_cli("index", "--corpus", str(corpus), "--out", str(tmp / "index"))
+    # built in this process: the commands under test here are `expert train` and `eval-policy` (their own
+    # processes below); `expertrag index` end to end is test_index_cli's
+    build_index(tmp, rows)
     return tmp
 
 

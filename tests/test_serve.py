@@ -22,7 +22,7 @@ CONFIG = {"gate": {"policy": "always"}, "pipeline": {"max_new_tokens": 8},
 def server(tmp_path_factory):
     d = tmp_path_factory.mktemp("serve")
     index = build_index(d)
-    keys = {"admin": add_key(index, "admin", admin=True), "staff": add_key(index, "ann", ["staff"]),
+    keys = {"admin": add_key(index, "admin", admin=True, via_cli=True), "staff": add_key(index, "ann", ["staff"], via_cli=True),
             "guest": add_key(index, "eve", ["guests"]), "hr": add_key(index, "hal", ["hr"])}
     srv = Server(index, CONFIG, d / "server.log")
     srv.keys = keys
@@ -45,7 +45,7 @@ def test_every_v1_route_needs_a_valid_key(server):
 
 
 def test_a_revoked_key_is_refused_from_the_next_request(server):
-    key = add_key(server.index, "temp", ["staff"])
+    key = add_key(server.index, "temp", ["staff"], via_cli=True)
     with server.client(key) as c:
         assert c.post("/v1/search", json={"query": "Paris"}).status_code == 200
         cli("keys", "revoke", "temp", "--index", str(server.index))

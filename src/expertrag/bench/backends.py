@@ -65,7 +65,9 @@ def _rss_mb(field: str = "VmRSS") -> float | None:
     return None
 
 
-def run(backends: Sequence[str], threads: Sequence[int] = (1, 2), rounds: int = 3, config: Any = None) -> dict:
+def run(backends: Sequence[str], threads: Sequence[int] = (1, 2), rounds: int = 3, config: Any = None,
+        new_tokens: int = NEW_TOKENS) -> dict:
+    """`new_tokens`: the answer length timed (the command's is NEW_TOKENS; a test needs only a few)."""
     import torch
 
     from expertrag.pipeline.build import PipelineSections, load_generator
@@ -124,17 +126,17 @@ def run(backends: Sequence[str], threads: Sequence[int] = (1, 2), rounds: int = 
         for r in range(rounds):
             order = list(backends) if r % 2 == 0 else list(reversed(backends))
             for name in order:
-                t, g = call(name, closed, NEW_TOKENS)
+                t, g = call(name, closed, new_tokens)
                 acc[name]["closed"].append(t)
                 outputs[name]["closed"] = g.token_ids
-                t, g = call(name, opened, NEW_TOKENS)
+                t, g = call(name, opened, new_tokens)
                 acc[name]["open"].append(t)
                 outputs[name]["open"] = g.token_ids
                 prompt_tokens["open"] = g.prompt_tokens
                 t, g1 = call(name, opened, 1)
                 acc[name]["open1"].append(t)
                 for key, prompt in (("raw_closed", closed), ("raw_open", opened)):
-                    t_raw = raw(name, prompt, NEW_TOKENS)
+                    t_raw = raw(name, prompt, new_tokens)
                     if t_raw is not None:
                         acc[name][key].append(t_raw)
         per[th] = acc
@@ -148,7 +150,7 @@ def run(backends: Sequence[str], threads: Sequence[int] = (1, 2), rounds: int = 
             c, o, o1 = (statistics.median(a[k]) for k in ("closed", "open", "open1"))
             table[name][th] = {
                 "closed_book_s": c, "open_book_s": o, "prefill_tok_s": prompt_tokens["open"] / o1,
-                "decode_tok_s": (NEW_TOKENS - 1) / max(o - o1, 1e-9),
+                "decode_tok_s": (new_tokens - 1) / max(o - o1, 1e-9),
             }
             if a["raw_closed"] and a["raw_open"]:
                 rc, ro = statistics.median(a["raw_closed"]), statistics.median(a["raw_open"])
@@ -169,7 +171,7 @@ def run(backends: Sequence[str], threads: Sequence[int] = (1, 2), rounds: int = 
         out["best_open_book_time_ratio_vs_native"] = summary[fastest]["open_book_s"] / ref["open_book_s"]
         out["greedy_identical_to_native"] = {n: outputs[n] == outputs["native"] for n in backends if n != "native"}
     out.update({
-        "new_tokens": NEW_TOKENS, "prompt_tokens": prompt_tokens, "rounds": rounds, "threads_measured": list(threads),
+        "new_tokens": new_tokens, "prompt_tokens": prompt_tokens, "rounds": rounds, "threads_measured": list(threads),
         "peak_rss_mb_process": _rss_mb("VmHWM"), "cpu_count": os.cpu_count(), "machine": platform.machine(),
         "load_average_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
         "dtype": base.model.dtype,

@@ -17,6 +17,7 @@ load; the Ray ones include the actors' model loads (each actor loads its own; th
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import resource
@@ -24,6 +25,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from expertrag.errors import InputError
@@ -56,6 +58,26 @@ def _write_slice(data: Path | None, passages: int, path: Path) -> int:
     return n
 
 
+@contextlib.contextmanager
+def _timed(result: dict, key: str) -> Iterator[None]:
+    """Seconds the block took, into result[key] (not set when the block raises: no figure for a failure)."""
+    t = time.perf_counter()
+    yield
+    result[key] = time.perf_counter() - t
+
+
+@contextlib.contextmanager
+def _ray_cluster(result: dict, workers: int, threads: int) -> Iterator[None]:
+    """A local Ray cluster of workers x threads CPUs for the block; its start is timed apart from the work
+    (result["cluster_start_s"]), since a long-lived cluster would pay it once, not per build."""
+    from expertrag.retrieval.ray_build import ray_session
+
+    with contextlib.ExitStack() as stack:
+        with _timed(result, "cluster_start_s"):
+            stack.enter_context(ray_session(None, num_cpus=workers * threads))
+        yield
+
+
 def _one(mode: str, corpus: Path, out: Path, workers: int, threads: int) -> dict:
     """One build in this (fresh) process; prints nothing but its result."""
     import torch
@@ -67,20 +89,15 @@ def _one(mode: str, corpus: Path, out: Path, workers: int, threads: int) -> dict
     if mode == "single":
         from expertrag.retrieval.builder import build_index
 
-        t = time.perf_counter()
-        report = build_index(out, iter_documents([corpus]), progress=False)
-        result["build_s"] = time.perf_counter() - t
+        with _timed(result, "build_s"):
+            report = build_index(out, iter_documents([corpus]), progress=False)
         result["cluster_start_s"] = 0.0
     else:
-        from expertrag.retrieval.ray_build import build_index_on_ray, ray_session
+        from expertrag.retrieval.ray_build import build_index_on_ray
 
-        t = time.perf_counter()
-        with ray_session(None, num_cpus=workers * threads):
-            result["cluster_start_s"] = time.perf_counter() - t
-            t = time.perf_counter()
+        with _ray_cluster(result, workers, threads), _timed(result, "build_s"):
             report = build_index_on_ray(out, iter_documents([corpus]), progress=False, num_workers=workers,
                                         threads_per_worker=threads)
-            result["build_s"] = time.perf_counter() - t
     result["passages"] = report.passages
     result["timings"] = report.timings
     result["driver_peak_rss_mb"] = _peak_rss_mb()
@@ -103,27 +120,30 @@ def _label_one(mode: str, index: Path, questions: Path, out: Path, workers: int,
         from expertrag.pipeline.build import load_pipeline
         from expertrag.pipeline.labeling import label_questions
 
-        t = time.perf_counter()
-        rag = load_pipeline(index, settings, "always")
-        result["load_s"] = time.perf_counter() - t
-        t = time.perf_counter()
-        label_questions(rag, qs, out, batch_size=batch_size, progress=False)
-        result["label_s"] = time.perf_counter() - t
+        with _timed(result, "load_s"):
+            rag = load_pipeline(index, settings, "always")
+        with _timed(result, "label_s"):
+            label_questions(rag, qs, out, batch_size=batch_size, progress=False)
         result["cluster_start_s"] = 0.0
     else:
         from expertrag.pipeline.ray_work import label_on_ray
-        from expertrag.retrieval.ray_build import ray_session
 
-        t = time.perf_counter()
-        with ray_session(None, num_cpus=workers * threads):
-            result["cluster_start_s"] = time.perf_counter() - t
-            t = time.perf_counter()
+        # label_s includes the actors' model loads: each actor loads its own, which is what Ray costs
+        with _ray_cluster(result, workers, threads), _timed(result, "label_s"):
             label_on_ray(index, settings, qs, out, batch_size=batch_size, num_workers=workers,
                          threads_per_worker=threads, progress=False)
-            result["label_s"] = time.perf_counter() - t  # the actors' model loads included
         result["load_s"] = None
     result["labels"] = out.read_text(encoding="utf-8")
     return result
+
+
+def _fresh(args: list[str], env: dict, what: str) -> dict:
+    """One mode of this module (`__main__` below) in a fresh process: its result is stdout's last line."""
+    proc = subprocess.run([sys.executable, "-m", "expertrag.bench.ray_index", *args], capture_output=True,
+                          text=True, env=env)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{what} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def _label_rows(index: Path, n: int, workers: tuple[int, ...], threads: int, batch_size: int, tmp: Path,
@@ -136,12 +156,8 @@ def _label_rows(index: Path, n: int, workers: tuple[int, ...], threads: int, bat
                          encoding="utf-8")
     rows = []
     for k, (mode, w) in enumerate([("label-single", 0)] + [("label-ray", w) for w in workers]):
-        cmd = [sys.executable, "-m", "expertrag.bench.ray_index", mode, str(questions), str(tmp / f"labels-{k}.jsonl"),
-               str(w), str(threads), "--index", str(index), "--batch-size", str(batch_size)]
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-        if proc.returncode != 0:
-            raise RuntimeError(f"{mode} labelling failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
-        row = json.loads(proc.stdout.strip().splitlines()[-1])
+        row = _fresh([mode, str(questions), str(tmp / f"labels-{k}.jsonl"), str(w), str(threads), "--index",
+                      str(index), "--batch-size", str(batch_size)], env, f"{mode} labelling")
         rows.append(row)
         if progress:
             print(f"{mode} workers={w}: {row['questions']} questions in {row['label_s']:.1f} s "
@@ -191,12 +207,7 @@ def run(data: Path | None = None, passages: int = 1000, workers: tuple[int, ...]
         env = dict(os.environ, OMP_NUM_THREADS=str(threads), HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
         for k, (mode, w) in enumerate([("single", 0)] + [("ray", w) for w in workers]):
             out = Path(tmp) / f"index-{k}"
-            cmd = [sys.executable, "-m", "expertrag.bench.ray_index", mode, str(corpus), str(out), str(w),
-                   str(threads)]
-            proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-            if proc.returncode != 0:
-                raise RuntimeError(f"{mode} build failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
-            row = json.loads(proc.stdout.strip().splitlines()[-1])
+            row = _fresh([mode, str(corpus), str(out), str(w), str(threads)], env, f"{mode} build")
             row["passages_per_s"] = row["passages"] / row["build_s"]
             rows.append(row)
             if progress:

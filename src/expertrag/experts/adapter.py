@@ -180,10 +180,9 @@ def read_adapter(folder: str | os.PathLike[str]) -> tuple[Any, dict[str, torch.T
     return config, tensors
 
 
-def load_adapter(model: nn.Module, folder: str | os.PathLike[str]) -> nn.Module:
-    """Attach the adapter saved in `folder` to `model` (ours), exactly as saved."""
-    from peft import set_peft_model_state_dict
-
+def read_native_adapter(folder: str | os.PathLike[str]) -> tuple[Any, dict[str, torch.Tensor]]:
+    """(LoraConfig, tensors under our decoder's module names) of an adapter folder: the saved HF names with
+    HF_PREFIX stripped. A tensor without the prefix is not a Llama adapter's, so the folder is refused."""
     config, tensors = read_adapter(folder)
     state = {}
     for k, v in tensors.items():
@@ -191,6 +190,14 @@ def load_adapter(model: nn.Module, folder: str | os.PathLike[str]) -> nn.Module:
             raise AdapterError(f"{Path(folder) / WEIGHTS_FILE}: tensor {k!r} is not named like a Llama adapter "
                                f"(expected the prefix {HF_PREFIX!r})")
         state[k.removeprefix(HF_PREFIX)] = v
+    return config, state
+
+
+def load_adapter(model: nn.Module, folder: str | os.PathLike[str]) -> nn.Module:
+    """Attach the adapter saved in `folder` to `model` (ours), exactly as saved."""
+    from peft import set_peft_model_state_dict
+
+    config, state = read_native_adapter(folder)
     attach(model, config)
     try:
         result = set_peft_model_state_dict(model, state, adapter_name=ADAPTER_NAME)
@@ -279,13 +286,7 @@ class AdapterBank:
             known = self._names.get(key)
             if known is not None and known[0] == sig:
                 return key
-            config, tensors = read_adapter(folder)
-            state = {}
-            for k, v in tensors.items():
-                if not k.startswith(HF_PREFIX):
-                    raise AdapterError(f"{folder / WEIGHTS_FILE}: tensor {k!r} is not named like a Llama adapter "
-                                       f"(expected the prefix {HF_PREFIX!r})")
-                state[k.removeprefix(HF_PREFIX)] = v
+            config, state = read_native_adapter(folder)
             self._count += 1
             name = f"expert{self._count}"  # peft names are module keys: no dots or slashes from the path
             try:
