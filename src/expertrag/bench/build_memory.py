@@ -26,14 +26,16 @@ CORPUS_ORDER = ("wiki_vital.jsonl", "lfrqa_answers.jsonl", "retrievalqa_passages
 TARGET_RATIO = 1.10
 
 
-def parse_sizes(text: str) -> list[int]:
+def parse_sizes(text: str, unit: str = "document", example: str = "2000,5000,15000") -> list[int]:
+    """"15000,2000" -> [2000, 15000]: the --sizes of the build benchmarks (this one counts documents,
+    bench scale passages), sorted, deduplicated, positive."""
     try:
         sizes = sorted({int(s) for s in text.split(",") if s.strip()})
     except ValueError:
-        raise InputError(f"--sizes: expected comma-separated document counts such as 2000,5000,15000, got {text!r}") \
+        raise InputError(f"--sizes: expected comma-separated {unit} counts such as {example}, got {text!r}") \
             from None
     if not sizes or sizes[0] <= 0:
-        raise InputError(f"--sizes: expected positive document counts, got {text!r}")
+        raise InputError(f"--sizes: expected positive {unit} counts, got {text!r}")
     return sizes
 
 

@@ -37,6 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
+from expertrag.bench import build_memory
 from expertrag.errors import InputError
 
 SOURCES = ("wiki_vital.jsonl", "retrievalqa_passages.jsonl")
@@ -52,14 +53,7 @@ SCALE_RETRIEVAL = {"dense_index": "ivfpq", "ivf_nlist": 1024, "ivf_pq_m": 48, "i
 
 
 def parse_sizes(text: str) -> list[int]:
-    try:
-        sizes = sorted({int(s) for s in text.split(",") if s.strip()})
-    except ValueError:
-        raise InputError(f"--sizes: expected comma-separated passage counts such as 100000,300000, got {text!r}") \
-            from None
-    if not sizes or sizes[0] <= 0:
-        raise InputError(f"--sizes: expected positive passage counts, got {text!r}")
-    return sizes
+    return build_memory.parse_sizes(text, unit="passage", example="100000,300000")
 
 
 def sentences(text: str) -> list[str]:
