@@ -116,7 +116,7 @@ KILLER = textwrap.dedent("""
     def die(*a, **k):
         os.kill(os.getpid(), signal.SIGKILL)
     if point == "bm25":
-        builder.BM25Index.build = die
+        builder.write_bm25 = die
     elif point == "manifest":
         builder.write_manifest = die
     elif point == "embed":

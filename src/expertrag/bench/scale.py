@@ -205,15 +205,16 @@ def _child_search(index_dir: str, questions: str, n: int) -> None:
     print(json.dumps(out))
 
 
-def _run_child(args: list[str], threads: int, timeout_s: float) -> tuple[dict, float, float]:
-    """(its JSON report, wall s, peak RSS MB) of `python -m expertrag.bench.scale ARGS` in a fresh process."""
+def _run_child(args: list[str], threads: int, timeout_s: float, module: str = "expertrag.bench.scale"
+               ) -> tuple[dict, float, float]:
+    """(its JSON report, wall s, peak RSS MB) of `python -m MODULE ARGS` in a fresh process."""
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
                TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     src = str(Path(__file__).resolve().parents[2])  # the package's own tree, for an uninstalled checkout
     env["PYTHONPATH"] = src + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     t = time.perf_counter()
     with tempfile.TemporaryFile() as stdout, tempfile.TemporaryFile() as stderr:
-        proc = subprocess.Popen([sys.executable, "-m", "expertrag.bench.scale", *args], stdout=stdout,
+        proc = subprocess.Popen([sys.executable, "-m", module, *args], stdout=stdout,
                                 stderr=stderr, env=env)
         deadline = time.monotonic() + timeout_s
         while True:

@@ -114,6 +114,36 @@ def bench_scale(
     _emit(flat, False)
 
 
+@bench_app.command("bm25")
+def bench_bm25(
+    data: Path = typer.Option(..., "--data", help="shared data folder: corpora/ (wiki_vital, retrievalqa_passages) "
+                                                  "and questions/nq_open_dev.jsonl"),
+    sizes: str = typer.Option("100000,300000,1000000", "--sizes", help="comma-separated passage counts"),
+    work: Path = typer.Option(Path("/tmp/expertrag-bm25"), "--work", help="folder for the derived corpora and "
+                                                                          "the indexes (removed after each size)"),
+    queries: int = typer.Option(200, "--queries", help="questions whose hits are compared between the builds"),
+    timeout_s: float = typer.Option(3600, "--timeout-s", help="limit per build, seconds"),
+    as_json: bool = typer.Option(False, "--json", help="print the result as JSON on the last line"),
+) -> None:
+    """Peak RSS and time of the streamed BM25 build against bm25s's in-memory one, and their hits compared."""
+    from expertrag.bench.bm25_memory import run
+    from expertrag.bench.scale import parse_sizes
+
+    result = run(data, parse_sizes(sizes), work=work, queries=queries, timeout_s=timeout_s, progress=True)
+    if as_json:
+        print(json.dumps(result))
+        return
+    flat: dict = {"threads": result["threads"]}
+    for row in result["sizes"]:
+        n = row["passages"]
+        for mode in ("read", "memory", "stream"):
+            flat[f"{n}_{mode}_peak_rss_mb"] = row[mode]["peak_rss_mb"]
+        flat[f"{n}_stream_over_memory_above_read"] = row["stream_over_memory"]["above_read"]
+        flat[f"{n}_stream_over_memory_time"] = row["stream_over_memory"]["time"]
+        flat[f"{n}_same_top10"] = f"{row['agreement']['same_top_k']}/{row['agreement']['questions']}"
+    _emit(flat, False)
+
+
 @bench_app.command("embed")
 def bench_embed(
     data: Path | None = typer.Option(None, help="shared data folder (corpora/, questions/); default: the packaged wiki corpus, no recall"),
