@@ -80,3 +80,23 @@ def test_sampled_encoder_gives_the_real_embedder_exactly_the_crc_sample():
     np.testing.assert_allclose(flat[real_rows], emb.encode([texts[i] for i in real_rows]), atol=1e-5)
     rest = [i for i in range(40) if i not in real_rows]
     np.testing.assert_allclose(flat[rest], HashedProjection(384).encode([texts[i] for i in rest]), atol=1e-6)
+
+
+def test_bench_bm25_builds_both_ways_and_compares_their_hits(tmp_path):
+    """`bench bm25` end to end on the tiny corpus: three child processes per size, both indexes answer the
+    questions with the same hits."""
+    from expertrag.bench.bm25_memory import run
+
+    data = _data(tmp_path)
+    (data / "questions").mkdir()
+    (data / "questions" / "nq_open_dev.jsonl").write_text(
+        json.dumps({"id": "q1", "question": "what causes the tides", "golden_answers": ["the Moon"]}) + "\n"
+        + json.dumps({"id": "q2", "question": "how is tea brewed", "golden_answers": ["leaves"]}) + "\n",
+        encoding="utf-8")
+    result = run(data, [12], work=tmp_path / "w", queries=2, progress=False)
+    (row,) = result["sizes"]
+    assert row["passages"] == 12
+    assert {m: row[m]["peak_rss_mb"] > 0 for m in ("read", "memory", "stream")} == dict.fromkeys(
+        ("read", "memory", "stream"), True)
+    assert row["agreement"] == {"questions": 2, "same_top_k": 2, "k": 10, "max_rel_score_diff": 0.0}
+    assert not list((tmp_path / "w").iterdir())  # corpus and indexes removed after the size

@@ -1,12 +1,14 @@
 """Peak memory and time of the two BM25 builds at 100k-1M passages: bm25s's in-memory index (the reference,
-what `build_index` used before) against our streamed two-pass build (`retrieval/bm25_stream.py`).
+what `build_index` used before) against our streamed build (`retrieval/bm25_stream.py`).
 
 Same corpus as `bench scale` (`write_derived_corpus`: real sentences of the shared corpora, then copies with
 distinct ids and titles). Each build runs in its own fresh process, which streams the corpus file in
 batches of 4,096 passages (as `build_index` streams them from the store) and saves the index; its peak RSS is
 the kernel's high-water mark for it (`os.wait4`). A third process per size only reads the corpus the same way
-(no BM25): the floor both builds share. Then both saved indexes answer the same questions and their hits
-are compared (same passages in the same order, scores within float32 rounding).
+(no BM25): the floor both builds share. Then both saved indexes answer the same questions, in a fourth
+process, and their hits are compared (same passages in the same order, scores within float32 rounding).
+The parent stays small on purpose: a child's peak RSS as the kernel reports it starts at the parent's size
+at spawn time.
 """
 
 from __future__ import annotations
@@ -55,10 +57,17 @@ def _child(mode: str, corpus: str, out: str) -> None:
     elif mode == "stream":
         from expertrag.retrieval.bm25_stream import write_bm25
 
-        n = write_bm25(lambda: _batches(corpus), Path(out), k1=K1, b=B, stem=True)
+        n = write_bm25(_batches(corpus), Path(out), k1=K1, b=B, stem=True)
     else:
         raise SystemExit(f"unknown mode {mode!r}")
     print(json.dumps({"passages": n, "s": round(time.perf_counter() - t, 1)}))
+
+
+def _child_compare(memory_dir: str, stream_dir: str, questions_path: str, n: int) -> None:
+    from expertrag.data.questions import load_questions
+
+    questions = [q.question for q in load_questions(Path(questions_path))][:n]
+    print(json.dumps(compare(Path(memory_dir), Path(stream_dir), questions)))
 
 
 def compare(memory_dir: Path, stream_dir: Path, questions: list[str], k: int = 10) -> dict:
@@ -82,9 +91,6 @@ def run(data: Path, sizes: list[int], *, work: Path, queries: int = 200, timeout
     questions_path = data / "questions" / QUESTIONS
     if not questions_path.is_file():
         raise InputError(f"{questions_path}: not found; pass the shared data folder (e.g. ../shared/data)")
-    from expertrag.data.questions import load_questions
-
-    questions = [q.question for q in load_questions(questions_path)][:queries]
     work.mkdir(parents=True, exist_ok=True)
     module = "expertrag.bench.bm25_memory"
     rows = []
@@ -110,7 +116,10 @@ def run(data: Path, sizes: list[int], *, work: Path, queries: int = 200, timeout
             "peak_rss": round(row["stream"]["peak_rss_mb"] / row["memory"]["peak_rss_mb"], 3),
             "above_read": round(row["stream"]["above_read_mb"] / max(row["memory"]["above_read_mb"], 1e-9), 3),
             "time": round(row["stream"]["s"] / row["memory"]["s"], 3)}
-        row["agreement"] = compare(work / f"bm25-memory-{n}", work / f"bm25-stream-{n}", questions)
+        # in a child too: a child's peak RSS starts at this process's (the kernel counts the parent's pages it
+        # was spawned from), so this process must stay small
+        row["agreement"], _, _ = _run_child(["compare", str(work / f"bm25-memory-{n}"), str(work / f"bm25-stream-{n}"),
+                                             str(questions_path), str(queries)], 1, timeout_s, module=module)
         row["load_after"] = os.getloadavg()[0]
         rows.append(row)
         import shutil
@@ -122,4 +131,7 @@ def run(data: Path, sizes: list[int], *, work: Path, queries: int = 200, timeout
 
 
 if __name__ == "__main__":
-    _child(*sys.argv[1:4])
+    if sys.argv[1] == "compare":
+        _child_compare(sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5]))
+    else:
+        _child(*sys.argv[1:4])

@@ -1,30 +1,33 @@
-"""BM25 built in two streamed passes, with corpus-wide statistics, written straight into bm25s's file format.
+"""BM25 built from a stream of passages with corpus-wide statistics, in bounded memory, straight into bm25s's
+file format.
 
 `bm25s.BM25.index` needs every passage's tokens in memory at once: ~1.1 MB per 1,000 passages, 1.1 GB at 1M
-(RESULTS.md, "Scale"). This builder holds one batch of passages at a time instead:
+(RESULTS.md, "Scale"). This builder reads the passages once and never holds more than one batch of them:
 
-- pass 1 reads the passages, tokenises them and counts, per term, the passages that contain it (document
-  frequency), and the corpus's passage and token counts (for the mean passage length);
-- between the passes the column pointers of the score matrix follow from the document frequencies (a term's
-  column holds exactly its df entries), so the output arrays are allocated on disk at their final size;
-- pass 2 reads the passages again and writes each (passage, term) score, with the corpus-wide idf and mean
-  length, at its place in its term's column; passages arrive in order, so every column ends up sorted.
+1. One pass over the passages: tokenise each batch, append its term ids and passage lengths to two spill
+   files on disk (4 bytes a token), count per term the passages that contain it (document frequency).
+2. The document frequencies give the score matrix's column pointers (a term's column holds exactly df
+   entries), so the output files are laid out at their final size.
+3. The columns are filled in blocks of consecutive terms whose postings fit in `block_bytes`: for each block
+   the spill files are read again in chunks, each (passage, term) score of the block's terms is computed
+   with the corpus-wide idf and mean length and put at its place, and the finished block is written to the
+   output files in one sequential write. Passages arrive in order, so every column ends up sorted.
 
 The files are the ones `bm25s.BM25.save` writes (CSC data/indices/indptr, vocabulary, params) plus our rowids,
 and `BM25Index.load` reads them with bm25s; the scores are bm25s's "lucene" BM25 computed in the same
-precision (tests/test_bm25_stream.py compares every posting with `bm25s.BM25.index` on real text).
+precisions (tests/test_bm25_stream.py compares every posting with `bm25s.BM25.index` on real text).
 
-Memory: the vocabulary (term -> id, document frequencies, column cursors: grows with distinct terms, which
-grow far slower than passages), one batch, and the output pages written since the last flush: those are
-synced and dropped from this process (`MADV_DONTNEED`) every `flush_bytes`, so they stay in the page cache,
-not in its resident set.
+Memory: the vocabulary (term -> id and three numbers per term: grows with distinct terms, which grow far
+slower than passages), one batch or chunk, and one block of postings (`block_bytes`; a single term whose
+postings alone exceed it is a block of its own). Time: one tokenisation, plus one read of the spill files
+per block (sequential, ~4 bytes a token).
 """
 
 from __future__ import annotations
 
 import json
-import mmap
-from collections.abc import Callable, Iterable
+import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 
 import bm25s
@@ -32,10 +35,11 @@ import numpy as np
 
 from expertrag.retrieval.bm25 import ROWIDS, _stemmer, query_tokens
 
-Batches = Callable[[], Iterable[list[tuple[int, str]]]]
 DATA, INDICES, INDPTR = "data.csc.index.npy", "indices.csc.index.npy", "indptr.csc.index.npy"
 VOCAB, PARAMS = "vocab.index.json", "params.index.json"
 SCORE_DTYPE, INDEX_DTYPE = np.float32, np.int32  # bm25s's defaults (its `dtype`, `int_dtype`)
+TERM_DTYPE = np.int32
+CHUNK_DOCS = 1 << 13  # passages read back from the spill files at a time (~10 MB of temporaries)
 
 
 class _Vocabulary:
@@ -48,11 +52,9 @@ class _Vocabulary:
     def __len__(self) -> int:
         return len(self.ids)
 
-    def encode(self, tokens: list[str], grow: bool) -> list[int]:
-        if grow:
-            ids, setdefault = self.ids, self.ids.setdefault
-            return [setdefault(t, len(ids)) for t in tokens]
-        return [self.ids[t] for t in tokens]
+    def encode(self, tokens: list[str]) -> list[int]:
+        ids, setdefault = self.ids, self.ids.setdefault
+        return [setdefault(t, len(ids)) for t in tokens]
 
     def count(self, unique_ids: np.ndarray) -> None:
         need = len(self.ids)
@@ -61,116 +63,109 @@ class _Vocabulary:
         np.add.at(self.df, unique_ids, 1)
 
 
-def _tokenize_batch(texts: list[str], stemmer) -> list[list[str]]:
-    return [query_tokens(t, stemmer) for t in texts]
-
-
-def _batch_pairs(docs: list[list[int]]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """(doc-in-batch, term id, term frequency) for each distinct term of each passage, sorted by passage then
-    term, and every passage's token count."""
-    lengths = np.fromiter((len(d) for d in docs), dtype=np.int64, count=len(docs))
-    if lengths.sum() == 0:
+def _pairs(terms: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(passage-in-chunk, term id, term frequency) for each distinct term of each passage, sorted by passage
+    then term; `terms` are the passages' term ids end to end, `lengths` their token counts."""
+    if len(terms) == 0:
         empty = np.zeros(0, dtype=np.int64)
-        return empty, empty, empty, lengths
-    doc = np.repeat(np.arange(len(docs), dtype=np.int64), lengths)
-    term = np.fromiter((t for d in docs for t in d), dtype=np.int64, count=int(lengths.sum()))
-    width = int(term.max()) + 1
-    keys, tf = np.unique(doc * width + term, return_counts=True)
-    return keys // width, keys % width, tf, lengths
+        return empty, empty, empty
+    doc = np.repeat(np.arange(len(lengths), dtype=np.int64), lengths)
+    width = int(terms.max()) + 1
+    keys, tf = np.unique(doc * width + terms.astype(np.int64), return_counts=True)
+    return keys // width, keys % width, tf
 
 
-class _DiskArray:
-    """A .npy file of a fixed length, written through a shared mapping whose pages are synced and dropped
-    from the process every `flush_bytes` of writes."""
-
-    def __init__(self, path: Path, dtype, length: int, flush_bytes: int):
-        header = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=(length,))
-        offset = header.offset
-        del header
-        self._file = open(path, "r+b")  # noqa: SIM115 - closed in close()
-        self._map = mmap.mmap(self._file.fileno(), 0)
-        self.array = np.frombuffer(self._map, dtype=dtype, count=length, offset=offset)
-        self._flush_bytes, self._dirty = flush_bytes, 0
-
-    def wrote(self, n: int) -> None:
-        self._dirty += n * self.array.itemsize
-        if self._dirty >= self._flush_bytes:
-            self._map.flush()
-            if hasattr(mmap, "MADV_DONTNEED"):  # Linux; elsewhere the kernel reclaims the clean pages itself
-                self._map.madvise(mmap.MADV_DONTNEED)
-            self._dirty = 0
-
-    def close(self) -> None:
-        self._map.flush()
-        del self.array
-        self._map.close()
-        self._file.close()
+def _blocks(indptr: np.ndarray, limit: int) -> list[tuple[int, int]]:
+    """Runs [lo, hi) of consecutive terms whose postings together fit in `limit` entries (a term with more is
+    a run of its own)."""
+    out, lo, n = [], 0, len(indptr) - 1
+    while lo < n:
+        hi = int(np.searchsorted(indptr, indptr[lo] + limit, side="right")) - 1
+        hi = min(max(hi, lo + 1), n)
+        out.append((lo, hi))
+        lo = hi
+    return out
 
 
-def write_bm25(batches: Batches, directory: Path, *, k1: float, b: float, stem: bool,
-               flush_bytes: int = 64 << 20) -> int:
-    """Build the BM25 index of the (rowid, text) batches that `batches()` yields (called twice: it must give
-    the same passages in the same order both times) into `directory`; returns the passage count."""
+def _npy_file(path: Path, dtype, length: int) -> int:
+    """Create `path` as a .npy file of `length` items (contents written later); returns the data offset."""
+    header = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=(length,))
+    offset = header.offset
+    del header
+    return offset
+
+
+def write_bm25(batches: Iterable[list[tuple[int, str]]], directory: Path, *, k1: float, b: float, stem: bool,
+               block_bytes: int = 32 << 20) -> int:
+    """Build the BM25 index of the (rowid, text) batches into `directory`; returns the passage count."""
     directory.mkdir(parents=True, exist_ok=True)
     stemmer = _stemmer(stem)
     vocab = _Vocabulary()
+    with tempfile.TemporaryDirectory(dir=directory, prefix=".spill-") as spill:
+        terms_path, lengths_path, rowids_path = (Path(spill) / n for n in ("terms", "lengths", "rowids"))
+        # 1. tokenise once; term ids, lengths and rowids go to the spill files
+        n_docs = n_tokens = 0
+        with open(terms_path, "wb") as tf_, open(lengths_path, "wb") as lf_, open(rowids_path, "wb") as rf_:
+            for batch in batches:
+                docs = [vocab.encode(query_tokens(t, stemmer)) for _, t in batch]
+                lengths = np.fromiter((len(d) for d in docs), dtype=np.int32, count=len(docs))
+                terms = np.fromiter((t for d in docs for t in d), dtype=TERM_DTYPE, count=int(lengths.sum()))
+                vocab.count(_pairs(terms, lengths)[1])
+                terms.tofile(tf_)
+                lengths.tofile(lf_)
+                np.fromiter((r for r, _ in batch), dtype=np.int64, count=len(batch)).tofile(rf_)
+                n_docs += len(batch)
+                n_tokens += int(lengths.sum())
+        if n_docs == 0:  # what BM25Index.save writes for an empty index: the rowids alone
+            np.save(directory / ROWIDS, np.zeros(0, dtype=np.int64))
+            return 0
+        _copy_into_npy(rowids_path, directory / ROWIDS, np.int64, n_docs)
 
-    # pass 1: vocabulary, document frequencies, passage and token counts
-    n_docs = n_tokens = 0
-    for batch in batches():
-        docs = [vocab.encode(toks, grow=True) for toks in _tokenize_batch([t for _, t in batch], stemmer)]
-        _, term, _, lengths = _batch_pairs(docs)
-        vocab.count(term)
-        n_docs += len(docs)
-        n_tokens += int(lengths.sum())
+        # 2. the layout: column pointers from the document frequencies
+        n_vocab = len(vocab)
+        df = vocab.df[:n_vocab]
+        indptr = np.zeros(n_vocab + 1, dtype=np.int64)
+        np.cumsum(df, out=indptr[1:])
+        # bm25s's lucene idf, computed in float64 and kept in its float32 (its _score_idf_lucene + _build_idf_array)
+        idf = np.log(1 + (n_docs - df + 0.5) / (df + 0.5)).astype(SCORE_DTYPE)
+        avg_len = n_tokens / n_docs
+        nnz = int(indptr[-1])
+        data_at = _npy_file(directory / DATA, SCORE_DTYPE, nnz)
+        indices_at = _npy_file(directory / INDICES, INDEX_DTYPE, nnz)
 
-    if n_docs == 0:  # what BM25Index.save writes for an empty index: the rowids alone
-        np.save(directory / ROWIDS, np.zeros(0, dtype=np.int64))
-        return 0
-    rowids = np.lib.format.open_memmap(directory / ROWIDS, mode="w+", dtype=np.int64, shape=(n_docs,))
-    n_vocab = len(vocab)
-    df = vocab.df[:n_vocab]
-    indptr = np.zeros(n_vocab + 1, dtype=np.int64)
-    np.cumsum(df, out=indptr[1:])
-    # bm25s's lucene idf, computed in float64 and kept in its float32 (its _score_idf_lucene + _build_idf_array)
-    idf = np.log(1 + (n_docs - df + 0.5) / (df + 0.5)).astype(SCORE_DTYPE)
-    avg_len = n_tokens / n_docs
-    nnz = int(indptr[-1])
-    data = _DiskArray(directory / DATA, SCORE_DTYPE, nnz, flush_bytes)
-    indices = _DiskArray(directory / INDICES, INDEX_DTYPE, nnz, flush_bytes)
-    cursor = indptr[:-1].copy()  # the next free slot of each term's column
-
-    # pass 2: every (passage, term) score at its place in its term's column
-    done = 0
-    try:
-        for batch in batches():
-            texts = [t for _, t in batch]
-            rowids[done:done + len(batch)] = [r for r, _ in batch]
-            docs = [vocab.encode(toks, grow=False) for toks in _tokenize_batch(texts, stemmer)]
-            doc, term, tf, lengths = _batch_pairs(docs)
-            # bm25s's order of operations and precisions: tf in float32, the length norm in float64
-            tf32 = tf.astype(SCORE_DTYPE)
-            tfc = tf32 / (k1 * ((1 - b) + b * lengths[doc] / avg_len) + tf32)
-            scores = (idf[term] * tfc).astype(SCORE_DTYPE)
-            order = np.argsort(term, kind="stable")  # within a term, passages stay in order
-            term_sorted = term[order]
-            starts = np.flatnonzero(np.r_[True, term_sorted[1:] != term_sorted[:-1]])
-            rank = np.arange(len(order)) - np.repeat(starts, np.diff(np.r_[starts, len(order)]))
-            slots = cursor[term_sorted] + rank
-            data.array[slots] = scores[order]
-            indices.array[slots] = (doc[order] + done).astype(INDEX_DTYPE)
-            np.add.at(cursor, term_sorted[starts], np.diff(np.r_[starts, len(order)]))
-            data.wrote(len(order))
-            indices.wrote(len(order))
-            done += len(batch)
-    finally:
-        data.close()
-        indices.close()
-    if done != n_docs or not np.array_equal(cursor, indptr[1:]):
-        raise RuntimeError(f"{directory}: the passages changed between the two BM25 passes "
-                           f"({n_docs} then {done}); rebuild the index")
-    rowids.flush()
-    del rowids
+        # 3. the columns, a block of terms at a time
+        per_entry = np.dtype(SCORE_DTYPE).itemsize + np.dtype(INDEX_DTYPE).itemsize
+        with open(directory / DATA, "r+b") as data_f, open(directory / INDICES, "r+b") as indices_f:
+            for lo, hi in _blocks(indptr, max(1, block_bytes // per_entry)):
+                base = int(indptr[lo])
+                data = np.empty(int(indptr[hi]) - base, dtype=SCORE_DTYPE)
+                indices = np.empty(len(data), dtype=INDEX_DTYPE)
+                cursor = indptr[lo:hi] - base  # the next free slot of each of the block's columns
+                for first, terms, lengths in _chunks(terms_path, lengths_path, n_docs):
+                    doc, term, tf = _pairs(terms, lengths)
+                    keep = (term >= lo) & (term < hi)
+                    doc, term, tf = doc[keep], term[keep], tf[keep]
+                    if len(term) == 0:
+                        continue
+                    # bm25s's order of operations and precisions: tf in float32, the length norm in float64
+                    tf32 = tf.astype(SCORE_DTYPE)
+                    tfc = tf32 / (k1 * ((1 - b) + b * lengths[doc].astype(np.int64) / avg_len) + tf32)
+                    scores = (idf[term] * tfc).astype(SCORE_DTYPE)
+                    order = np.argsort(term, kind="stable")  # within a term, passages stay in order
+                    col = term[order] - lo
+                    starts = np.flatnonzero(np.r_[True, col[1:] != col[:-1]])
+                    counts = np.diff(np.r_[starts, len(col)])
+                    slots = cursor[col] + (np.arange(len(col)) - np.repeat(starts, counts))
+                    data[slots] = scores[order]
+                    indices[slots] = (doc[order] + first).astype(INDEX_DTYPE)
+                    cursor[col[starts]] += counts
+                if not np.array_equal(cursor, indptr[lo + 1:hi + 1] - base):
+                    raise RuntimeError(f"{directory}: internal mismatch filling BM25 terms {lo}-{hi}")
+                data_f.seek(data_at + base * data.itemsize)
+                data.tofile(data_f)  # tofile, not write(tobytes()): no second copy of the block
+                indices_f.seek(indices_at + base * indices.itemsize)
+                indices.tofile(indices_f)
+                del data, indices
     np.save(directory / INDPTR, indptr)
     # bm25s appends the empty token (its create_empty_token) with no column of its own
     ids = dict(vocab.ids)
@@ -181,3 +176,24 @@ def write_bm25(batches: Batches, directory: Path, *, k1: float, b: float, stem: 
               "version": bm25s.__version__, "backend": "numpy"}
     (directory / PARAMS).write_text(json.dumps(params, indent=4), encoding="utf-8")
     return n_docs
+
+
+def _chunks(terms_path: Path, lengths_path: Path, n_docs: int):
+    """(index of the chunk's first passage, its passages' term ids, their lengths), CHUNK_DOCS passages at a
+    time, read into memory (not mapped: mapped pages would stay resident and grow with the corpus)."""
+    with open(terms_path, "rb") as tf_, open(lengths_path, "rb") as lf_:
+        for first in range(0, n_docs, CHUNK_DOCS):
+            lengths = np.fromfile(lf_, dtype=np.int32, count=min(CHUNK_DOCS, n_docs - first))
+            terms = np.fromfile(tf_, dtype=TERM_DTYPE, count=int(lengths.sum()))
+            if len(terms) != int(lengths.sum()):
+                raise RuntimeError(f"{terms_path}: spill file shorter than its lengths")
+            yield first, terms, lengths
+
+
+def _copy_into_npy(raw: Path, out: Path, dtype, length: int, chunk: int = 1 << 20) -> None:
+    """A raw array file as a .npy file, copied in chunks."""
+    offset = _npy_file(out, dtype, length)
+    with open(raw, "rb") as src, open(out, "r+b") as dst:
+        dst.seek(offset)
+        while block := src.read(chunk * np.dtype(dtype).itemsize):
+            dst.write(block)
