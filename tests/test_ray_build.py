@@ -187,6 +187,57 @@ def test_ray_build_interrupted_half_way_resumes_without_redoing_finished_shards(
             assert [h.id for h in a.search(q, 10, mode)] == [h.id for h in b.search(q, 10, mode)], (q, mode)
 
 
+KILLED_DRIVER = """
+import os, signal, sys
+from pathlib import Path
+from expertrag.data.readers import iter_documents
+from expertrag.retrieval import builder
+from expertrag.retrieval.ray_build import build_index_on_ray
+from expertrag.store.docstore import DocStore
+
+builder.EMBED_COMMIT_ROWS = 8
+real, calls = DocStore.put_embeddings, []
+def put_then_die(self, *a, **k):
+    real(self, *a, **k)
+    calls.append(1)
+    if len(calls) == 2:  # the driver dies right after committing its second shard
+        os.kill(os.getpid(), signal.SIGKILL)
+DocStore.put_embeddings = put_then_die
+build_index_on_ray(sys.argv[2], iter_documents([Path(sys.argv[1])]), progress=False, num_workers=1)
+"""
+
+
+@needs_ray
+def test_a_killed_driver_resumes_without_redoing_committed_shards(builds, tmp_path, monkeypatch):
+    """SIGKILL of the driver itself (its own local Ray cluster goes with it), not a failing worker: the rerun
+    embeds only the shards that were not committed and gives the single-process index."""
+    from expertrag.retrieval import builder
+    from expertrag.retrieval.ray_build import build_index_on_ray
+    from expertrag.store.docstore import DocStore
+
+    tmp, corpus, single, _ = builds
+    out = tmp_path / "idx"
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # its own local cluster, not ours
+    env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    proc = subprocess.run([sys.executable, "-c", KILLED_DRIVER, str(corpus), str(out)], env=env,
+                          capture_output=True, text=True, timeout=400)
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    assert not (out / "manifest.json").exists()  # nothing was committed as an index
+    store = DocStore(out / "store.sqlite")
+    saved = store.conn.execute("SELECT COUNT(*) FROM embeddings").fetchone()[0]
+    store.close()
+    assert saved == 16  # the two committed shards of 8, no more, no less
+
+    monkeypatch.setattr(builder, "EMBED_COMMIT_ROWS", 8)
+    resumed = build_index_on_ray(out, iter_documents([corpus]), progress=False, num_workers=1)
+    assert resumed.embedded == single.passages - saved
+    a, b = Index(tmp / "single"), Index(out)
+    assert a.store.live_ids(a.generation) == b.store.live_ids(b.generation)
+    for q in ("what is the additive identity", "Long 2"):
+        for mode in ("bm25", "dense", "hybrid"):
+            assert [h.id for h in a.search(q, 10, mode)] == [h.id for h in b.search(q, 10, mode)], (q, mode)
+
+
 def test_ray_flag_without_ray_is_one_clear_error(tmp_path):
     # Ray hidden from the import system: what a user without the extra sees
     corpus = tmp_path / "c.jsonl"
