@@ -16,6 +16,10 @@ from expertrag.gate.train import GateExample, train_artifacts
 from expertrag.gate.types import Probe
 from expertrag.model.backend import Capabilities
 
+# These fixtures carry the query features only (no retrieval evidence, no time cue), so the tests switch those
+# feature groups off, the package defaults being on; tests/test_gate_signals.py covers them.
+QUERY_ONLY = {"retrieval_evidence": False, "time_features": False}
+
 NATIVE_MOE = Capabilities("native", "ExpertRAG decoder (MoE)", hidden_states=True, router_stats=True,
                           retrieval_affinity=True, passage_memory=True, batched=True, batch_shares_router=True)
 HF_DENSE = Capabilities("transformers", "llama", hidden_states=True, batched=True)
@@ -40,7 +44,7 @@ def _examples(with_router: bool, n: int = 60) -> list[GateExample]:
 
 
 def test_the_learned_gate_refuses_backends_lacking_what_it_was_trained_with(tmp_path):
-    train_artifacts(_examples(with_router=True), GateConfig(use_hidden=True, calibration="none"), tmp_path)
+    train_artifacts(_examples(with_router=True), GateConfig(use_hidden=True, calibration="none", **QUERY_ONLY), tmp_path)
     gate = make_policy("adaptive", GateConfig(), tmp_path)
     needs = gate.requires()
     assert {"hidden", "entropy", "logprobs", "router_entropy", "router_agreement"} <= needs
@@ -57,7 +61,7 @@ def test_the_learned_gate_refuses_backends_lacking_what_it_was_trained_with(tmp_
 
 
 def test_a_gate_trained_without_probe_vectors_runs_where_its_features_exist(tmp_path):
-    train_artifacts(_examples(with_router=False), GateConfig(use_hidden=False, calibration="none"), tmp_path)
+    train_artifacts(_examples(with_router=False), GateConfig(use_hidden=False, calibration="none", **QUERY_ONLY), tmp_path)
     gate = make_policy("adaptive", GateConfig(), tmp_path)
     assert "hidden" not in gate.requires() and "router_entropy" not in gate.requires()
     check_policy(gate, HF_DENSE)

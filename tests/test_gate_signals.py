@@ -128,7 +128,7 @@ def test_sample_features_hand_case():
 
 def test_feature_groups_are_switchable_and_recorded_in_the_gate(tmp_path):
     ex = examples()
-    base = GateConfig(use_query_embedding=False)
+    base = GateConfig(use_query_embedding=False, retrieval_evidence=False, time_features=False)  # both default on
     train_artifacts(ex, base, tmp_path / "base")
     fast = json.loads((tmp_path / "base" / "fast.json").read_text())["spec"]["names"]
     full = json.loads((tmp_path / "base" / "full.json").read_text())["spec"]["names"]

@@ -25,6 +25,10 @@ from expertrag.gate.train import (
 from expertrag.gate.types import Probe
 
 SPEC = FeatureSpec(("x0", "x1"))
+# These fixtures carry the query features only (no retrieval evidence, no time cue), so the tests switch those
+# feature groups off, the package defaults being on; tests/test_gate_signals.py covers them.
+QUERY_ONLY = {"retrieval_evidence": False, "time_features": False}
+
 
 
 @dataclass
@@ -70,7 +74,8 @@ def test_train_supervised_reports_validation_metrics():
     rng = np.random.default_rng(0)
     y = (rng.random(300) < 0.3).astype(int)
     X = rng.normal(size=(300, 2)) + y[:, None] * 2.5
-    res = train_supervised(X, y, SPEC, GateConfig(use_query_embedding=False))
+    # the max-F1 threshold (fit_target_rate=None), not the default fixed retrieval rate
+    res = train_supervised(X, y, SPEC, GateConfig(use_query_embedding=False, fit_target_rate=None))
     r = res.report
     assert r["train"] + r["calibration"] + r["validation"] == 300 and r["calibrated"] == "platt"
     m = r["metrics"]
@@ -190,7 +195,7 @@ def _examples(n: int = 160, seed: int = 0) -> list[GateExample]:
 
 def test_train_artifacts_writes_a_gate_folder_the_policies_load(tmp_path):
     examples = _examples()
-    cfg = GateConfig(popularity_min_questions=5)
+    cfg = GateConfig(popularity_min_questions=5, **QUERY_ONLY)
     report = train_artifacts(examples, cfg, tmp_path)
     names = {p.name for p in tmp_path.iterdir()}
     # exactly these: every file is written through a temporary one, and none may be left behind
@@ -214,7 +219,7 @@ def test_train_artifacts_writes_a_gate_folder_the_policies_load(tmp_path):
     # without probe features: only the query-only parts; stale probe artifacts are removed
     for e in examples:
         e.probe_features = None
-    report = train_artifacts(examples, GateConfig(objective="reinforce", e2e_epochs=20), tmp_path)
+    report = train_artifacts(examples, GateConfig(objective="reinforce", e2e_epochs=20, **QUERY_ONLY), tmp_path)
     names = {p.name for p in tmp_path.iterdir()}
     assert "full.json" not in names and "entropy.json" not in names and "router.json" not in names
     assert report["parts"]["fast"]["objective"] == "reinforce" and "skipped" in report["parts"]["full"]
@@ -232,4 +237,4 @@ def test_train_artifacts_errors(tmp_path):
     for e in examples:
         e.label = "no_retrieve"
     with pytest.raises(ExpertRAGError, match="both kinds"):
-        train_artifacts(examples, GateConfig(use_query_embedding=False), tmp_path)
+        train_artifacts(examples, GateConfig(use_query_embedding=False, **QUERY_ONLY), tmp_path)
