@@ -51,7 +51,8 @@ def main() -> None:
     ap.add_argument("labels", type=Path, nargs="+")
     args = ap.parse_args()
     provs = [json.loads(sidecar(p).read_text()) for p in args.labels]
-    if len({p["settings_sha256"] for p in provs}) != 1:
+    rebuilt = len({p["settings_sha256"] for p in provs}) != 1  # settings differ: only an index rebuild may
+    if rebuilt:
         if not args.allow_index_rebuild:
             sys.exit("the label files were made with different settings (settings_sha256 differ): not merged")
         if len({json.dumps(without_build(p["settings"]), sort_keys=True) for p in provs}) != 1:
@@ -82,7 +83,7 @@ def main() -> None:
     prov = dict(provs[0])
     prov["datasets"] = sorted({d for p in provs for d in p.get("datasets", [])})
     prov["merged_from"] = [str(p) for p in args.labels]
-    if len({p["settings_sha256"] for p in provs}) != 1:
+    if rebuilt:
         prov["index_builds"] = index_builds(args.labels, provs, kept)
         if args.note:
             prov["index_builds_note"] = args.note

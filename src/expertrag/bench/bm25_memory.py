@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
 import time
 from collections.abc import Iterator
@@ -122,8 +123,6 @@ def run(data: Path, sizes: list[int], *, work: Path, queries: int = 200, timeout
                                              str(questions_path), str(queries)], 1, timeout_s, module=module)
         row["load_after"] = os.getloadavg()[0]
         rows.append(row)
-        import shutil
-
         corpus.unlink()
         for mode in ("memory", "stream"):
             shutil.rmtree(work / f"bm25-{mode}-{n}", ignore_errors=True)

@@ -50,8 +50,10 @@ class BM25Index:
 
     @classmethod
     def build(cls, batches: Iterable[list[tuple[int, str]]], *, k1: float, b: float, stem: bool) -> BM25Index:
-        """Index (rowid, text) batches. bm25s needs every document's tokens at once to build its
-        sparse matrix; the token lists are far smaller than the texts, which we do not keep."""
+        """Index (rowid, text) batches in memory with bm25s. The reference build: index directories are
+        built by `bm25_stream.write_bm25` in bounded memory; this one, which needs every document's tokens
+        at once (~1.1 GB at 1M passages), serves the tests and `bench bm25` as what the streamed files must
+        equal."""
         stemmer = _stemmer(stem)
         rowids: list[int] = []
         tokens: list[list[str]] = []
@@ -64,6 +66,7 @@ class BM25Index:
         return cls(model, np.asarray(rowids, dtype=np.int64), stem)
 
     def save(self, directory: Path) -> None:
+        """Write a `build` result in bm25s's format (the files `write_bm25` writes; reference use only)."""
         directory.mkdir(parents=True, exist_ok=True)
         if len(self.rowids):
             self.model.save(str(directory), show_progress=False)

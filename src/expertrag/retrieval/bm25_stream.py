@@ -4,12 +4,14 @@ file format.
 `bm25s.BM25.index` needs every passage's tokens in memory at once: ~1.1 MB per 1,000 passages, 1.1 GB at 1M
 (RESULTS.md, "Scale"). This builder reads the passages once and never holds more than one batch of them:
 
-1. One pass over the passages: tokenise each batch, append its term ids and passage lengths to two spill
-   files on disk (4 bytes a token), count per term the passages that contain it (document frequency).
+1. One pass over the passages: tokenise each batch, reduce each passage to its (term id, term frequency)
+   pairs, append them and the passage lengths to spill files on disk (8 bytes a distinct term of a passage),
+   count per term the passages that contain it (document frequency).
 2. The document frequencies give the score matrix's column pointers (a term's column holds exactly df
    entries), so the output files are laid out at their final size.
 3. The columns are filled in blocks of consecutive terms whose postings fit in `block_bytes`: for each block
-   the spill files are read again in chunks, each (passage, term) score of the block's terms is computed
+   the spill files are read again in chunks (the pairs as spilled: no re-counting), each (passage, term) score
+   of the block's terms is computed
    with the corpus-wide idf and mean length and put at its place, and the finished block is written to the
    output files in one sequential write. Passages arrive in order, so every column ends up sorted.
 
@@ -19,8 +21,8 @@ precisions (tests/test_bm25_stream.py compares every posting with `bm25s.BM25.in
 
 Memory: the vocabulary (term -> id and three numbers per term: grows with distinct terms, which grow far
 slower than passages), one batch or chunk, and one block of postings (`block_bytes`; a single term whose
-postings alone exceed it is a block of its own). Time: one tokenisation, plus one read of the spill files
-per block (sequential, ~4 bytes a token).
+postings alone exceed it is a block of its own). Time: one tokenisation and term count, plus one read of the
+spill files per block (sequential, ~8 bytes a posting).
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ DATA, INDICES, INDPTR = "data.csc.index.npy", "indices.csc.index.npy", "indptr.c
 VOCAB, PARAMS = "vocab.index.json", "params.index.json"
 SCORE_DTYPE, INDEX_DTYPE = np.float32, np.int32  # bm25s's defaults (its `dtype`, `int_dtype`)
 TERM_DTYPE = np.int32
+TF_DTYPE = np.int32  # a term's count in one passage
 CHUNK_DOCS = 1 << 13  # passages read back from the spill files at a time (~10 MB of temporaries)
 
 
@@ -102,24 +105,33 @@ def write_bm25(batches: Iterable[list[tuple[int, str]]], directory: Path, *, k1:
     stemmer = _stemmer(stem)
     vocab = _Vocabulary()
     with tempfile.TemporaryDirectory(dir=directory, prefix=".spill-") as spill:
-        terms_path, lengths_path, rowids_path = (Path(spill) / n for n in ("terms", "lengths", "rowids"))
-        # 1. tokenise once; term ids, lengths and rowids go to the spill files
+        spill_dir = Path(spill)
+        paths = {n: spill_dir / n for n in ("terms", "tfs", "distinct", "lengths", "rowids")}
+        # 1. tokenise once; each passage's (term, tf) pairs, its distinct-term count, its length and its
+        # rowid go to the spill files
         n_docs = n_tokens = 0
-        with open(terms_path, "wb") as tf_, open(lengths_path, "wb") as lf_, open(rowids_path, "wb") as rf_:
+        files = {n: open(p, "wb") for n, p in paths.items()}
+        try:
             for batch in batches:
                 docs = [vocab.encode(query_tokens(t, stemmer)) for _, t in batch]
                 lengths = np.fromiter((len(d) for d in docs), dtype=np.int32, count=len(docs))
                 terms = np.fromiter((t for d in docs for t in d), dtype=TERM_DTYPE, count=int(lengths.sum()))
-                vocab.count(_pairs(terms, lengths)[1])
-                terms.tofile(tf_)
-                lengths.tofile(lf_)
-                np.fromiter((r for r, _ in batch), dtype=np.int64, count=len(batch)).tofile(rf_)
+                doc, term, tf = _pairs(terms, lengths)
+                vocab.count(term)
+                term.astype(TERM_DTYPE).tofile(files["terms"])
+                tf.astype(TF_DTYPE).tofile(files["tfs"])
+                np.bincount(doc, minlength=len(batch)).astype(np.int32).tofile(files["distinct"])
+                lengths.tofile(files["lengths"])
+                np.fromiter((r for r, _ in batch), dtype=np.int64, count=len(batch)).tofile(files["rowids"])
                 n_docs += len(batch)
                 n_tokens += int(lengths.sum())
+        finally:
+            for f in files.values():
+                f.close()
         if n_docs == 0:  # what BM25Index.save writes for an empty index: the rowids alone
             np.save(directory / ROWIDS, np.zeros(0, dtype=np.int64))
             return 0
-        _copy_into_npy(rowids_path, directory / ROWIDS, np.int64, n_docs)
+        _copy_into_npy(paths["rowids"], directory / ROWIDS, np.int64, n_docs)
 
         # 2. the layout: column pointers from the document frequencies
         n_vocab = len(vocab)
@@ -141,8 +153,7 @@ def write_bm25(batches: Iterable[list[tuple[int, str]]], directory: Path, *, k1:
                 data = np.empty(int(indptr[hi]) - base, dtype=SCORE_DTYPE)
                 indices = np.empty(len(data), dtype=INDEX_DTYPE)
                 cursor = indptr[lo:hi] - base  # the next free slot of each of the block's columns
-                for first, terms, lengths in _chunks(terms_path, lengths_path, n_docs):
-                    doc, term, tf = _pairs(terms, lengths)
+                for first, doc, term, tf, lengths in _chunks(paths, n_docs):
                     keep = (term >= lo) & (term < hi)
                     doc, term, tf = doc[keep], term[keep], tf[keep]
                     if len(term) == 0:
@@ -178,16 +189,23 @@ def write_bm25(batches: Iterable[list[tuple[int, str]]], directory: Path, *, k1:
     return n_docs
 
 
-def _chunks(terms_path: Path, lengths_path: Path, n_docs: int):
-    """(index of the chunk's first passage, its passages' term ids, their lengths), CHUNK_DOCS passages at a
-    time, read into memory (not mapped: mapped pages would stay resident and grow with the corpus)."""
-    with open(terms_path, "rb") as tf_, open(lengths_path, "rb") as lf_:
+def _chunks(paths: dict[str, Path], n_docs: int):
+    """(index of the chunk's first passage, passage-in-chunk, term id, tf, the passages' lengths) for the
+    spilled pairs, CHUNK_DOCS passages at a time, read into memory (not mapped: mapped pages would stay
+    resident and grow with the corpus)."""
+    with (open(paths["terms"], "rb") as term_f, open(paths["tfs"], "rb") as tf_f,
+          open(paths["distinct"], "rb") as distinct_f, open(paths["lengths"], "rb") as length_f):
         for first in range(0, n_docs, CHUNK_DOCS):
-            lengths = np.fromfile(lf_, dtype=np.int32, count=min(CHUNK_DOCS, n_docs - first))
-            terms = np.fromfile(tf_, dtype=TERM_DTYPE, count=int(lengths.sum()))
-            if len(terms) != int(lengths.sum()):
-                raise RuntimeError(f"{terms_path}: spill file shorter than its lengths")
-            yield first, terms, lengths
+            count = min(CHUNK_DOCS, n_docs - first)
+            distinct = np.fromfile(distinct_f, dtype=np.int32, count=count)
+            lengths = np.fromfile(length_f, dtype=np.int32, count=count)
+            n_pairs = int(distinct.sum())
+            term = np.fromfile(term_f, dtype=TERM_DTYPE, count=n_pairs).astype(np.int64)
+            tf = np.fromfile(tf_f, dtype=TF_DTYPE, count=n_pairs)
+            if len(distinct) != count or len(lengths) != count or len(term) != n_pairs or len(tf) != n_pairs:
+                raise RuntimeError(f"{paths['terms'].parent}: spill files shorter than their counts")
+            doc = np.repeat(np.arange(count, dtype=np.int64), distinct)
+            yield first, doc, term, tf, lengths
 
 
 def _copy_into_npy(raw: Path, out: Path, dtype, length: int, chunk: int = 1 << 20) -> None:
