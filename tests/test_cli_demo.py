@@ -10,6 +10,9 @@ from expertrag.gate.features import QUERY_FEATURES, probe_features
 from expertrag.gate.train import GateExample, train_artifacts
 from expertrag.gate.types import Probe
 
+# the examples carry query and probe features only; the defaults also read retrieval evidence and the time cue
+QUERY_ONLY = {"retrieval_evidence": False, "time_features": False}
+
 
 def _examples(n: int = 60) -> list[GateExample]:
     rng = np.random.default_rng(0)
@@ -27,7 +30,7 @@ def _examples(n: int = 60) -> list[GateExample]:
 
 
 def test_held_out_summary_reads_the_trained_report(tmp_path):
-    report = train_artifacts(_examples(), GateConfig(validation_fraction=0.25), tmp_path)
+    report = train_artifacts(_examples(), GateConfig(validation_fraction=0.25, **QUERY_ONLY), tmp_path)
     full = report["parts"]["full"]
     line = held_out_summary(report)
     assert line == f"; held-out AUROC {full['metrics']['auroc']:.2f} on {full['validation']} questions"
@@ -35,7 +38,7 @@ def test_held_out_summary_reads_the_trained_report(tmp_path):
 
 
 def test_held_out_summary_is_silent_without_a_held_out_split(tmp_path):
-    report = train_artifacts(_examples(), GateConfig(validation_fraction=0.0), tmp_path)
+    report = train_artifacts(_examples(), GateConfig(validation_fraction=0.0, **QUERY_ONLY), tmp_path)
     assert report["parts"]["full"]["validation"] == 0
     assert held_out_summary(report) == ""
 
