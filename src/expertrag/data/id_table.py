@@ -74,7 +74,7 @@ class IdTable:
         return None
 
     def _grow(self) -> None:
-        old = zip(self._hi, self._lo, self._loc)
+        old = zip(self._hi, self._lo, self._loc, strict=True)
         self._alloc(2 * (self._mask + 1))
         his, mask = self._hi, self._mask
         for hi, lo, loc in old:  # reinsert: every digest is distinct, so only empty slots are probed for
