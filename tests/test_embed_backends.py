@@ -39,7 +39,10 @@ TEXTS = [
     "Photosynthesis lets plants convert light energy into chemical energy.",
     "Python is a programming language.",
 ]
-MIN_COSINE = {"onnx": 0.99999, "onnx-int8": 0.98, "openvino": 0.9999}  # openvino: bf16 where the CPU has it
+# openvino: bf16 where the CPU has it. onnx-int8: int8 kernels differ by CPU; the per-channel model's minimum
+# was 0.9714 over 1,000 passages on an Intel Xeon (RESULTS.md, embedding backends) and 0.9775 on these 7 texts
+# on an AMD EPYC, while per-tensor quantisation (the mistake this guards against) gave 0.905
+MIN_COSINE = {"onnx": 0.99999, "onnx-int8": 0.97, "openvino": 0.9999}
 HAS_OPENVINO = openvino_available()
 needs_openvino = pytest.mark.skipif(not HAS_OPENVINO, reason="openvino is not installed: pip install 'expertrag[openvino]'")
 

@@ -200,7 +200,32 @@ def test_training_data_rendering(files, tokenizer):
     assert "[1] Tide:" in prompt and "Question: What causes tides?" in prompt
     assert "<|im_start|>assistant\n" in prompt
     assert 0 < len(open_.passage_ids) <= 512
-    assert tokenizer.decode(open_.passage_ids).startswith("Tide: Tides are")
+    assert tokenizer.decode(open_.passage_ids).startswith("Tide. Tides are")  # model.prompts.memory_text
+
+
+@pytest.mark.slow
+def test_expert_only_fusion_keeps_passages_out_of_the_prompt(tokenizer):
+    """train.fusion: expert: the open-book example is the closed-book prompt with the passages in the
+    retrieval expert's memory only, and that memory is token for token what `pipeline.fusion: expert` feeds
+    the expert at answer time (the same memory_text, tokenised the same way)."""
+    from expertrag.data.types import Question
+    from expertrag.model.generation import encode_prompt
+    from expertrag.model.prompts import closed_book_messages, memory_text
+    from expertrag.model.train.examples import qa_examples
+    from expertrag.retrieval.types import Hit
+
+    q = Question(id="q", question="What causes tides?", golden_answers=["the Moon"])
+    hits = [Hit("a", "Tide", "Tides are caused by the Moon's gravity.", 0.0),
+            Hit("b", "Sea", "The sea is salty.", 0.0)]
+    closed, open_ = qa_examples(q, hits, tokenizer, TrainConfig(seq_len=128, fusion="expert"))
+    assert open_.kind == "open" and open_.input_ids == closed.input_ids and open_.labels == closed.labels
+    prompt = tokenizer.decode(open_.input_ids)
+    assert "Passages" not in prompt and "Tides are" not in prompt
+    assert tokenizer.decode([t for t in open_.labels if t != -100]) == "the Moon" + tokenizer.eos_token
+    answer_time = [i for t in [memory_text(hits)] for i in tokenizer(t, add_special_tokens=False)["input_ids"]]
+    assert open_.passage_ids == answer_time
+    assert closed.input_ids[:len(encode_prompt(tokenizer, closed_book_messages(q.question)))] == \
+        encode_prompt(tokenizer, closed_book_messages(q.question))
 
 
 @pytest.mark.slow

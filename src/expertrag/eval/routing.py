@@ -115,7 +115,8 @@ def retrieval_routing(rag: Any, questions: Sequence[Question], labels: Mapping[s
                       progress: bool | None = None) -> dict[str, Any]:
     """Closed- and open-book routing of the retrieval expert over `questions` (module doc). `rag` is an
     ExpertRAG whose generator is an MoE model with a retrieval expert; its config gives k and passage length."""
-    from expertrag.pipeline.rag import PipelineGateContext, memory_text
+    from expertrag.model.prompts import memory_text
+    from expertrag.pipeline.rag import PipelineGateContext
 
     gen = rag.generator
     if not _moe_layers(gen.model):

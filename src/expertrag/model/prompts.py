@@ -31,3 +31,10 @@ def format_passages(hits: Sequence[Hit], max_chars: int = 700) -> str:
 def open_book_messages(question: str, hits: Sequence[Hit], max_chars: int = 700) -> list[dict[str, str]]:
     user = f"Passages:\n{format_passages(hits, max_chars)}\n\nQuestion: {question}"
     return [{"role": "system", "content": SYSTEM_WITH_PASSAGES}, {"role": "user", "content": user}]
+
+
+def memory_text(hits: Sequence[Hit]) -> str:
+    """What the retrieval expert reads for these hits: every passage, titled, in one memory. Training
+    (model/train/examples.py) and answering (pipeline/rag.py) both use this, so the expert reads at answer
+    time exactly the text it was trained on."""
+    return " ".join(f"{h.title}. {h.contents}" for h in hits)

@@ -41,7 +41,7 @@ from expertrag.gate.policies.base import Policy
 from expertrag.gate.requirements import check_policy
 from expertrag.gate.types import Decision, Probe
 from expertrag.model.backend import Generator, RouterStats, TokenEvent
-from expertrag.model.prompts import closed_book_messages, open_book_messages
+from expertrag.model.prompts import closed_book_messages, memory_text, open_book_messages
 from expertrag.pipeline.answer import Answer, Citation, Timings, User
 from expertrag.pipeline.cache import LRUCache, cache_key
 from expertrag.pipeline.config import PipelineConfig
@@ -960,11 +960,6 @@ def supports(passage: str, answer: str, question: str) -> bool:
         return False
     present = set(normalize_answer(passage).split())
     return len(novel & present) >= max(1, math.ceil(len(novel) * 2 / 3))
-
-
-def memory_text(hits: Sequence[Hit]) -> str:
-    """What the retrieval expert reads for these hits: every passage, titled, in one memory."""
-    return " ".join(f"{h.title}. {h.contents}" for h in hits)
 
 
 def has_retrieval_expert(generator: Generator) -> bool:

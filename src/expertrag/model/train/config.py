@@ -36,6 +36,10 @@ class TrainConfig(BaseModel):
     passages_k: int = Field(3, gt=0, description="passages per open-book example (dropped from the end if "
                             "the prompt does not fit seq_len)")
     passage_max_chars: int = Field(400, gt=0, description="characters of each passage shown in the prompt")
+    fusion: Literal["both", "expert"] = Field(
+        "both", description="how open-book examples carry their passages: both = in the prompt and in the "
+        "retrieval expert's memory; expert = in the memory only, under the closed-book prompt (so the "
+        "expert has something to add; answer with `pipeline.fusion: expert`)")
     max_passage_tokens: int = Field(512, gt=0, description="passage tokens the retrieval expert reads per example")
     search_mode: Literal["bm25", "dense", "hybrid"] = Field("hybrid", description="index search mode (--index)")
     max_corpus_blocks: int | None = Field(None, gt=0, description="use at most this many corpus blocks")

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from expertrag.answers import contains_answer
 from expertrag.model.generation import encode_prompt
-from expertrag.model.prompts import closed_book_messages, open_book_messages
+from expertrag.model.prompts import closed_book_messages, memory_text, open_book_messages
 
 if TYPE_CHECKING:
     from expertrag.model.train.config import TrainConfig
@@ -69,8 +69,15 @@ def qa_examples(question: Any, hits: Sequence[Any] | None, tokenizer: Any, cfg: 
         ids = prompt + tgt
         return Example(ids, [-100] * len(prompt) + tgt, kind, passage_ids)
 
-    out = [example(encode_prompt(tokenizer, closed_book_messages(question.question)), answer, "closed", [])]
+    closed_prompt = encode_prompt(tokenizer, closed_book_messages(question.question))
+    out = [example(closed_prompt, answer, "closed", [])]
     hits = list(hits or [])[: cfg.passages_k]
+    if hits and cfg.fusion == "expert":
+        # passages reach the model only through the retrieval expert's memory, as `pipeline.fusion: expert`
+        # answers: the prompt is the closed-book one, so nothing to cite
+        pids = tokenizer(memory_text(hits), add_special_tokens=False)["input_ids"]
+        out.append(example(closed_prompt, answer, "open", pids[: cfg.max_passage_tokens]))
+        return out
     while hits:
         prompt = encode_prompt(tokenizer, open_book_messages(question.question, hits, cfg.passage_max_chars))
         if len(prompt) + 8 <= cfg.seq_len or len(hits) == 1:
@@ -82,8 +89,6 @@ def qa_examples(question: Any, hits: Sequence[Any] | None, tokenizer: Any, cfg: 
                      if contains_answer(f"{h.title} {h.contents[: cfg.passage_max_chars]}",
                                         question.golden_answers)), None)
         target = answer if cite is None else f"{answer} [{cite}]"
-        pids: list[int] = []
-        for h in hits:
-            pids.extend(tokenizer(f"{h.title}: {h.contents}", add_special_tokens=False)["input_ids"])
+        pids = tokenizer(memory_text(hits), add_special_tokens=False)["input_ids"]
         out.append(example(prompt, target, "open", pids[: cfg.max_passage_tokens]))
     return out
