@@ -338,3 +338,26 @@ def test_cli_smoke_real_model(files, tmp_path, smollm2_dir):
     res = _invoke("--data", str(corpus), "--data", str(questions), "--steps", "2", "--out", str(out), "--resume",
                   "--config", str(conf))
     assert res.exit_code == 0 and "trained 2 steps" in res.output  # already done: nothing more to train
+
+
+def test_open_book_passages_come_from_an_int8_index_with_the_config_retrieval_section(tmp_path):
+    """`train lm --index` searches with the config's retrieval settings: an onnx-int8 index (as
+    indexes/shared is) is searched with int8 queries, and without the setting the mismatch is named."""
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnx")
+    from expertrag.data.types import Document, Question
+    from expertrag.model.train.data import find_passages
+    from expertrag.retrieval import build_index
+    from expertrag.retrieval.config import RetrievalConfig
+
+    cfg = RetrievalConfig(embed_backend="onnx-int8")
+    docs = [Document("t", "Tide", "Tides are caused by the Moon's gravity."),
+            Document("s", "Sea", "The sea is salty because rivers carry minerals into it.")]
+    build_index(tmp_path / "int8", docs, retrieval=cfg, progress=False)
+    q = Question(id="q", question="What causes tides?", golden_answers=["the Moon"])
+    hits = find_passages([q], [], TrainConfig(passages_k=1), tmp_path / "int8", cfg)
+    assert [h.id for h in hits[0]] == ["t"]
+    from expertrag.errors import IndexFormatError
+
+    with pytest.raises(IndexFormatError, match="built with embed backend 'onnx-int8'"):
+        find_passages([q], [], TrainConfig(passages_k=1), tmp_path / "int8")

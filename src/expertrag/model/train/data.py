@@ -61,14 +61,15 @@ def data_file_kind(path: str | Path) -> Literal["questions", "corpus"]:
 
 
 def find_passages(questions: Sequence[Any], docs: Sequence[Any], cfg: TrainConfig,
-                  index: str | Path | None = None) -> list[list[Hit] | None]:
+                  index: str | Path | None = None, retrieval: Any = None) -> list[list[Hit] | None]:
     """Per question, the passages its open-book example shows (None: closed-book only): the index's top
-    `passages_k` when an index is given, else its `metadata.context_ids` looked up in `docs`."""
+    `passages_k` when an index is given, else its `metadata.context_ids` looked up in `docs`. `retrieval`: the
+    RetrievalConfig the index is searched with (its embed backend must match the index's)."""
     hits_for: list[list[Hit] | None] = [None] * len(questions)
     if questions and index is not None:
         from expertrag.retrieval import Index  # loads the retrievers: only when an index is given
 
-        idx = Index(index)
+        idx = Index(index, retrieval)
         texts = [q.question for q in questions]
         for start in range(0, len(texts), SEARCH_BATCH):
             found = idx.search_many(texts[start:start + SEARCH_BATCH], cfg.passages_k, cfg.search_mode)
@@ -83,7 +84,7 @@ def find_passages(questions: Sequence[Any], docs: Sequence[Any], cfg: TrainConfi
 
 
 def load_training_data(files: Sequence[str | Path], tokenizer: Any, cfg: TrainConfig,
-                       index: str | Path | None = None) -> TrainingData:
+                       index: str | Path | None = None, retrieval: Any = None) -> TrainingData:
     """Read every data file (see the package doc) into tokenized examples, in a deterministic order."""
     if not files:
         raise InputError("no data files given (--data FILE)")
@@ -96,7 +97,7 @@ def load_training_data(files: Sequence[str | Path], tokenizer: Any, cfg: TrainCo
     questions = []
     for qf in question_files:
         questions.extend(load_questions(qf)[: cfg.max_questions])
-    hits_for = find_passages(questions, docs, cfg, index)
+    hits_for = find_passages(questions, docs, cfg, index, retrieval)
 
     data = TrainingData(corpus=corpus, qa=[], files=kinds)
     for q, hits in zip(questions, hits_for, strict=True):

@@ -26,9 +26,10 @@ from expertrag.moe.config import MoEConfig
 def run_train_lm(data_files: Sequence[str | Path], *, model_cfg: ModelConfig | None = None,
                  train_cfg: TrainConfig | None = None, moe_cfg: MoEConfig | None = None,
                  index: str | Path | None = None, out_dir: str | Path = "runs/lm", resume: bool = False,
-                 progress: bool | None = None) -> dict[str, Any]:
+                 progress: bool | None = None, retrieval_cfg: Any = None) -> dict[str, Any]:
     """Load the base model (model_cfg), upcycle it (moe_cfg, default `DEMO_MOE`), read the data, train
-    (train_cfg), checkpoint to out_dir. Returns the training summary."""
+    (train_cfg), checkpoint to out_dir. Returns the training summary. retrieval_cfg: how `index` is searched
+    (RetrievalConfig; its embed backend must be the index's)."""
     model_cfg = model_cfg or ModelConfig()
     train_cfg = train_cfg or TrainConfig()
     moe_cfg = moe_cfg or DEMO_MOE
@@ -41,7 +42,7 @@ def run_train_lm(data_files: Sequence[str | Path], *, model_cfg: ModelConfig | N
     model, tokenizer = load_model(model_cfg)
     torch.manual_seed(train_cfg.seed)
     upcycle(model, moe_cfg, trainable=train_cfg.trainable)
-    data = load_training_data(data_files, tokenizer, train_cfg, index)
+    data = load_training_data(data_files, tokenizer, train_cfg, index, retrieval_cfg)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_id(tokenizer)
     return train(model, data, moe_cfg, train_cfg, base_model=model_cfg.base, out_dir=out_dir, resume=resume,
                  pad_id=pad, progress=progress)
