@@ -17,37 +17,34 @@ def ids(n):
 
 
 def measure(make, n):
-    global keep
+    """(seconds, bytes): memory of one structure built under tracemalloc (held until measured), time of a
+    second build without it."""
     tracemalloc.start()
-    make(n)
+    built = make(n)
     current, _ = tracemalloc.get_traced_memory()
     tracemalloc.stop()
-    keep = None
+    del built
     t = time.perf_counter()
     make(n)
-    seconds = time.perf_counter() - t
-    keep = None
-    return seconds, current
+    return time.perf_counter() - t, current
 
 
 def with_dict(n):
-    global keep
-    keep = {}
+    seen = {}
     for line, doc_id in enumerate(ids(n)):  # what data/readers.py kept before: id -> (file index, line)
-        keep.setdefault(doc_id, (0, line))
+        seen.setdefault(doc_id, (0, line))
+    return seen
 
 
 def with_table(n):
-    global keep
-    keep = IdTable()
+    seen = IdTable()
     for line, doc_id in enumerate(ids(n)):
-        keep.add(doc_id, line + 1)
+        seen.add(doc_id, line + 1)
+    return seen
 
 
 n = int(sys.argv[1]) if len(sys.argv) > 1 else 1_000_000
-keep = None
 d_s, d_b = measure(with_dict, n)
-keep = None
 t_s, t_b = measure(with_table, n)
 print(f"{n:,} ids: dict {d_b / n:.0f} B/id {d_s:.1f} s | IdTable {t_b / n:.0f} B/id {t_s:.1f} s | "
       f"memory ratio {t_b / d_b:.3f}, time ratio {t_s / d_s:.2f}")

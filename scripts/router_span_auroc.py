@@ -30,17 +30,14 @@ def main(labels: str, questions: str, index: str, config_path: str, out: str, n:
     from expertrag.answers import contains_answer
     from expertrag.classification import auroc
     from expertrag.config import ExpertRAGConfig
-    from expertrag.eval.gate_quality import _bootstrap
+    from expertrag.data.questions import load_questions
+    from expertrag.eval.gate_quality import auroc_interval
     from expertrag.gate.features import probe_features
     from expertrag.gate.labels import read_labels, target
     from expertrag.pipeline.build import load_pipeline
 
     config = ExpertRAGConfig.load(Path(config_path))
-    golds = {}
-    with open(questions, encoding="utf-8") as f:
-        for line in f:
-            q = json.loads(line)
-            golds[q["id"]] = q["golden_answers"]
+    golds = {q.id: q.golden_answers for q in load_questions(questions)}
     records = list(read_labels(labels))
     records = records[:n] if n else records
     rag = load_pipeline(index, config, "never")
@@ -57,7 +54,8 @@ def main(labels: str, questions: str, index: str, config_path: str, out: str, n:
     seconds = (time.perf_counter() - t) / max(len(rows), 1)
 
     def auc(y: np.ndarray, s: np.ndarray) -> dict:
-        ci = _bootstrap(lambda ix: auroc(y[ix], s[ix]) if 0 < y[ix].sum() < len(ix) else None, len(y), 1000, 0)
+        # y = 1: should retrieve; auroc_interval reads the same as records of label and score
+        ci = auroc_interval([{"label": "retrieve" if a else "no_retrieve", "score": b} for a, b in zip(y, s, strict=True)])
         return {"auroc": round(float(auroc(y, s)), 3), "ci95": [round(v, 3) for v in ci] if ci else None}
 
     summary = {"labels": labels, "config": config_path, "checkpoint": config.model.checkpoint,

@@ -34,6 +34,7 @@ from expertrag.experts.policy_config import PolicyConfig
 from expertrag.experts.registry import ExpertRecord, ExpertRegistry
 from expertrag.experts.router import RoutingSettings
 from expertrag.gate.policies import make_policy
+from expertrag.model.prompts import closed_book_messages
 from expertrag.pipeline.config import PipelineConfig
 from expertrag.pipeline.rag import ExpertRAG
 from expertrag.retrieval import Index, build_index
@@ -250,11 +251,59 @@ def test_a_backend_that_cannot_take_adapters_says_so_once_and_answers_without(in
         assert rag.adapters is None
         a = rag.answer("Why is Mars red?", metadata=ASTRO)
         rag.answer("Why is Mars red?", metadata=ASTRO)
-    warned = [r for r in caplog.records if "cannot apply adapters" in r.getMessage()]
+    warned = [r for r in caplog.records if "cannot apply LoRA adapters" in r.getMessage()]
     assert len(warned) == 1 and "transformers" in warned[0].getMessage() and "astronomy" in warned[0].getMessage()
     c = a.routing["contributions"][0]
     assert c["adapter_applied"] is False and "transformers backend cannot apply" in c["adapter_note"]
     assert a.text
+
+
+@pytest.mark.slow
+def test_model_adapter_answers_every_question_with_it_and_says_why_experts_adapters_wait(index_dir, smollm2,
+                                                                                        tmp_path, caplog):
+    """`model.adapter` (a knowledge expert on the base): every answer is the adapted model's; a domain
+    expert's own adapter is then not applied, with the reason in its contribution."""
+    from expertrag.model.config import ModelConfig
+    from expertrag.model.generator import ExpertRAGGenerator
+    from expertrag.pipeline.build import PipelineSections, load_generator
+
+    ref = _random_adapter(smollm2[0], tmp_path / "knowledge", seed=5)
+    _random_adapter_folder_only(index_dir / "adapters" / "astronomy")
+    _register(index_dir, astronomy={"adapter": "adapters/astronomy"})
+    settings = PipelineSections(model=ModelConfig(backend="native", adapter=str(tmp_path / "knowledge")))
+    gen = load_generator(settings)
+    assert gen.capabilities.adapters is False and "knowledge" in gen.capabilities.model
+    with caplog.at_level(logging.WARNING, logger="expertrag.pipeline.rag"):
+        rag = _rag(index_dir, gen, policy="never")
+        a = rag.answer("Why is Mars red?", metadata=ASTRO)
+    mine = ExpertRAGGenerator(ref, smollm2[1]).generate(
+        closed_book_messages("Why is Mars red?"), max_new_tokens=CFG.max_new_tokens, stop=CFG.stop)
+    assert a.token_ids == mine.token_ids and a.logprobs == pytest.approx(mine.logprobs, abs=1e-4)
+    plain = ExpertRAGGenerator(*smollm2).generate(
+        closed_book_messages("Why is Mars red?"), max_new_tokens=CFG.max_new_tokens, stop=CFG.stop)
+    assert plain.logprobs != pytest.approx(mine.logprobs, abs=1e-4)  # the adapter changes the answer
+    c = a.routing["contributions"][0]
+    assert c["adapter_applied"] is False and "already carries model.adapter" in c["adapter_note"]
+    assert any("already carries model.adapter" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize("update", [{"backend": "transformers"}, {"checkpoint": "runs/some-moe"}])
+def test_model_adapter_needs_the_native_dense_model(update, tmp_path):
+    from expertrag.model.config import ModelConfig
+    from expertrag.pipeline.build import PipelineSections, load_generator
+
+    cfg = ModelConfig(backend="native", adapter=str(tmp_path)).model_copy(update=update)
+    with pytest.raises(InputError, match="model.adapter needs model.backend: native") as e:
+        load_generator(PipelineSections(model=cfg))
+    assert e.value.field == "model.adapter"
+
+
+def test_a_missing_model_adapter_folder_is_one_error_naming_it(tmp_path):
+    from expertrag.model.config import ModelConfig
+    from expertrag.pipeline.build import PipelineSections, load_generator
+
+    with pytest.raises(AdapterError, match="nowhere"):
+        load_generator(PipelineSections(model=ModelConfig(backend="native", adapter=str(tmp_path / "nowhere"))))
 
 
 def _random_adapter_folder_only(folder: Path) -> None:

@@ -307,3 +307,7 @@ def test_bench_ray_runs_every_build_on_the_same_slice(tmp_path):
         assert result[f"ray{w}_time_vs_single"] == pytest.approx(result[f"ray{w}_s"] / result["single_s"])
         # the driver of a Ray build never loads the embedder, so it stays below the single-process driver
         assert result[f"ray{w}_driver_peak_rss_mb"] < result["single_driver_peak_rss_mb"]
+        # every embedding worker reports its own peak (it loaded the embedder: well above an empty process);
+        # no more workers start than there are shards (this slice is one shard)
+        assert 1 <= len(result[f"ray{w}_worker_peak_rss_mb"]) <= w
+        assert all(mb > 100 for mb in result[f"ray{w}_worker_peak_rss_mb"])

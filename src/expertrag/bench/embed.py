@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import itertools
 import multiprocessing
-import resource
 import tempfile
 import time
 from pathlib import Path
@@ -24,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from expertrag.errors import InputError
+from expertrag.memory import peak_rss_mb
 from expertrag.retrieval.embedder import (
     BACKENDS,
     Embedder,
@@ -38,10 +38,6 @@ BUCKET_CHUNKS = 2  # chunks on which onnx without bucketing is also timed (it is
 NAME = "all-MiniLM-L6-v2"
 RECALL_CORPUS = "corpora/retrievalqa_passages.jsonl"
 RECALL_QUESTIONS = "questions/retrievalqa_popqa_triviaqa.jsonl"
-
-
-def _peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
 def load_passages(data: Path | None, limit: int) -> tuple[list[str], str]:
@@ -63,12 +59,7 @@ def load_passages(data: Path | None, limit: int) -> tuple[list[str], str]:
 
 
 def _vm_hwm_mb() -> float:
-    """This process's peak RSS. Not getrusage: Linux carries ru_maxrss over fork and exec, so a spawned
-    child would report its parent's peak; VmHWM belongs to the process's own address space."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024.0
-    return _peak_rss_mb()
+    return peak_rss_mb() or 0.0
 
 
 def _rss_child(backend: str, texts: list[str], threads: int, batch_size: int, queue) -> None:

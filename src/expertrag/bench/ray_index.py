@@ -2,7 +2,8 @@
 
 The same corpus slice is built three times (or more), each in a fresh process and a fresh output folder, so
 no build profits from another's loaded model or page cache of vectors, and each process's peak RSS is its
-own: that is the driver's peak (the Ray workers are separate processes, not counted in it). A Ray build
+own: that is the driver's peak; the Ray embedding workers are separate processes, each reporting its own
+peak just before it is stopped (the Ray Data chunking actors, a tokenizer each, are not measured). A Ray build
 starts its local cluster in that process; the cluster start is timed apart from the build, and the build
 time includes starting the actors (each loads its tokenizer and embedder), since that is what Ray costs.
 Every worker and the single-process build use `threads` intra-op threads.
@@ -20,7 +21,6 @@ import argparse
 import contextlib
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -29,6 +29,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from expertrag.errors import InputError
+from expertrag.memory import peak_rss_mb
 
 
 def _write_slice(data: Path | None, passages: int, path: Path) -> int:
@@ -101,6 +102,7 @@ def _one(mode: str, corpus: Path, out: Path, workers: int, threads: int) -> dict
     result["passages"] = report.passages
     result["timings"] = report.timings
     result["driver_peak_rss_mb"] = _peak_rss_mb()
+    result["worker_peak_rss_mb"] = report.worker_peak_rss_mb  # each embedding actor's; [] in process
     return result
 
 
@@ -180,13 +182,7 @@ def _label_rows(index: Path, n: int, workers: tuple[int, ...], threads: int, bat
 
 
 def _peak_rss_mb() -> float:
-    """This process's peak RSS since its exec (VmHWM). Not ru_maxrss: Linux carries that across fork and
-    exec, so a child of a large process (a test run) would report at least its parent's peak."""
-    with open("/proc/self/status", encoding="ascii") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024.0
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # not Linux: the best there is
+    return peak_rss_mb() or 0.0
 
 
 def run(data: Path | None = None, passages: int = 1000, workers: tuple[int, ...] = (1, 2), threads: int = 1,
@@ -233,6 +229,7 @@ def run(data: Path | None = None, passages: int = 1000, workers: tuple[int, ...]
         result[f"ray{w}_time_vs_single"] = row["build_s"] / single["build_s"]
         result[f"ray{w}_with_start_vs_single"] = (row["build_s"] + row["cluster_start_s"]) / single["build_s"]
         result[f"ray{w}_driver_peak_rss_mb"] = row["driver_peak_rss_mb"]
+        result[f"ray{w}_worker_peak_rss_mb"] = row["worker_peak_rss_mb"]
     if 1 in workers and 2 in workers:
         result["ray2_speedup_vs_ray1"] = result["ray1_s"] / result["ray2_s"]
     result["single_embed_s"] = single["timings"]["embed_s"]

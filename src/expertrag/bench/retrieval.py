@@ -14,7 +14,6 @@ dropping zero scores as ours does): a faster path that returned other passages w
 from __future__ import annotations
 
 import itertools
-import resource
 import statistics
 import tempfile
 import time
@@ -22,14 +21,11 @@ from pathlib import Path
 
 import numpy as np
 
+from expertrag.memory import peak_rss_mb
 from expertrag.retrieval.bm25 import tokenize
 from expertrag.retrieval.builder import build_index
 from expertrag.retrieval.config import RetrievalConfig
 from expertrag.retrieval.index import Index
-
-
-def _peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
 def _documents(data: Path | None, limit: int):
@@ -64,7 +60,7 @@ def run(data: Path | None = None, limit: int = 3000, num_queries: int = 200, k: 
     if threads is not None:
         torch.set_num_threads(threads)
     config = RetrievalConfig(embed_backend=backend)
-    rss_start = _peak_rss_mb()
+    rss_start = peak_rss_mb()
     with tempfile.TemporaryDirectory(prefix="expertrag-bench-") as tmp:
         build: dict = {}
         if index_dir is None:
@@ -73,7 +69,7 @@ def run(data: Path | None = None, limit: int = 3000, num_queries: int = 200, k: 
             report = build_index(out, _documents(data, limit), retrieval=config, progress=progress)
             build_s = time.perf_counter() - t
             build = {"build_s": build_s, "build_passages_per_s": report.passages / build_s,
-                     "build_timings_s": report.timings, "peak_rss_mb": _peak_rss_mb(),
+                     "build_timings_s": report.timings, "peak_rss_mb": peak_rss_mb(),
                      "rss_before_build_mb": rss_start}
         else:  # an index built earlier: search timings only (its backend is the one it was built with)
             out = index_dir

@@ -38,6 +38,7 @@ import yaml
 
 from expertrag.data.questions import load_questions
 from expertrag.errors import InputError
+from expertrag.memory import peak_rss_mb
 
 
 def _free_port() -> int:
@@ -230,13 +231,7 @@ def _server(index: Path, cfg: dict, extra: list[str], threads: int, timeout: flo
 
 
 def _peak_mb(pid: int) -> float | None:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return None
+    return peak_rss_mb(pid)
 
 
 def _replica_peaks(root: int) -> dict[str, list[float]]:

@@ -44,7 +44,8 @@ def train_lm_cmd(
         train_cfg = TrainConfig.model_validate({**train_cfg.model_dump(), "steps": steps})
     moe_cfg = config.moe if "moe" in config.model_fields_set else DEMO_MOE
     summary = run_train_lm(data, model_cfg=config.model, train_cfg=train_cfg, moe_cfg=moe_cfg, index=index,
-                           retrieval_cfg=config.retrieval, out_dir=out, resume=resume, progress=None if not as_json else False)
+                           retrieval_cfg=config.retrieval, out_dir=out, resume=resume,
+                           progress=None if not as_json else False)
     if as_json:
         print(json.dumps(summary, default=str))
         return

@@ -69,6 +69,7 @@ PathLike = str | os.PathLike[str]
 ID_SEPARATOR = "#"  # passage id = f"{doc_id}#{chunk}" for documents of several passages
 MAX_METADATA_DEPTH = 32
 ACCESS_KEY = "groups"
+_LINE_BITS = 40  # a duplicate-id location packs (file index << 40) | (line + 1) into one int64
 
 
 @dataclass
@@ -587,7 +588,7 @@ def iter_documents(
     problem = _Problems(skip_bad, report, strict)
     rep = problem.report
     files: list[str] = []
-    # every id read so far with where it was first seen (file index << 40 | line + 1; 0 = no line), in
+    # every id read so far with where it was first seen (file index << _LINE_BITS | line + 1; 0 = no line), in
     # ~50-100 bytes an id instead of a dict's ~200 (data/id_table.py)
     seen = IdTable()
     for root in roots:
@@ -603,10 +604,10 @@ def iter_documents(
                 except InputError as err:
                     problem(err)
                     continue
-                first = seen.add(doc.id, (file_index << 40) | (doc.line + 1 if doc.line is not None else 0))
+                first = seen.add(doc.id, (file_index << _LINE_BITS) | (doc.line + 1 if doc.line is not None else 0))
                 if first is not None:
-                    first_line = first & ((1 << 40) - 1)
-                    where = files[first >> 40] + (f":{first_line - 1}" if first_line else "")
+                    first_line = first & ((1 << _LINE_BITS) - 1)
+                    where = files[first >> _LINE_BITS] + (f":{first_line - 1}" if first_line else "")
                     problem(InputError(f"duplicate id '{doc.id}' (first seen at {where})", path=path,
                                        line=doc.line, field="id"))
                     continue

@@ -21,7 +21,7 @@ def resolve(cfg: ModelConfig) -> ModelConfig:
         return cfg
     from expertrag.model.llamacpp_backend import available
 
-    if available() and cfg.checkpoint is None and cfg.path is None:
+    if available() and cfg.checkpoint is None and cfg.path is None and cfg.adapter is None:
         return cfg.model_copy(update=LLAMACPP_SETUP)
     return cfg.model_copy(update={"backend": "native"})
 

@@ -69,4 +69,7 @@ class ModelConfig(BaseModel):
     device: str = Field("cpu", description="torch device for the model")
     checkpoint: str | None = Field(
         None, description="MoE checkpoint folder from `expertrag train lm` (upcycled model); null = the dense base")
+    adapter: str | None = Field(
+        None, description="native backend: a LoRA adapter folder (from `expertrag expert train`) kept on the base "
+        "model for every answer and probe, e.g. a knowledge expert; null = none")
     generation: GenerationConfig = Field(default_factory=GenerationConfig)

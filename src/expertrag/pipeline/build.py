@@ -71,6 +71,9 @@ def load_generator(config: PipelineSettings) -> Generator:
 
 def _one_generator(cfg: ModelConfig) -> Generator:
     backend = cfg.backend
+    if cfg.adapter is not None and (backend != "native" or cfg.checkpoint):
+        raise InputError(f"model.adapter needs model.backend: native on the dense base (got backend {backend!r}"
+                         f"{', checkpoint ' + repr(cfg.checkpoint) if cfg.checkpoint else ''})", field="model.adapter")
     if backend == "transformers":
         from expertrag.model.hf_backend import TransformersGenerator
 
@@ -90,7 +93,18 @@ def _one_generator(cfg: ModelConfig) -> Generator:
 
         model, tokenizer = load_moe_model(cfg, None, cfg.checkpoint)
         return ExpertRAGGenerator(model, tokenizer, cfg.generation)
-    return ExpertRAGGenerator.from_config(cfg)
+    generator = ExpertRAGGenerator.from_config(cfg)
+    if cfg.adapter is not None:  # a knowledge expert on the base: stays for every answer and probe
+        import dataclasses
+
+        from expertrag.experts.adapter import load_adapter
+
+        load_adapter(generator.model, cfg.adapter)
+        # the model holds one adapter at a time: domain experts' adapters are not applied beside it
+        generator.capabilities = dataclasses.replace(
+            generator.capabilities, adapters=False, model=f"{generator.capabilities.model} + adapter {cfg.adapter}")
+        generator.base_adapter = cfg.adapter
+    return generator
 
 
 def load_pipeline(index_dir: str | Path, config: PipelineSettings | None = None, policy: str | None = None,

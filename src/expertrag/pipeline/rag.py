@@ -336,12 +336,18 @@ class ExpertRAG:
     def _warn_adapters(self, snapshot: RegistrySnapshot) -> None:
         """Say once per expert (start-up, and each expert added later) that this backend answers without
         its adapter; the answers record `adapter_applied: false` too."""
-        backend = self.generator.capabilities.backend
+        why = self._no_adapters_reason()
         for e in snapshot.active:
             if e.adapter is not None and (e.name, e.version) not in self._adapter_warned:
                 self._adapter_warned.add((e.name, e.version))
-                log.warning("expert %r has a LoRA adapter (%s) but the %s backend cannot apply adapters: "
-                            "its questions are answered by the base model", e.name, e.adapter, backend)
+                log.warning("expert %r has a LoRA adapter (%s) but %s: its questions are answered without it",
+                            e.name, e.adapter, why)
+
+    def _no_adapters_reason(self) -> str:
+        base = getattr(self.generator, "base_adapter", None)  # model.adapter (pipeline/build.py)
+        if base is not None:
+            return f"the model already carries model.adapter {base!r} (one adapter at a time)"
+        return f"the {self.generator.capabilities.backend} backend cannot apply LoRA adapters"
 
     def _adapter_for(self, expert: ExpertRecord, snapshot: RegistrySnapshot) -> tuple[str | None, str | None]:
         """(AdapterBank key, None), or (None, why not) for an expert with an adapter; (None, None) without."""
@@ -349,7 +355,7 @@ class ExpertRAG:
             return None, None
         if self.adapters is None:
             self._warn_adapters(snapshot)
-            return None, f"the {self.generator.capabilities.backend} backend cannot apply LoRA adapters"
+            return None, self._no_adapters_reason()
         from expertrag.experts.adapter import AdapterError
 
         try:

@@ -10,9 +10,8 @@ file format.
 2. The document frequencies give the score matrix's column pointers (a term's column holds exactly df
    entries), so the output files are laid out at their final size.
 3. The columns are filled in blocks of consecutive terms whose postings fit in `block_bytes`: for each block
-   the spill files are read again in chunks (the pairs as spilled: no re-counting), each (passage, term) score
-   of the block's terms is computed
-   with the corpus-wide idf and mean length and put at its place, and the finished block is written to the
+   the spill files are read again in chunks (the pairs as spilled: no re-counting), each (passage, term)
+   score of the block's terms is computed with the corpus-wide idf and mean length and put at its place, and the finished block is written to the
    output files in one sequential write. Passages arrive in order, so every column ends up sorted.
 
 The files are the ones `bm25s.BM25.save` writes (CSC data/indices/indptr, vocabulary, params) plus our rowids,
@@ -27,6 +26,7 @@ spill files per block (sequential, ~8 bytes a posting).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import tempfile
 from collections.abc import Iterable
@@ -110,8 +110,8 @@ def write_bm25(batches: Iterable[list[tuple[int, str]]], directory: Path, *, k1:
         # 1. tokenise once; each passage's (term, tf) pairs, its distinct-term count, its length and its
         # rowid go to the spill files
         n_docs = n_tokens = 0
-        files = {n: open(p, "wb") for n, p in paths.items()}
-        try:
+        with contextlib.ExitStack() as stack:
+            files = {n: stack.enter_context(open(p, "wb")) for n, p in paths.items()}
             for batch in batches:
                 docs = [vocab.encode(query_tokens(t, stemmer)) for _, t in batch]
                 lengths = np.fromiter((len(d) for d in docs), dtype=np.int32, count=len(docs))
@@ -125,9 +125,6 @@ def write_bm25(batches: Iterable[list[tuple[int, str]]], directory: Path, *, k1:
                 np.fromiter((r for r, _ in batch), dtype=np.int64, count=len(batch)).tofile(files["rowids"])
                 n_docs += len(batch)
                 n_tokens += int(lengths.sum())
-        finally:
-            for f in files.values():
-                f.close()
         if n_docs == 0:  # what BM25Index.save writes for an empty index: the rowids alone
             np.save(directory / ROWIDS, np.zeros(0, dtype=np.int64))
             return 0

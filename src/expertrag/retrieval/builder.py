@@ -22,7 +22,6 @@ import fcntl
 import functools
 import itertools
 import os
-import resource
 import shutil
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -37,6 +36,7 @@ from expertrag.data.readers import validate_document
 from expertrag.data.types import Document, Passage
 from expertrag.errors import ExpertRAGError, IndexFormatError, InputError
 from expertrag.fileio import atomic_path, commit_dir
+from expertrag.memory import peak_rss_mb
 from expertrag.retrieval.bm25_stream import write_bm25
 from expertrag.retrieval.config import RetrievalConfig
 from expertrag.retrieval.dense import DenseIndex
@@ -88,6 +88,8 @@ class BuildReport:
     timings: dict[str, float] = field(default_factory=dict)
     # the process's peak RSS (MB) at the end of each phase: which phase raised the high-water mark
     peak_rss_mb: dict[str, float] = field(default_factory=dict)
+    # the peak RSS (MB) of each worker process that embedded for this build (index --ray); empty in process
+    worker_peak_rss_mb: list[float] = field(default_factory=list)
 
     @property
     def passages_per_s(self) -> float:
@@ -385,8 +387,8 @@ class _TodoBlocks:
 
 
 def _peak_rss_mb() -> float:
-    """This process's peak resident set so far (Linux reports ru_maxrss in KiB)."""
-    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0, 1)
+    """This process's peak resident set so far (its own, not a parent's carried over the exec)."""
+    return round(peak_rss_mb() or 0.0, 1)
 
 
 def _remove_stale_temporaries(out: Path) -> None:

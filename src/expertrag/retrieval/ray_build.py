@@ -146,6 +146,11 @@ class EncodeWorker:
     def encode(self, texts: list[str]) -> np.ndarray:
         return self.embedder.encode(texts)
 
+    def peak_rss_mb(self) -> float | None:
+        from expertrag.memory import peak_rss_mb
+
+        return peak_rss_mb()
+
 
 def _unwrap(e: Exception) -> Exception:
     """A user error raised inside a worker, as itself (Ray wraps it with the remote traceback)."""
@@ -225,6 +230,8 @@ class RayBuild:
         self.num_workers = num_workers
         self.threads = threads_per_worker
         self.encode_worker = encode_worker
+        # each embedding worker's peak RSS (MB), read just before the workers are stopped
+        self.worker_peak_rss_mb: list[float] = []
 
     def _blocks(self, n_rows: int, rows_per_call: int) -> int:
         # enough blocks that every worker gets several (load balance), never an empty one
@@ -279,8 +286,24 @@ class RayBuild:
         finally:
             import ray
 
+            self.worker_peak_rss_mb = _worker_peaks(actors)
             for a in actors:
                 ray.kill(a)
+
+
+def _worker_peaks(actors: Sequence[Any]) -> list[float]:
+    """Each live actor's peak RSS; a dead or hung one is left out (a figure, never a reason to fail)."""
+    import ray
+
+    peaks = []
+    for a in actors:
+        try:
+            mb = ray.get(a.peak_rss_mb.remote(), timeout=30)
+        except Exception:  # noqa: BLE001 - a worker that died or hangs has no figure
+            continue
+        if mb is not None:
+            peaks.append(round(mb, 1))
+    return peaks
 
 
 def build_index_on_ray(out_dir: str | Path, documents: Iterable[Document], *,
@@ -296,5 +319,7 @@ def build_index_on_ray(out_dir: str | Path, documents: Iterable[Document], *,
     chunking = chunking or ChunkingConfig()
     plan = RayBuild(retrieval, chunking, num_workers, threads_per_worker, encode_worker)
     with ray_session(address, num_cpus=num_workers * threads_per_worker):
-        return build_index(out_dir, documents, retrieval=retrieval, chunking=chunking, sources=sources,
-                           progress=progress, chunker=plan.chunker, encoder=plan.encoder)
+        report = build_index(out_dir, documents, retrieval=retrieval, chunking=chunking, sources=sources,
+                             progress=progress, chunker=plan.chunker, encoder=plan.encoder)
+    report.worker_peak_rss_mb = plan.worker_peak_rss_mb
+    return report

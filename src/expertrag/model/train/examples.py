@@ -69,14 +69,16 @@ def qa_examples(question: Any, hits: Sequence[Any] | None, tokenizer: Any, cfg: 
         ids = prompt + tgt
         return Example(ids, [-100] * len(prompt) + tgt, kind, passage_ids)
 
+    def memory_ids(hits: Sequence[Any]) -> list[int]:  # what the retrieval expert reads, as at answer time
+        return tokenizer(memory_text(hits), add_special_tokens=False)["input_ids"][: cfg.max_passage_tokens]
+
     closed_prompt = encode_prompt(tokenizer, closed_book_messages(question.question))
     out = [example(closed_prompt, answer, "closed", [])]
     hits = list(hits or [])[: cfg.passages_k]
     if hits and cfg.fusion == "expert":
         # passages reach the model only through the retrieval expert's memory, as `pipeline.fusion: expert`
         # answers: the prompt is the closed-book one, so nothing to cite
-        pids = tokenizer(memory_text(hits), add_special_tokens=False)["input_ids"]
-        out.append(example(closed_prompt, answer, "open", pids[: cfg.max_passage_tokens]))
+        out.append(example(closed_prompt, answer, "open", memory_ids(hits)))
         return out
     while hits:
         prompt = encode_prompt(tokenizer, open_book_messages(question.question, hits, cfg.passage_max_chars))
@@ -89,6 +91,5 @@ def qa_examples(question: Any, hits: Sequence[Any] | None, tokenizer: Any, cfg: 
                      if contains_answer(f"{h.title} {h.contents[: cfg.passage_max_chars]}",
                                         question.golden_answers)), None)
         target = answer if cite is None else f"{answer} [{cite}]"
-        pids = tokenizer(memory_text(hits), add_special_tokens=False)["input_ids"]
-        out.append(example(prompt, target, "open", pids[: cfg.max_passage_tokens]))
+        out.append(example(prompt, target, "open", memory_ids(hits)))
     return out
