@@ -221,6 +221,30 @@ def test_incremental_update_embeds_only_new_or_changed(tmp_path):
     assert len(idx) == len(CORPUS)
 
 
+def test_a_text_shared_across_embed_blocks_and_pages_is_embedded_once(tmp_path, monkeypatch):
+    """Blocks of 3 distinct texts, read from the store in pages of 3 rows: A A B | C B D. The first block
+    (A, B, C) fills on the second page and is committed while that page is still walked; the page's B must
+    not be handed out again (the 1M-passage scale build once stopped on 'internal mismatch' from this)."""
+    from expertrag.retrieval import builder
+
+    monkeypatch.setattr(builder, "EMBED_COMMIT_ROWS", 3)
+    texts = ["Alpha text about rivers.", "Alpha text about rivers.", "Beta text about hills.",
+             "Gamma text about lakes.", "Beta text about hills.", "Delta text about caves."]
+    given: list[str] = []
+
+    def encoder(embedder, blocks):
+        for block in blocks:
+            given.extend(block)
+            yield embedder.encode(block)
+
+    report = build_index(tmp_path / "i", [Document(f"d{i}", "Same", t) for i, t in enumerate(texts)],
+                         progress=False, encoder=encoder)
+    assert report.passages == 6 and report.embedded == 4
+    assert len(given) == len(set(given)) == 4
+    idx = Index(tmp_path / "i")
+    assert {h.id for h in idx.search("Beta text about hills", 2, "dense")} == {"d2", "d4"}
+
+
 def test_changed_document_with_fewer_chunks_retires_the_rest(tmp_path):
     long_text = " ".join(f"Sentence {i} talks about topic number {i} in some detail." for i in range(120))
     out = tmp_path / "i"

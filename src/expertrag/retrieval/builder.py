@@ -354,8 +354,11 @@ class _TodoBlocks:
         after, hashes, texts = 0, [], []
         while True:
             page = self.store.missing_embeddings_page(self.gen, self.model, after, self.rows)
-            # a hash of this page may be committed (and leave the in-flight set) before the page is done
-            seen: set[str] = set()
+            # the page is a snapshot: a hash handed out before it was read (in flight now, or in the block
+            # being filled) may be committed, and leave the in-flight set, while the page is still being
+            # walked; the page still lists it. So every hash out when the page was read counts as seen,
+            # with those this page adds (a block spanning two pages once embedded a text twice).
+            seen: set[str] = set(self._in_flight)
             for rowid, h, title, body in page:
                 after = rowid
                 if h in self._in_flight or h in seen:
