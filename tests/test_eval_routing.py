@@ -61,3 +61,17 @@ def test_retrieval_routing_matches_the_layers(smollm2, tmp_path):
     assert res["by_label"]["retrieve"]["n"] == 1
     q = res["questions"][0]
     assert np.isfinite(q["closed_question_affinity"]) and np.isfinite(q["open_question_affinity"])
+    assert res["fusion"] == "both"
+
+    # the open-book prompt follows pipeline.fusion, as the pipeline answers: memory only ...
+    only_memory = ExpertRAG(rag.index, rag.generator, make_policy("always"), PipelineConfig(k=2, fusion="expert"),
+                            "always")
+    res = retrieval_routing(only_memory, qs, progress=False)
+    assert res["fusion"] == "expert" and set(res["open_book"]) == {"question", "template"}  # no passage block
+    assert max(seg["fired"] for seg in res["open_book"].values()) > 0.0  # the memory is there to route to
+    # ... or passages in the prompt only: no memory, so the slot is unavailable everywhere
+    prompt_only = ExpertRAG(rag.index, rag.generator, make_policy("always"), PipelineConfig(k=2, fusion="concat"),
+                            "always")
+    res = retrieval_routing(prompt_only, qs, progress=False)
+    assert set(res["open_book"]) == {"passages", "question", "template"}
+    assert all(seg["fired"] == 0.0 for seg in res["open_book"].values())

@@ -3,8 +3,9 @@
 For each question, the MoE model reads two prompts exactly as the pipeline builds them:
 - closed-book (no passages): the retrieval slot is unavailable, so it never fires, but the router's unmasked
   affinity for it (softmax probability of its slot) is what the `router` gate reads;
-- open-book (top-k passages in the prompt, and in the retrieval expert's memory as `fusion: both` and
-  `train lm` do): the routing rule of `moe.router.route` is applied to the recorded router logits, so
+- open-book, as the pipeline builds it under `pipeline.fusion` (`ExpertRAG.open_book_inputs`): top-k
+  passages in the prompt (concat), in the retrieval expert's memory only with the closed-book prompt
+  (expert), or both; the routing rule of `moe.router.route` is applied to the recorded router logits, so
   "fired" means exactly what the layer did.
 Each prompt token is put in one segment by character offsets into the rendered chat text: `passages` (the
 numbered passage block), `question` (the question itself) or `template` (chat markup, instructions, labels).
@@ -23,7 +24,7 @@ from tqdm.auto import tqdm
 
 from expertrag.data.types import Question
 from expertrag.gate.labels import LabelRecord
-from expertrag.model.prompts import closed_book_messages, format_passages, open_book_messages
+from expertrag.model.prompts import closed_book_messages, format_passages
 from expertrag.moe.router import route
 
 SEGMENTS = ("passages", "question", "template")
@@ -115,7 +116,6 @@ def retrieval_routing(rag: Any, questions: Sequence[Question], labels: Mapping[s
                       progress: bool | None = None) -> dict[str, Any]:
     """Closed- and open-book routing of the retrieval expert over `questions` (module doc). `rag` is an
     ExpertRAG whose generator is an MoE model with a retrieval expert; its config gives k and passage length."""
-    from expertrag.model.prompts import memory_text
     from expertrag.pipeline.rag import PipelineGateContext
 
     gen = rag.generator
@@ -126,9 +126,8 @@ def retrieval_routing(rag: Any, questions: Sequence[Question], labels: Mapping[s
         c = _prompt_routing(gen, closed_book_messages(q.question), {"question": q.question}, None)
         hits = PipelineGateContext(rag, q.question, {}, None).retrieve(rag.config.k)
         block = format_passages(hits, rag.config.passage_max_chars)
-        memory = gen.encode_passages([memory_text(hits)]) if hits else None
-        o = _prompt_routing(gen, open_book_messages(q.question, hits, rag.config.passage_max_chars),
-                            {"passages": block, "question": q.question}, memory)
+        messages, memory = rag.open_book_inputs(q.question, hits)  # as the pipeline answers, under its fusion
+        o = _prompt_routing(gen, messages, {"passages": block, "question": q.question}, memory)
         closed_rows.append(c)
         open_rows.append(o)
         lab = labels.get(q.id) if labels else None
@@ -145,7 +144,8 @@ def retrieval_routing(rag: Any, questions: Sequence[Question], labels: Mapping[s
             key: float(np.mean([p[key] for p in ps if p[key] is not None]))
             for key in ("closed_question_affinity", "open_question_affinity", "open_fired_passages")
             if any(p[key] is not None for p in ps)}
-    return {"n": len(questions), "closed_book": _summary(closed_rows), "open_book": _summary(open_rows),
+    return {"n": len(questions), "fusion": rag.config.fusion,
+            "closed_book": _summary(closed_rows), "open_book": _summary(open_rows),
             "by_label": by_label, "questions": per_q}
 
 

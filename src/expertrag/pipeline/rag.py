@@ -611,9 +611,7 @@ class ExpertRAG:
             # the lookups the gate already paid for are retrieval work too (its rankings are reused)
             job.timings.retrieval_ms = (time.perf_counter() - t) * 1000 + ranked_for_gate_ms
             job.emit(AnswerEvent("passages", {"passages": [h.to_dict() for h in job.hits]}))
-            job.messages = (closed_book_messages(q) if cfg.fusion == "expert" and has_retrieval_expert(self.generator)
-                            else open_book_messages(q, job.hits, cfg.passage_max_chars))
-            job.memory = self._passage_memory(job.hits)
+            job.messages, job.memory = self.open_book_inputs(q, job.hits, cfg)
         else:
             job.timings.gate_ms += ranked_for_gate_ms  # query features were gate work, not retrieval
             if probe is not None:
@@ -710,10 +708,8 @@ class ExpertRAG:
                     ectx._embedding = ctx.query_embedding()  # one embedding per question, whatever the experts
                 b.hits, cached = self._retrieve(ectx, job.question, f, cfg)
                 cached_any = cached_any or cached
-            b.messages = self._with_prompt(
-                closed_book_messages(job.question) if cfg.fusion == "expert" and has_retrieval_expert(self.generator)
-                else open_book_messages(job.question, b.hits, cfg.passage_max_chars), b.expert)
-            b.memory = self._passage_memory(b.hits)
+            messages, b.memory = self.open_book_inputs(job.question, b.hits, cfg)
+            b.messages = self._with_prompt(messages, b.expert)
         if cached_any:
             job.timings.cache = "retrieval"
         if len(jobs) > 1:
@@ -899,10 +895,17 @@ class ExpertRAG:
             self.retrieval_cache.put(key, [h.to_dict() for h in hits])
         return hits, False
 
-    def _passage_memory(self, hits: Sequence[Hit]):
-        if self.config.fusion == "concat" or not hits or not has_retrieval_expert(self.generator):
-            return None
-        return self.generator.encode_passages([memory_text(hits)])
+    def open_book_inputs(self, question: str, hits: Sequence[Hit], cfg: PipelineConfig | None = None):
+        """(prompt messages, retrieval-expert memory or None) of an open-book answer under `cfg.fusion`:
+        concat = passages in the prompt only; expert = the closed-book prompt, passages only in the memory;
+        both = both. A model without a retrieval expert always gets concat (it has no memory to read)."""
+        cfg = cfg or self.config
+        expert = has_retrieval_expert(self.generator)
+        messages = (closed_book_messages(question) if cfg.fusion == "expert" and expert
+                    else open_book_messages(question, hits, cfg.passage_max_chars))
+        if cfg.fusion == "concat" or not hits or not expert:
+            return messages, None
+        return messages, self.generator.encode_passages([memory_text(hits)])
 
     def _finish(self, q: str, text: str, token_ids: list[int], logprobs: list[float], hits: list[Hit],
                 decision: Decision, timings: Timings, router: RouterStats | None, prompt_tokens: int, *,
