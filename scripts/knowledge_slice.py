@@ -5,13 +5,16 @@
         DIR/slice_train.jsonl (the slice's questions as asked: the adapter's QA pairs),
         DIR/slice_paraphrased.jsonl (the same facts reworded: evaluation inside the slice),
         DIR/outside.jsonl (as many questions about other subjects: evaluation outside it)
-    knowledge_slice.py mixed --questions Q.jsonl --subjects N --out DIR [--seed S] [--outside-train 44]
+    knowledge_slice.py mixed --questions Q.jsonl --subjects N --out DIR [--seed S] [--outside-train N]
         the mixed workload whose "known" half is the slice (RESULTS.md "Knowledge experts: the mixed workload"):
         DIR/kb_corpus.jsonl (one fact passage for every question of Q: the slice's facts with metadata.domain
         "slice", the others "kb"), DIR/slice_train.jsonl (the adapter's QA pairs, as `prepare`),
         DIR/gate_train.jsonl (the slice's questions as asked + --outside-train questions about other
         subjects: what a gate learns the boundary from), DIR/test.jsonl (both paraphrases of every slice
         question + twice as many questions about still other subjects), metadata.part naming each half
+    knowledge_slice.py known --labels L.jsonl --questions Q.jsonl --n N --out FILE [--seed S] [--exclude D.jsonl]
+        a seeded N of the questions whose label says the base model answered them closed-book (the damage
+        check: does an adapter keep what the base model knew?), minus any about a subject of --exclude
     knowledge_slice.py eval --adapter ADAPTER_DIR --dataset D.jsonl [...] [--max-new-tokens 16] [--threads 1]
         closed-book (SmolLM2-135M-Instruct, native decoder, greedy) accuracy = a gold answer in the answer
         (SQuAD-normalised), without and with the adapter, question by question in one process.
@@ -53,42 +56,45 @@ def prepare(args) -> None:
 
 
 def mixed(args) -> None:
-    """The mixed workload (see the module docstring). The outside questions are split by subject, so no
-    test question asks about a subject the gate was trained on unless it is in the slice."""
-    from expertrag.data.knowledge_slice import knowledge_slice, paraphrase, statement
+    """The mixed workload (expertrag.data.knowledge_slice.MixedWorkload) as files."""
+    from expertrag.data.knowledge_slice import mixed_workload
     from expertrag.data.questions import load_questions
 
-    questions = load_questions(args.questions)
-    probe = knowledge_slice(questions, args.subjects, seed=args.seed, where=str(args.questions))
-    n_out_test = 2 * len(probe.train)  # as many as the test's inside half (two paraphrases each)
-    sl = knowledge_slice(questions, args.subjects, seed=args.seed, n_outside=args.outside_train + n_out_test,
-                         where=str(args.questions))
-    part_of: dict[str, str] = {}  # subject -> "train" | "test", on first sight in the seeded order
-    train_out, test_out = [], []
-    for q in sl.outside:
-        subject = q.metadata["subject"]
-        if subject not in part_of:
-            part_of[subject] = "train" if len(train_out) < args.outside_train else "test"
-        (train_out if part_of[subject] == "train" else test_out).append(q)
-    in_slice = {q.id for q in sl.train}
+    w = mixed_workload(load_questions(args.questions), args.subjects, seed=args.seed, outside_train=args.outside_train,
+                       where=str(args.questions))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-
-    def row(x, part):
-        return {"id": x.id, "question": x.question, "golden_answers": x.golden_answers,
-                "metadata": {**x.metadata, "part": part}}
-
-    kb = [statement(q, "slice" if q.id in in_slice else "kb") for q in questions]
+    q = lambda x: {"id": x.id, "question": x.question, "golden_answers": x.golden_answers, "metadata": x.metadata}  # noqa: E731
     write_jsonl(out / "kb_corpus.jsonl", [{"id": d.id, "title": d.title, "contents": d.contents,
-                                           "metadata": d.metadata} for d in kb])
-    write_jsonl(out / "slice_train.jsonl", [row(x, "slice") for x in sl.train])
-    write_jsonl(out / "gate_train.jsonl", [row(x, "slice") for x in sl.train] + [row(x, "outside") for x in train_out])
-    test = [row(paraphrase(x, v), "slice") for x in sl.train for v in (0, 1)] + [row(x, "outside") for x in test_out]
-    write_jsonl(out / "test.jsonl", test)
-    print(json.dumps({"subjects": len(sl.subjects), "slice_questions": len(sl.train), "kb_passages": len(kb),
-                      "gate_train": {"slice": len(sl.train), "outside": len(train_out)},
-                      "test": {"slice_paraphrased": 2 * len(sl.train), "outside": len(test_out)},
+                                           "metadata": d.metadata} for d in w.passages])
+    write_jsonl(out / "slice_train.jsonl", [q(x) for x in w.gate_train if x.metadata["part"] == "slice"])
+    write_jsonl(out / "gate_train.jsonl", [q(x) for x in w.gate_train])
+    write_jsonl(out / "test.jsonl", [q(x) for x in w.test])
+    count = lambda xs, part: sum(x.metadata["part"] == part for x in xs)  # noqa: E731
+    print(json.dumps({"subjects": len(w.slice.subjects), "slice_questions": len(w.slice.train),
+                      "kb_passages": len(w.passages),
+                      "gate_train": {"slice": count(w.gate_train, "slice"), "outside": count(w.gate_train, "outside")},
+                      "test": {"slice_paraphrased": count(w.test, "slice"), "outside": count(w.test, "outside")},
                       "seed": args.seed, "out": str(out)}))
+
+
+def known(args) -> None:
+    import random
+
+    from expertrag.data.questions import load_questions
+    from expertrag.gate.labels import read_labels
+
+    labels = read_labels(args.labels)
+    excluded = {q.metadata.get("subject") for path in args.exclude for q in load_questions(path)} - {None}
+    right = {r.id for r in labels if r.closed_correct}
+    pool = [q for q in load_questions(args.questions)
+            if q.id in right and q.metadata.get("subject") not in excluded]
+    pick = random.Random(args.seed).sample(pool, min(args.n, len(pool)))
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    write_jsonl(Path(args.out), [{"id": x.id, "question": x.question, "golden_answers": x.golden_answers,
+                                  "metadata": x.metadata} for x in pick])
+    print(json.dumps({"closed_correct_in_labels": len(right), "pool": len(pool), "picked": len(pick),
+                      "seed": args.seed, "out": str(args.out)}))
 
 
 def evaluate(args) -> None:
@@ -138,8 +144,15 @@ def main() -> None:
     m.add_argument("--questions", type=Path, required=True)
     m.add_argument("--subjects", type=int, required=True)
     m.add_argument("--seed", type=int, default=0)
-    m.add_argument("--outside-train", type=int, default=44)
+    m.add_argument("--outside-train", type=int, default=None)
     m.add_argument("--out", type=Path, required=True)
+    k = sub.add_parser("known")
+    k.add_argument("--labels", type=Path, required=True)
+    k.add_argument("--questions", type=Path, required=True)
+    k.add_argument("--n", type=int, required=True)
+    k.add_argument("--seed", type=int, default=0)
+    k.add_argument("--exclude", type=Path, action="append", default=[])
+    k.add_argument("--out", type=Path, required=True)
     e = sub.add_parser("eval")
     e.add_argument("--adapter", type=Path, required=True)
     e.add_argument("--dataset", type=Path, action="append", required=True)
@@ -148,7 +161,7 @@ def main() -> None:
     e.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
     try:
-        {"prepare": prepare, "mixed": mixed, "eval": evaluate}[args.cmd](args)
+        {"prepare": prepare, "mixed": mixed, "known": known, "eval": evaluate}[args.cmd](args)
     except Exception as err:  # an input error names its file/field; anything else is a bug worth its trace
         from expertrag.errors import ExpertRAGError
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from expertrag.data.knowledge_slice import RELATIONS, knowledge_slice, paraphrase, statement
+from expertrag.data.knowledge_slice import RELATIONS, knowledge_slice, mixed_workload, paraphrase, statement
 from expertrag.data.types import Question
 from expertrag.errors import InputError
 
@@ -67,3 +67,29 @@ def test_bad_questions_are_named():
         knowledge_slice(QS, 9)
     with pytest.raises(InputError, match="positive"):
         knowledge_slice(QS, 0)
+
+
+def test_mixed_workload_halves_and_subjects():
+    more = QS + [q(str(10 + i), f"Subject {i}", "occupation", "writer", f"What is Subject {i}'s occupation?")
+                 for i in range(12)] + [q("30", "Subject 0", "place of birth", "Oslo", "In what city was Subject 0 born?")]
+    for seed in range(4):
+        w = mixed_workload(more, 2, seed=seed, outside_train=3)
+        inside = set(w.slice.subjects)
+        train_out = [x for x in w.gate_train if x.metadata["part"] == "outside"]
+        test_out = [x for x in w.test if x.metadata["part"] == "outside"]
+        # the gate trains on the slice as the adapter saw it, and is tested on its paraphrases (both wordings)
+        assert [x.id for x in w.gate_train if x.metadata["part"] == "slice"] == [x.id for x in w.slice.train]
+        slice_test = [x for x in w.test if x.metadata["part"] == "slice"]
+        assert len(slice_test) == 2 * len(w.slice.train)
+        assert {x.metadata["paraphrase_of"] for x in slice_test} == {x.id for x in w.slice.train}
+        assert not {x.question for x in slice_test} & {x.question for x in w.slice.train}
+        # outside subjects: none in the slice, none shared by the gate's training and the test
+        s_train = {x.metadata["subject"] for x in train_out}
+        s_test = {x.metadata["subject"] for x in test_out}
+        assert not (s_train | s_test) & inside and not s_train & s_test
+        # at least the asked-for count (a subject is never split to hit it exactly), the rest to the test
+        assert len(train_out) >= 3 and test_out and len(train_out) + len(test_out) == len(w.slice.outside)
+        # the knowledge base holds one fact per question; only the slice's are the slice's domain
+        assert len(w.passages) == len(more)
+        assert {d.id for d in w.passages if d.metadata["domain"] == "slice"} == {f"fact-{x.id}" for x in w.slice.train}
+    assert mixed_workload(more, 2, seed=1, outside_train=3) == mixed_workload(more, 2, seed=1, outside_train=3)

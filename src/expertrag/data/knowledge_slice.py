@@ -102,3 +102,48 @@ def knowledge_slice(questions: Sequence[Question], n_subjects: int, *, seed: int
         subjects=tuple(sorted(drawn)), train=inside, passages=[statement(q, domain) for q in inside],
         paraphrased=[paraphrase(q, random.Random(f"{seed}:{q.id}").randrange(2)) for q in inside],
         outside=outside)
+
+
+@dataclass(frozen=True)
+class MixedWorkload:
+    """A workload whose "known" half is a knowledge slice: what a gate must learn the boundary of.
+
+    `passages` is a knowledge base of one fact per question given (the slice's with the slice's domain,
+    the rest "kb"): retrieval can answer every question, the adapted model only the slice's. `gate_train`
+    is the slice's questions as the adapter was trained on them plus questions about other subjects;
+    `test` is every slice question in both paraphrases plus as many questions about still other subjects.
+    Outside subjects are split whole, so a test question outside the slice never shares a subject with a
+    gate-training one. Every question's metadata.part is "slice" or "outside"."""
+
+    slice: KnowledgeSlice
+    passages: list[Document]
+    gate_train: list[Question]
+    test: list[Question]
+
+
+def mixed_workload(questions: Sequence[Question], n_subjects: int, *, seed: int = 0, outside_train: int | None = None,
+                   domain: str = "slice", where: str = "") -> MixedWorkload:
+    """The mixed workload over `questions` (see MixedWorkload); `outside_train` defaults to the slice's size."""
+    n_inside = len(knowledge_slice(questions, n_subjects, seed=seed, domain=domain, where=where).train)
+    n_train = n_inside if outside_train is None else outside_train
+    sl = knowledge_slice(questions, n_subjects, seed=seed, n_outside=n_train + 2 * n_inside, domain=domain,
+                         where=where)
+    part_of: dict[str, str] = {}  # outside subject -> "train" | "test", on first sight in the seeded order
+    train_out: list[Question] = []
+    test_out: list[Question] = []
+    for x in sl.outside:
+        subject = x.metadata["subject"]
+        if subject not in part_of:
+            part_of[subject] = "train" if len(train_out) < n_train else "test"
+        (train_out if part_of[subject] == "train" else test_out).append(x)
+
+    def tagged(x: Question, part: str) -> Question:
+        return Question(x.id, x.question, list(x.golden_answers), {**x.metadata, "part": part})
+
+    in_slice = {x.id for x in sl.train}
+    return MixedWorkload(
+        slice=sl,
+        passages=[statement(x, domain if x.id in in_slice else "kb") for x in questions],
+        gate_train=[tagged(x, "slice") for x in sl.train] + [tagged(x, "outside") for x in train_out],
+        test=[tagged(paraphrase(x, v), "slice") for x in sl.train for v in (0, 1)]
+        + [tagged(x, "outside") for x in test_out])
