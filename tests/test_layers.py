@@ -1,7 +1,7 @@
 """The package's parts import downward only (DESIGN.md, "Layers"), function-local imports included.
 
 data/store <- retrieval <- moe/model <- gate <- pipeline <- eval/bench/serve <- config <- cli, with the
-standard-library-only leaves (errors, fileio, paths, answers, classification) below everything. Parts on one
+standard-library-only leaves (errors, fileio, paths, answers, classification, text, peak_rss) below everything. Parts on one
 layer may import each other, but no two parts may import each other in a cycle.
 """
 
@@ -15,7 +15,7 @@ import expertrag
 ROOT = Path(expertrag.__file__).parent
 
 LAYERS: list[set[str]] = [
-    {"errors", "fileio", "paths", "answers", "classification", "text"},
+    {"errors", "fileio", "paths", "answers", "classification", "text", "peak_rss"},
     {"data", "store"},
     {"retrieval"},
     {"moe", "model"},

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from expertrag.errors import InputError
-from expertrag.memory import peak_rss_mb
+from expertrag.peak_rss import peak_rss_mb
 from expertrag.retrieval.embedder import (
     BACKENDS,
     Embedder,

@@ -29,7 +29,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from expertrag.errors import InputError
-from expertrag.memory import peak_rss_mb
+from expertrag.peak_rss import peak_rss_mb
 
 
 def _write_slice(data: Path | None, passages: int, path: Path) -> int:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from expertrag.memory import peak_rss_mb
+from expertrag.peak_rss import peak_rss_mb
 from expertrag.retrieval.bm25 import tokenize
 from expertrag.retrieval.builder import build_index
 from expertrag.retrieval.config import RetrievalConfig

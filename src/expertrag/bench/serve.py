@@ -38,7 +38,7 @@ import yaml
 
 from expertrag.data.questions import load_questions
 from expertrag.errors import InputError
-from expertrag.memory import peak_rss_mb
+from expertrag.peak_rss import peak_rss_mb
 
 
 def _free_port() -> int:

@@ -36,7 +36,7 @@ from expertrag.data.readers import validate_document
 from expertrag.data.types import Document, Passage
 from expertrag.errors import ExpertRAGError, IndexFormatError, InputError
 from expertrag.fileio import atomic_path, commit_dir
-from expertrag.memory import peak_rss_mb
+from expertrag.peak_rss import peak_rss_mb
 from expertrag.retrieval.bm25_stream import write_bm25
 from expertrag.retrieval.config import RetrievalConfig
 from expertrag.retrieval.dense import DenseIndex

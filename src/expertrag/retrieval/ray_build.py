@@ -147,7 +147,7 @@ class EncodeWorker:
         return self.embedder.encode(texts)
 
     def peak_rss_mb(self) -> float | None:
-        from expertrag.memory import peak_rss_mb
+        from expertrag.peak_rss import peak_rss_mb
 
         return peak_rss_mb()
 
