@@ -28,13 +28,13 @@ from expertrag.experts.adapter import (
 from expertrag.model.train.examples import Example
 
 
-def _randomise_b(model, seed=1):
+def _randomise_b(model, seed=1, std=0.1):
     # a fresh adapter has B = 0 (it changes nothing); give it weights so round trips are meaningful
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+                p.copy_(torch.randn(p.shape, generator=g) * std)
 
 
 IDS = torch.tensor([[5, 17, 33, 2, 90, 41, 7, 64]])
@@ -192,7 +192,8 @@ def test_with_adapter_on_the_real_generator(smollm2, tmp_path):
     plain = gen.generate(prompt, max_new_tokens=8).token_ids
     work = copy.deepcopy(model)  # the session's shared model stays untouched
     attach(work, lora_config(rank=4, targets=("q_proj", "v_proj")))
-    _randomise_b(work, seed=7)
+    # large enough that greedy decoding must change (at std 0.1 whether 8 tokens change was luck)
+    _randomise_b(work, seed=7, std=1.0)
     save_adapter(work, tmp_path / "a")
     with with_adapter(gen, tmp_path / "a"):
         first = gen.generate(prompt, max_new_tokens=8).token_ids
@@ -218,3 +219,20 @@ def test_an_adapter_of_the_real_model_loads_onto_transformers_smollm2(smollm2, h
         base = model(ids).logits
     assert torch.allclose(theirs, mine, atol=1e-3), (theirs - mine).abs().max()
     assert (mine - base).abs().max() > 1e-2  # the adapter changes the real model's output
+
+
+def test_a_fresh_adapter_is_drawn_from_its_seed(tiny_llama):
+    """Same seed, same A (one `expert train` command gives one adapter); another seed, another A; and the
+    caller's torch generator is left where it was."""
+    def fresh_a(seed):
+        model = copy.deepcopy(tiny_llama)
+        attach(model, lora_config(rank=2), seed=seed)
+        return {k: v.clone() for k, v in adapter_state(model).items() if "lora_A" in k}
+
+    torch.manual_seed(123)
+    want_next = torch.rand(3)
+    torch.manual_seed(123)
+    a0, a0_again, a1 = fresh_a(0), fresh_a(0), fresh_a(1)
+    assert torch.equal(torch.rand(3), want_next)
+    assert a0 and all(torch.equal(a0[k], a0_again[k]) for k in a0)
+    assert all(not torch.equal(a0[k], a1[k]) for k in a0)

@@ -120,7 +120,7 @@ def expert_train_cmd(
             raise InputError("no question with a gold answer (field golden_answers)", path=qa)
         n_qa = len(qa_ex)
         train += qa_ex
-    attach(model, lora_config(rank, alpha, target_list, base=config.model.base))
+    attach(model, lora_config(rank, alpha, target_list, base=config.model.base), seed=seed)
     log = None if as_json else print
     report = train_adapter(model, train, held, pad, steps=steps, lr=lr, batch_size=batch_size, seed=seed,
                            log_every=max(1, steps // 10), log=log)

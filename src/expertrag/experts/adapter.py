@@ -71,15 +71,21 @@ def lora_config(rank: int = 8, alpha: float | None = None, targets: Sequence[str
                       task_type="CAUSAL_LM", base_model_name_or_path=base)
 
 
-def attach(model: nn.Module, config: Any) -> nn.Module:
-    """Inject a fresh LoRA adapter (B = 0: the model computes what it did) and freeze everything else."""
+def attach(model: nn.Module, config: Any, seed: int = 0) -> nn.Module:
+    """Inject a fresh LoRA adapter (B = 0: the model computes what it did) and freeze everything else.
+
+    A is drawn at random by peft; it is drawn from `seed` (in a forked RNG, the caller's torch state left
+    as it was) so that the same `expert train` command gives the same adapter: two runs of the knowledge
+    slice's recipe once differed because A came from whatever the global generator held."""
     from peft import inject_adapter_in_model
 
     if has_adapter(model):
         raise AdapterError("the model already carries an adapter; detach it first")
     for p in model.parameters():
         p.requires_grad_(False)
-    inject_adapter_in_model(config, model, adapter_name=ADAPTER_NAME)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        inject_adapter_in_model(config, model, adapter_name=ADAPTER_NAME)
     for name, p in model.named_parameters():
         p.requires_grad_("lora_" in name)
     return model
