@@ -3,8 +3,8 @@
     python scripts/kb_answer_recall.py INDEX TEST.jsonl [--k 2] [--mode hybrid]
 
 For every question of TEST.jsonl (the mixed workload's test file, `knowledge_slice.py mixed`), split by
-metadata.part: is a passage naming the subject and containing a gold answer (SQuAD-style normalised) the
-top hit, or among the top k? This separates "retrieval missed" from "the model did not read what it got".
+metadata.part: is a passage naming the subject and containing a gold answer (`expertrag.answers.contains_answer`,
+the check every other layer uses) the top hit, or among the top k? This separates "retrieval missed" from "the model did not read what it got".
 """
 
 from __future__ import annotations
@@ -12,18 +12,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 from collections import defaultdict
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
-def norm(text: str) -> str:
-    return re.sub(r"\s+", " ", re.sub(r"[^\w\s]", " ", text.lower())).strip()
-
-
 def main() -> None:
+    from expertrag.answers import contains_answer
     from expertrag.data.questions import load_questions
     from expertrag.retrieval.index import Index
 
@@ -39,7 +35,7 @@ def main() -> None:
         hits = idx.search(q.question, args.k, args.mode)
         subject = str(q.metadata.get("subject", "")).lower()
         found = [subject in (h.title + " " + h.contents).lower()
-                 and any(norm(g) in norm(h.contents) for g in q.golden_answers) for h in hits]
+                 and contains_answer(h.contents, q.golden_answers) for h in hits]
         c = counts[str(q.metadata.get("part", "all"))]
         c[0] += 1
         c[1] += bool(found and found[0])
