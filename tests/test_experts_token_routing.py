@@ -66,7 +66,7 @@ def test_the_token_router_learns_to_pick_among_trained_domain_experts(tiny_llama
     folders = []
     for d, step in enumerate((1, 5)):
         m = copy.deepcopy(tiny_llama)
-        attach(m, lora_config(rank=4, targets=MLP))
+        attach(m, lora_config(rank=4, targets=MLP), seed=d)  # as `expert train` does: A drawn from the run's seed
         train_adapter(m, _domain(24, 0, step), [], pad_id=0, steps=60, lr=1e-2, seed=d)
         save_adapter(m, tmp_path / f"d{d}")
         folders.append(tmp_path / f"d{d}")
@@ -80,5 +80,5 @@ def test_the_token_router_learns_to_pick_among_trained_domain_experts(tiny_llama
     report = train_router(routed, mixed, 0, steps=60, lr=5e-2)
     after = mean_nll(routed, held, 0)[0]
     assert report["trainable_parameters"] == 2 * 2 * 32  # 2 layers x 2 experts x hidden 32
-    assert after < before - 1.0  # measured: 8.9 -> 6.5 nats (the two adapters alone: 3.7 and 2.8 on their own domain)
+    assert after < before - 1.0  # measured: 8.0 -> 6.9 nats (8.4 -> 6.7, 9.0 -> 7.3 with other adapter seeds) (the two adapters alone: 3.7 and 2.8 on their own domain)
     assert all(torch.equal(p, experts[n]) for n, p in routed.named_parameters() if ".experts." in n)
