@@ -104,7 +104,7 @@ def test_query_tokens_are_bm25s_tokens(stem):
 
 
 def test_bm25_search_returns_what_bm25s_retrieve_returns(index):
-    """Ours scores through bm25s' own functions without `retrieve`: same passages, order and scores."""
+    """Ours sums the same precomputed postings as bm25s `retrieve`: same passages, order and scores."""
     bm25 = index.bm25
     for query in QUERIES[:3] + ["contract agreement damages for a blender motor", "python programming guido"]:
         tokens = [t for t in tokenize([query], bm25.stemmer)[0] if t in bm25.model.vocab_dict]
@@ -299,3 +299,40 @@ def test_corrupt_files_give_clear_errors(index_dir, tmp_path):
     (bad / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(IndexFormatError, match="format 99"):
         Index(bad)
+
+
+def _dense_reference(bm25, query: str, k: int, allowed=None) -> list[tuple[int, float]]:
+    """bm25s's own N-long score array (`get_scores_from_ids`), ranked by score then index position."""
+    ids = [bm25.model.vocab_dict[t] for t in tokenize([query], bm25.stemmer)[0] if t in bm25.model.vocab_dict]
+    if not ids:
+        return []
+    scores = bm25.model.get_scores_from_ids(ids)
+    if allowed is not None:
+        scores = scores * np.isin(bm25.rowids, allowed)
+    order = [int(i) for i in np.lexsort((np.arange(scores.size), -scores)) if scores[i] > 0][:k]
+    return [(int(bm25.rowids[i]), float(scores[i])) for i in order]
+
+
+@pytest.mark.parametrize("share", [0, 10**9])  # 0: always the sorted postings; 10**9: always the N-long bincount
+def test_bm25_search_scores_only_the_query_postings_and_breaks_ties_by_position(monkeypatch, share):
+    """Duplicated passages tie exactly: the earlier-indexed one comes first, at the k-th place too, and both
+    candidate paths rank every query as bm25s's full score array does (with and without `allowed`)."""
+    from expertrag.retrieval import bm25 as bm25_module
+    from expertrag.retrieval.bm25 import BM25Index
+
+    texts = [f"{t}. {c}" for _, t, c, _ in CORPUS]
+    rows = [(100 + 7 * i, text) for i, text in enumerate(texts + texts[:4] + texts[:2])]  # ties, rowids not positions
+    bm25 = BM25Index.build([rows], k1=1.5, b=0.75, stem=True)
+    monkeypatch.setattr(bm25_module, "SPARSE_SHARE", share)
+    allowed = np.array(sorted(r for r, _ in rows[::2]))
+    for query in QUERIES + ["contract agreement damages for a blender motor", "python programming guido"]:
+        for k in (1, 2, 3, 5, len(rows)):
+            expected = _dense_reference(bm25, query, k)
+            got = bm25.search(query, k)
+            assert [r for r, _ in got] == [r for r, _ in expected], (query, k)
+            assert [s for _, s in got] == pytest.approx([s for _, s in expected], rel=1e-6)
+            limited = _dense_reference(bm25, query, k, allowed)
+            assert [r for r, _ in bm25.search(query, k, allowed)] == [r for r, _ in limited], (query, k)
+    first = texts[0].split(".")[0]  # the first passage's title: it and its copy score the same
+    top2 = [r for r, _ in bm25.search(first, 2)]
+    assert top2 == [100, 100 + 7 * len(texts)]

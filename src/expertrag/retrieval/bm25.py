@@ -8,12 +8,28 @@ from pathlib import Path
 
 import bm25s
 import numpy as np
-from bm25s.selection import topk
 from bm25s.stopwords import STOPWORDS_EN
 
 from expertrag.errors import IndexFormatError
 
 ROWIDS = "rowids.npy"
+# postings * SPARSE_SHARE < N: sum the sorted postings (~P log P), else one N-long bincount (~N). A rough
+# switch point, not tuned; both paths give the same scores (scripts/bm25_query_bench.py times the whole search)
+SPARSE_SHARE = 4
+
+
+def best_k(scores: np.ndarray, k: int) -> np.ndarray:
+    """Indices of the k highest positive scores, best first; ties by lower index. O(n) selection, then a
+    sort of the k (plus whatever ties the k-th score)."""
+    if scores.size == 0:
+        return np.zeros(0, dtype=np.int64)
+    if scores.size > k:
+        kth = np.partition(scores, scores.size - k)[scores.size - k]
+        chosen = np.flatnonzero(scores >= kth)
+    else:
+        chosen = np.arange(scores.size)
+    chosen = chosen[scores[chosen] > 0]
+    return chosen[np.lexsort((chosen, -scores[chosen]))][:k]
 
 
 def _stemmer(enabled: bool):
@@ -119,23 +135,46 @@ class BM25Index:
         return 0 if common is None else int(common.size)
 
     def search(self, query: str, k: int, allowed: np.ndarray | None = None) -> list[tuple[int, float]]:
-        """Top-k (rowid, score) with score > 0; `allowed` (sorted rowids) restricts the candidates.
+        """Top-k (rowid, score) with score > 0, best first; `allowed` (sorted rowids) restricts the candidates.
+        Equal scores are ordered by index position (the earlier-indexed passage first), so a search is
+        deterministic, ties at the k-th place included.
 
-        The same scores and selection as `bm25s.BM25.retrieve` (its `get_scores_from_ids` and `topk`), called
-        directly: `retrieve` validates its input, converts token lists and opens tqdm bars on every call,
-        which for one query costs more than the scoring."""
+        Scores are bm25s's: a passage's score is the sum of its precomputed per-term scores over the query's
+        term ids (a repeated term counts twice, as in `bm25s.BM25.get_scores_from_ids`). Only the passages
+        that hold a query term are scored (`_candidates`): bm25s fills an N-long array per query, which
+        made the query time grow with the corpus rather than with the query's postings."""
         if len(self.rowids) == 0 or k <= 0:
             return []
         vocab = self._vocab
         ids = [vocab[t] for t in query_tokens(query, self.stemmer) if t in vocab]
         if not ids:
             return []
-        mask = None
+        if getattr(self.model, "nonoccurrence_array", None) is not None:
+            # BM25L/BM25+ give every passage a score for absent terms: no sparse shortcut; not built by us
+            positions = np.arange(len(self.rowids))
+            scores = self.model.get_scores_from_ids(ids).astype(np.float64)
+        else:
+            positions, scores = self._candidates(ids)
         if allowed is not None:
-            mask = np.isin(self.rowids, allowed).astype(np.float32)
-            if not mask.any():
-                return []
-        k = min(k, len(self.rowids))
-        scores, docs = topk(self.model.get_scores_from_ids(ids, weight_mask=mask), k, sorted=True)
-        keep = scores > 0  # no query term in the passage (or masked out)
-        return list(zip(self.rowids[docs[keep]].tolist(), scores[keep].tolist(), strict=True))
+            keep = np.isin(self.rowids[positions], allowed)
+            positions, scores = positions[keep], scores[keep]
+        top = best_k(scores, k)
+        return list(zip(self.rowids[positions[top]].tolist(), scores[top].astype(np.float32).tolist(),
+                        strict=True))
+
+    def _candidates(self, term_ids: list[int]) -> tuple[np.ndarray, np.ndarray]:
+        """(index positions, scores) of every passage holding one of `term_ids`, positions ascending.
+
+        Few postings (the usual query): sort them and sum per passage. Postings near the corpus size (a
+        term in most passages): one N-long bincount is cheaper than the sort. Both sum in float64 in
+        posting order, so the two paths give identical scores."""
+        sc = self.model.scores
+        ip, indices, data = sc["indptr"], sc["indices"], sc["data"]
+        docs = np.concatenate([indices[ip[t]:ip[t + 1]] for t in term_ids])
+        weights = np.concatenate([data[ip[t]:ip[t + 1]] for t in term_ids]).astype(np.float64)
+        if docs.size * SPARSE_SHARE < len(self.rowids):
+            positions, inverse = np.unique(docs, return_inverse=True)
+            return positions, np.bincount(inverse, weights=weights, minlength=positions.size)
+        summed = np.bincount(docs, weights=weights, minlength=len(self.rowids))
+        positions = np.flatnonzero(summed)
+        return positions, summed[positions]
