@@ -94,7 +94,7 @@ def _random_adapter(base_model, folder: Path, seed: int, targets=("q_proj", "v_p
     """(`base_model`: one without LoRA layers, e.g. the session's SmolLM2, never the bank's copy.) A LoRA adapter whose B matrices are random (a fresh one is exactly the base model), saved to
     `folder`; returns the model carrying it (the reference for what the adapter computes)."""
     work = copy.deepcopy(base_model)
-    attach(work, lora_config(rank=4, targets=targets))
+    attach(work, lora_config(rank=4, targets=targets), seed=seed)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in work.named_parameters():

@@ -25,7 +25,7 @@ IDS = torch.tensor([[5, 17, 33, 2, 90, 41, 7, 64]])
 
 def _adapter(model, folder, seed, rank=4, targets=MLP):
     m = copy.deepcopy(model)
-    attach(m, lora_config(rank=rank, targets=targets))
+    attach(m, lora_config(rank=rank, targets=targets), seed=seed)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in m.named_parameters():

@@ -238,6 +238,35 @@ def test_a_killed_driver_resumes_without_redoing_committed_shards(builds, tmp_pa
             assert [h.id for h in a.search(q, 10, mode)] == [h.id for h in b.search(q, 10, mode)], (q, mode)
 
 
+class _Who:
+    """A worker that says which actor ran each job."""
+
+    def job(self, job):
+        import ray
+
+        return job, ray.get_runtime_context().get_actor_id()
+
+
+@needs_ray
+def test_every_worker_gets_a_job_before_any_gets_a_second(ray_cluster):
+    # a 1,042-passage build has 3 shards (512, 512, 18): with the first two queued on one actor, 2 workers
+    # were no faster than 1 (bench ray, quiet box)
+    import ray.cloudpickle
+
+    from expertrag.retrieval.ray_build import ordered_results, start_workers
+
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the workers cannot import this module
+    actors = start_workers(_Who, 2, 1)
+    try:
+        out = list(ordered_results(actors, "job", range(3)))
+    finally:
+        for a in actors:
+            ray_cluster.kill(a)
+    assert [job for job, _ in out] == [0, 1, 2]  # in job order, whichever finished first
+    owners = [actor for _, actor in out]
+    assert owners[0] != owners[1] and owners[2] == owners[0]
+
+
 def test_ray_flag_without_ray_is_one_clear_error(tmp_path):
     # Ray hidden from the import system: what a user without the extra sees
     corpus = tmp_path / "c.jsonl"

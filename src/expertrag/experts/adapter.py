@@ -71,12 +71,14 @@ def lora_config(rank: int = 8, alpha: float | None = None, targets: Sequence[str
                       task_type="CAUSAL_LM", base_model_name_or_path=base)
 
 
-def attach(model: nn.Module, config: Any, seed: int = 0) -> nn.Module:
+def attach(model: nn.Module, config: Any, *, seed: int) -> nn.Module:
     """Inject a fresh LoRA adapter (B = 0: the model computes what it did) and freeze everything else.
 
     A is drawn at random by peft; it is drawn from `seed` (in a forked RNG, the caller's torch state left
     as it was) so that the same `expert train` command gives the same adapter: two runs of the knowledge
-    slice's recipe once differed because A came from whatever the global generator held."""
+    slice's recipe once differed because A came from whatever the global generator held. `seed` has no
+    default on purpose: with one, two adapters meant to differ (one per domain) silently started from the
+    same A, and a routing test lost its margin that way."""
     from peft import inject_adapter_in_model
 
     if has_adapter(model):
@@ -204,7 +206,7 @@ def load_adapter(model: nn.Module, folder: str | os.PathLike[str]) -> nn.Module:
     from peft import set_peft_model_state_dict
 
     config, state = read_native_adapter(folder)
-    attach(model, config)
+    attach(model, config, seed=0)  # A is overwritten by the saved weights below
     try:
         result = set_peft_model_state_dict(model, state, adapter_name=ADAPTER_NAME)
         missing = [k for k in result.missing_keys if "lora_" in k]

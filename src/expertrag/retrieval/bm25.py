@@ -110,15 +110,20 @@ class BM25Index:
         """`text` as the index's terms (the query tokenizer: stop words dropped, stemmed as indexed)."""
         return query_tokens(text, self.stemmer)
 
-    def _postings(self, term: str) -> np.ndarray:
-        """Column positions of the passages holding `term` (empty for a term not in the vocabulary).
+    def _column(self, tid: int) -> tuple[np.ndarray, np.ndarray]:
+        """Term `tid`'s postings: (index positions of the passages holding it, their per-term scores).
         bm25s keeps a CSC score matrix: a term's nonzero rows are exactly the passages that contain it."""
+        sc = self.model.scores
+        lo, hi = sc["indptr"][tid], sc["indptr"][tid + 1]
+        return sc["indices"][lo:hi], sc["data"][lo:hi]
+
+    def _postings(self, term: str) -> np.ndarray:
+        """Index positions of the passages holding `term` (empty for a term not in the vocabulary)."""
         tid = self._vocab.get(term)
         sc = getattr(self.model, "scores", None)
         if tid is None or not isinstance(sc, dict) or tid + 1 >= len(sc["indptr"]):
             return np.zeros(0, dtype=np.int64)
-        ip = sc["indptr"]
-        return np.asarray(sc["indices"][ip[tid]:ip[tid + 1]])
+        return np.asarray(self._column(tid)[0])
 
     def document_frequency(self, terms: Iterable[str]) -> list[int]:
         """Per term (index terms, see `analyse`): how many passages contain it (0 = not in the vocabulary)."""
@@ -168,10 +173,9 @@ class BM25Index:
         Few postings (the usual query): sort them and sum per passage. Postings near the corpus size (a
         term in most passages): one N-long bincount is cheaper than the sort. Both sum in float64 in
         posting order, so the two paths give identical scores."""
-        sc = self.model.scores
-        ip, indices, data = sc["indptr"], sc["indices"], sc["data"]
-        docs = np.concatenate([indices[ip[t]:ip[t + 1]] for t in term_ids])
-        weights = np.concatenate([data[ip[t]:ip[t + 1]] for t in term_ids]).astype(np.float64)
+        columns = [self._column(t) for t in term_ids]
+        docs = np.concatenate([c[0] for c in columns])
+        weights = np.concatenate([c[1] for c in columns]).astype(np.float64)
         if docs.size * SPARSE_SHARE < len(self.rowids):
             positions, inverse = np.unique(docs, return_inverse=True)
             return positions, np.bincount(inverse, weights=weights, minlength=positions.size)
