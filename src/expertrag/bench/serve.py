@@ -87,7 +87,8 @@ async def _load(url: str, key: str, questions: list[str], requests: int, concurr
 
 def run(index: Path, *, questions: Path | None = None, requests: int = 32, concurrency: tuple[int, ...] = (1, 4, 16),
         policy: str = "always", max_tokens: int = 16, threads: int = 1, timeout: float = 600.0,
-        progress: bool = True, ray_replicas: tuple[int, ...] = (), rounds: int = 1) -> dict[str, Any]:
+        progress: bool = True, ray_replicas: tuple[int, ...] = (), rounds: int = 1,
+        batch_wait_ms: float | None = None) -> dict[str, Any]:
     import torch
 
     from expertrag.pipeline.build import PipelineSections, load_pipeline
@@ -129,6 +130,10 @@ def run(index: Path, *, questions: Path | None = None, requests: int = 32, concu
            "serve": {"torch_threads": threads, "rate_limit_per_minute": 0,
                      "queue_size": max(64, max(concurrency) * 2), "batch_max": max(concurrency),
                      "request_timeout_s": timeout, "max_tokens_cap": max(256, max_tokens)}}
+    if batch_wait_ms is not None:
+        # behind Ray's two hops a block's requests reach the replica milliseconds apart: the window decides
+        # whether they share a batch
+        cfg["serve"]["batch_wait_ms"] = batch_wait_ms
     servers = [("serve", cfg, [])] + [
         (f"ray{n}", {**cfg, "serve": {**cfg["serve"], "ray": {"replicas": n, "threads_per_replica": threads}}},
          ["--ray"]) for n in ray_replicas]
@@ -178,6 +183,7 @@ def run(index: Path, *, questions: Path | None = None, requests: int = 32, concu
     out = {
         "machine": {"cpus": os.cpu_count(), "torch_threads": threads},
         "policy": policy, "max_tokens": max_tokens, "requests_per_level": requests, "in_process": in_process,
+        "batch_wait_ms": batch_wait_ms,  # the servers' batch window (null: serve.batch_wait_ms's default)
         "levels": levels,
         "answers_per_s": best["answers_per_s"], "p50_ms": last["p50_ms"], "p99_ms": last["p99_ms"],
         "errors": sum(r["errors"] for r in levels) + sum(r["errors"] for x in on_ray for r in x["levels"]),

@@ -271,6 +271,8 @@ def bench_serve(
                                      "counts, e.g. 1,2 (the same load; needs Ray Serve)"),
     rounds: int = typer.Option(1, "--rounds", min=1, help="split each level's requests into this many blocks, "
                                "the servers taking turns in rotating order (against load drift)"),
+    batch_wait_ms: float | None = typer.Option(None, "--batch-wait-ms", min=0, help="serve.batch_wait_ms of every "
+                                               "server (default: the service's)"),
     as_json: bool = typer.Option(False, "--json", help="print the result as JSON on the last line"),
 ) -> None:
     """Load test of `expertrag serve` on loopback vs the in-process pipeline: answers/s, latency
@@ -297,7 +299,7 @@ def bench_serve(
         require_serve()  # one line naming the extra, before minutes of in-process load
     result = run(index, questions=questions, requests=requests, concurrency=levels, policy=policy,
                  max_tokens=max_tokens, threads=threads, progress=not as_json, ray_replicas=replicas,
-                 rounds=rounds)
+                 rounds=rounds, batch_wait_ms=batch_wait_ms)
     if as_json:
         print(json.dumps(result))
     else:
