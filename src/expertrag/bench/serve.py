@@ -88,7 +88,7 @@ async def _load(url: str, key: str, questions: list[str], requests: int, concurr
 def run(index: Path, *, questions: Path | None = None, requests: int = 32, concurrency: tuple[int, ...] = (1, 4, 16),
         policy: str = "always", max_tokens: int = 16, threads: int = 1, timeout: float = 600.0,
         progress: bool = True, ray_replicas: tuple[int, ...] = (), rounds: int = 1,
-        batch_wait_ms: float | None = None) -> dict[str, Any]:
+        batch_wait_ms: float | None = None, ray_max_ongoing: int | None = None) -> dict[str, Any]:
     import torch
 
     from expertrag.pipeline.build import PipelineSections, load_pipeline
@@ -134,8 +134,12 @@ def run(index: Path, *, questions: Path | None = None, requests: int = 32, concu
         # behind Ray's two hops a block's requests reach the replica milliseconds apart: the window decides
         # whether they share a batch
         cfg["serve"]["batch_wait_ms"] = batch_wait_ms
+    # Serve routes a request to one of two sampled replicas by their queue lengths, and lets a replica take up
+    # to max_ongoing_requests: a lower cap forces a more even split (measured in RESULTS.md)
+    ray_extra = {"max_ongoing_requests": ray_max_ongoing} if ray_max_ongoing is not None else {}
     servers = [("serve", cfg, [])] + [
-        (f"ray{n}", {**cfg, "serve": {**cfg["serve"], "ray": {"replicas": n, "threads_per_replica": threads}}},
+        (f"ray{n}", {**cfg, "serve": {**cfg["serve"], "ray": {"replicas": n, "threads_per_replica": threads,
+                                                              **ray_extra}}},
          ["--ray"]) for n in ray_replicas]
     block = -(-requests // rounds)  # requests per level, server and round
     lat: dict[tuple[str, int], list[float]] = {}
@@ -184,6 +188,7 @@ def run(index: Path, *, questions: Path | None = None, requests: int = 32, concu
         "machine": {"cpus": os.cpu_count(), "torch_threads": threads},
         "policy": policy, "max_tokens": max_tokens, "requests_per_level": requests, "in_process": in_process,
         "batch_wait_ms": batch_wait_ms,  # the servers' batch window (null: serve.batch_wait_ms's default)
+        "ray_max_ongoing": ray_max_ongoing,  # null: serve.ray.max_ongoing_requests's default
         "levels": levels,
         "answers_per_s": best["answers_per_s"], "p50_ms": last["p50_ms"], "p99_ms": last["p99_ms"],
         "errors": sum(r["errors"] for r in levels) + sum(r["errors"] for x in on_ray for r in x["levels"]),

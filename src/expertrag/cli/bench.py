@@ -273,6 +273,9 @@ def bench_serve(
                                "the servers taking turns in rotating order (against load drift)"),
     batch_wait_ms: float | None = typer.Option(None, "--batch-wait-ms", min=0, help="serve.batch_wait_ms of every "
                                                "server (default: the service's)"),
+    ray_max_ongoing: int | None = typer.Option(None, "--ray-max-ongoing", min=1, help="serve.ray."
+                                               "max_ongoing_requests of each pipeline replica (default: the "
+                                               "service's)"),
     as_json: bool = typer.Option(False, "--json", help="print the result as JSON on the last line"),
 ) -> None:
     """Load test of `expertrag serve` on loopback vs the in-process pipeline: answers/s, latency
@@ -299,7 +302,7 @@ def bench_serve(
         require_serve()  # one line naming the extra, before minutes of in-process load
     result = run(index, questions=questions, requests=requests, concurrency=levels, policy=policy,
                  max_tokens=max_tokens, threads=threads, progress=not as_json, ray_replicas=replicas,
-                 rounds=rounds, batch_wait_ms=batch_wait_ms)
+                 rounds=rounds, batch_wait_ms=batch_wait_ms, ray_max_ongoing=ray_max_ongoing)
     if as_json:
         print(json.dumps(result))
     else:
