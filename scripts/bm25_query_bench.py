@@ -19,7 +19,7 @@ import numpy as np
 from bm25s.selection import topk
 
 from expertrag.bench.scale import write_derived_corpus
-from expertrag.retrieval.bm25 import BM25Index, query_tokens
+from expertrag.retrieval.bm25 import BM25Index
 
 
 def main(data: Path, n: int, n_queries: int = 300) -> dict:
@@ -35,7 +35,7 @@ def main(data: Path, n: int, n_queries: int = 300) -> dict:
     queries = [questions[i] for i in rng.choice(len(questions), size=min(n_queries, len(questions)), replace=False)]
 
     def reference(q: str, k: int = 10):
-        ids = [index._vocab[t] for t in query_tokens(q, index.stemmer) if t in index._vocab]
+        ids = index.term_ids(q)
         if not ids:
             return []
         scores, docs = topk(index.model.get_scores_from_ids(ids), k, sorted=True)

@@ -16,21 +16,18 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from statistics import fmean
 
 
 def worker(index: str, questions: str, batches: int, size: int, start_at: float) -> None:
     import torch
 
+    from expertrag.bench.serve import uncached_pipeline
     from expertrag.data.questions import load_questions
-    from expertrag.pipeline.build import PipelineSections, load_pipeline
-    from expertrag.pipeline.config import PipelineConfig
     from expertrag.pipeline.rag import AnswerRequest
 
     torch.set_num_threads(1)
-    sections = PipelineSections()
-    sections.pipeline = PipelineConfig(max_new_tokens=16, answer_cache_size=0, retrieval_cache_size=0)
-    sections.gate.policy = "never"
-    rag = load_pipeline(Path(index), sections, "never")
+    rag = uncached_pipeline(Path(index), "never", max_tokens=16)
     qs = [q.question for q in load_questions(Path(questions))]
     rag.answer_many([AnswerRequest(q) for q in qs[:size]])  # warm-up
     time.sleep(max(0.0, start_at - time.time()))
@@ -70,12 +67,11 @@ def main() -> None:
     single1 = run(1, args)
     pair = run(2, args)
     single2 = run(1, args)
-    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
-    single = mean(single1 + single2)
+    single = fmean(single1 + single2)
     print(json.dumps({"batches": int(batches), "batch_size": int(size), "threads": 1, "cpus": os.cpu_count(),
                       "load_average_1m": os.getloadavg()[0],
-                      "single_batch_s": single, "pair_batch_s": mean(pair),
-                      "pair_over_single": mean(pair) / single,
+                      "single_batch_s": single, "pair_batch_s": fmean(pair),
+                      "pair_over_single": fmean(pair) / single,
                       "single_runs_s": [single1, single2], "pair_s": pair}, indent=1))
 
 

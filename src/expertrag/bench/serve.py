@@ -85,14 +85,22 @@ async def _load(url: str, key: str, questions: list[str], requests: int, concurr
             "errors": sum(errors.values()), "errors_by_kind": errors}
 
 
+def uncached_pipeline(index: Path, policy: str, max_tokens: int):
+    """The pipeline every server of this bench runs (package defaults, caches off), loaded in this process."""
+    from expertrag.pipeline.build import PipelineSections, load_pipeline
+    from expertrag.pipeline.config import PipelineConfig
+
+    sections = PipelineSections()
+    sections.pipeline = PipelineConfig(max_new_tokens=max_tokens, answer_cache_size=0, retrieval_cache_size=0)
+    sections.gate.policy = policy
+    return load_pipeline(index, sections, policy)
+
+
 def run(index: Path, *, questions: Path | None = None, requests: int = 32, concurrency: tuple[int, ...] = (1, 4, 16),
         policy: str = "always", max_tokens: int = 16, threads: int = 1, timeout: float = 600.0,
         progress: bool = True, ray_replicas: tuple[int, ...] = (), rounds: int = 1,
         batch_wait_ms: float | None = None, ray_max_ongoing: int | None = None) -> dict[str, Any]:
     import torch
-
-    from expertrag.pipeline.build import PipelineSections, load_pipeline
-    from expertrag.pipeline.config import PipelineConfig
 
     if not (Path(index) / "manifest.json").exists():
         raise InputError(f"{index}: not an index directory (no manifest.json)")
@@ -107,10 +115,7 @@ def run(index: Path, *, questions: Path | None = None, requests: int = 32, concu
 
     # 1. in-process reference
     torch.set_num_threads(threads)
-    sections = PipelineSections()
-    sections.pipeline = PipelineConfig(max_new_tokens=max_tokens, answer_cache_size=0, retrieval_cache_size=0)
-    sections.gate.policy = policy
-    rag = load_pipeline(index, sections, policy)
+    rag = uncached_pipeline(index, policy, max_tokens)
     rag.answer(qs[0])  # warm-up: lazy loads, allocator
     ref_n = min(requests, len(qs) * 2)
     say(f"in-process: {ref_n} answers, {threads} thread(s)")

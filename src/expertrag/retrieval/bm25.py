@@ -139,6 +139,11 @@ class BM25Index:
                 return 0
         return 0 if common is None else int(common.size)
 
+    def term_ids(self, query: str) -> list[int]:
+        """The query's terms as vocabulary ids, in query order (repeats kept, unknown terms dropped)."""
+        vocab = self._vocab
+        return [vocab[t] for t in query_tokens(query, self.stemmer) if t in vocab]
+
     def search(self, query: str, k: int, allowed: np.ndarray | None = None) -> list[tuple[int, float]]:
         """Top-k (rowid, score) with score > 0, best first; `allowed` (sorted rowids) restricts the candidates.
         Equal scores are ordered by index position (the earlier-indexed passage first), so a search is
@@ -150,8 +155,7 @@ class BM25Index:
         made the query time grow with the corpus rather than with the query's postings."""
         if len(self.rowids) == 0 or k <= 0:
             return []
-        vocab = self._vocab
-        ids = [vocab[t] for t in query_tokens(query, self.stemmer) if t in vocab]
+        ids = self.term_ids(query)
         if not ids:
             return []
         if getattr(self.model, "nonoccurrence_array", None) is not None:
